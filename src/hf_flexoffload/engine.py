@@ -1,0 +1,301 @@
+"""The offloaded model without the transformers API: placed weights plus block forward passes.
+
+``OffloadEngine.load`` checks everything it can before writing a byte (checkpoint tensors, memory
+per tier, the offload directory), then places the checkpoint stage by stage. ``forward`` runs one
+token step of a block through the zig-zag schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from . import layers
+from .activations import ActivationStore
+from .budget import Capacities, heuristic_policy, parse_size
+from .checkpoint import SafetensorsCheckpoint, check_tensors, load_into_store
+from .kv_cache import FlexOffloadCache
+from .layers import OPTShape
+from .placement import PlacementReport
+from .policy import TIERS, Policy
+from .schedule import MicroBatch, run_block
+from .stats import Counters, GenerationStats
+from .storage import TierStore, check_writable, dtype_name
+from .transfer import Mover
+from .weights import StageLayout, WeightFetcher, placement_report, plan_layout
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def resolve_dtype(
+    requested: torch.dtype | str | None, checkpoint: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The compute dtype: ``requested``, else the checkpoint's; never fp16 on a CPU."""
+    if requested is not None and requested != "auto":
+        dtype = getattr(torch, requested) if isinstance(requested, str) else requested
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"Invalid dtype={requested!r}: use a floating torch.dtype.")
+        return dtype
+    if checkpoint == torch.float16 and device.type == "cpu":
+        logger.info(
+            "fp16 checkpoint on CPU: computing in bfloat16 (fp16 matmuls are very slow on CPU)."
+        )
+        return torch.bfloat16
+    return checkpoint
+
+
+def layout_for(shape: OPTShape, policy: Policy, itemsize: int) -> list[StageLayout]:
+    specs = layers.stage_specs(shape, itemsize)
+    local = [[name for name, _ in tensors] for tensors in layers.stage_tensors(shape)]
+    aliases = [{} for _ in specs]
+    for local_name, (stage, name) in layers.head_aliases(shape).items():
+        aliases[-1][local_name] = layers.checkpoint_name(stage, name, shape)
+    return plan_layout(specs, local, aliases, policy.weights)
+
+
+@dataclass
+class _Run:
+    """Timing of the forward passes of one generate call."""
+
+    prefill: float = 0.0
+    decode: float = 0.0
+    forwards: int = 0
+    tokens: int = 0
+
+
+class OffloadEngine:
+    """Placed weights, the byte counters and the machinery for forward passes."""
+
+    def __init__(
+        self,
+        *,
+        shape: OPTShape,
+        policy: Policy,
+        layouts: list[StageLayout],
+        store: TierStore,
+        device: torch.device,
+        dtype: torch.dtype,
+        offload_dir: str,
+        owns_dir: bool,
+        counters: Counters,
+        max_memory: dict | None,
+    ) -> None:
+        self.shape = shape
+        self.policy = policy
+        self.layouts = layouts
+        self.store = store
+        self.device = device
+        self.dtype = dtype
+        self.offload_dir = offload_dir
+        self.counters = counters
+        self.max_memory = max_memory
+        self.report: PlacementReport = placement_report(layouts, policy.weights)
+        self.fetcher = WeightFetcher(layouts, store, counters)
+        self.mover = Mover(device, policy.overlap)
+        self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")
+        self._run = _Run()
+        self._cleanup = weakref.finalize(
+            self, _cleanup, self.mover, store, offload_dir if owns_dir else None, self.runtime_dir
+        )
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        *,
+        config,
+        policy: Policy | str,
+        device: torch.device,
+        dtype: torch.dtype | str | None = None,
+        offload_dir: str | None = None,
+        max_memory: dict | None = None,
+    ) -> OffloadEngine:
+        shape = OPTShape.from_config(config)
+        ckpt = SafetensorsCheckpoint(path)
+        dtype = resolve_dtype(dtype, ckpt.dtype(), device)
+        caps = Capacities.measure(device, offload_dir, max_memory)
+        if policy == "auto":
+            total = sum(
+                s.nbytes for stage in layers.stage_specs(shape, dtype.itemsize) for s in stage
+            )
+            policy = heuristic_policy(total, caps, device)
+            logger.info("offload_policy='auto' chose %s", policy.to_json(indent=None))
+        layouts = layout_for(shape, policy, dtype.itemsize)
+        check_tensors(ckpt, layouts, layouts[-1].aliases.values())
+        report = placement_report(layouts, policy.weights)
+        caps.check(report.bytes_per_tier, "The weight placement")
+
+        owns_dir = offload_dir is None
+        directory = tempfile.mkdtemp(prefix="hf_flexoffload-") if owns_dir else offload_dir
+        counters = Counters()
+        store = TierStore(device, os.path.join(directory, "weights"), counters)
+        try:
+            check_writable(store.directory, report.bytes_per_tier["disk"])
+            fingerprint = {
+                "format": FORMAT_VERSION,
+                "checkpoint": ckpt.fingerprint(),
+                "dtype": dtype_name(dtype),
+                "weights": list(policy.weights.fractions),
+            }
+            store.open_index(fingerprint)
+            start = time.perf_counter()
+            load_into_store(ckpt, layouts, store, dtype)
+            if report.bytes_per_tier["disk"]:
+                store.write_index(fingerprint)
+            logger.info("Placed weights in %.1fs:\n%s", time.perf_counter() - start, report)
+        except BaseException:
+            store.release()
+            if owns_dir:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return cls(
+            shape=shape,
+            policy=policy,
+            layouts=layouts,
+            store=store,
+            device=device,
+            dtype=dtype,
+            offload_dir=directory,
+            owns_dir=owns_dir,
+            counters=counters,
+            max_memory=max_memory,
+        )
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def kv_bytes(self, batch: int, length: int) -> int:
+        """KV-cache bytes of a block of ``batch`` sequences of ``length`` tokens."""
+        return 2 * self.shape.layers * batch * length * self.shape.hidden * self.dtype.itemsize
+
+    def check_batch_fits(self, batch: int, length: int) -> None:
+        """Raise before generating if the block's KV cache and hidden states cannot fit."""
+        kv = self.kv_bytes(batch, length)
+        hidden = (
+            2 * batch * length * max(self.shape.hidden, self.shape.embed_dim) * self.dtype.itemsize
+        )
+        needs = dict.fromkeys(TIERS, 0)
+        for tier, fraction in zip(TIERS, self.policy.cache.fractions, strict=True):
+            needs[tier] += int(kv * fraction)
+        for tier, fraction in zip(TIERS, self.policy.activations.fractions, strict=True):
+            needs[tier] += int(hidden * fraction)
+        logits = batch * self.shape.vocab * 4
+        needs["device"] += logits
+        caps = Capacities.measure(self.device, self.offload_dir, None)
+        held = self.store.bytes_per_tier()
+        limits = {}
+        for tier in TIERS:
+            limit = getattr(caps, tier)
+            if self.max_memory and tier in self.max_memory:
+                limit = min(limit, parse_size(self.max_memory[tier]) - held[tier])
+            limits[tier] = max(0, limit)
+        Capacities(**limits, shared=caps.shared).check(
+            needs, f"A batch of {batch} sequences of {length} tokens"
+        )
+
+    def new_cache(self, capacity: int = 0) -> FlexOffloadCache:
+        return FlexOffloadCache(
+            num_layers=self.shape.layers,
+            split=self.policy.cache,
+            host_attention=self.policy.host_attention,
+            heads=self.shape.heads,
+            head_dim=self.shape.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            directory=self.runtime_dir,
+            counters=self.counters,
+            capacity=capacity,
+        )
+
+    def begin_run(self) -> None:
+        self.counters.reset_run()
+        self._run = _Run()
+
+    def end_run(self, batch: int) -> GenerationStats:
+        run = self._run
+        return GenerationStats(
+            prefill_seconds=run.prefill,
+            decode_seconds=run.decode,
+            generated_tokens=run.tokens,
+            batch_size=batch,
+            forwards=run.forwards,
+            bytes_moved=dict(self.counters.moved),
+            peak_bytes=dict(self.counters.peak),
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        cache: FlexOffloadCache,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """One token step for the block ``input_ids`` (b, s); returns (b, s_keep, vocab) logits."""
+        start = time.perf_counter()
+        prefill = cache.get_seq_length() == 0
+        b, m = input_ids.shape[0], self.policy.micro_batch_size
+        bounds = [(i, min(i + m, b)) for i in range(0, b, m)]
+        cache.allocate(tuple(e - s for s, e in bounds))
+        micro_batches = [
+            MicroBatch(
+                input_ids[s:e].to(self.device),
+                position_ids[s:e].to(self.device),
+                None if key_mask is None else key_mask[s:e].to(self.device),
+            )
+            for s, e in bounds
+        ]
+        activations = ActivationStore(
+            num_stages=self.shape.layers + 1,
+            num_micro_batches=len(bounds),
+            split=self.policy.activations,
+            device=self.device,
+            directory=self.runtime_dir,
+            counters=self.counters,
+            mover=self.mover,
+        )
+        try:
+            logits = run_block(
+                shape=self.shape,
+                fetcher=self.fetcher,
+                cache=cache,
+                activations=activations,
+                mover=self.mover,
+                micro_batches=micro_batches,
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            activations.close()
+        cache.drain()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        if prefill:
+            self._run.prefill += elapsed
+        else:
+            self._run.decode += elapsed
+        self._run.forwards += 1
+        self._run.tokens += b
+        return logits
+
+    def close(self) -> None:
+        """Stop background threads, free memory tiers, remove temporary files."""
+        self._cleanup()
+
+
+def _cleanup(mover: Mover, store: TierStore, owned_dir: str | None, runtime_dir: str) -> None:
+    mover.close()
+    store.release()
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+    if owned_dir is not None:
+        shutil.rmtree(owned_dir, ignore_errors=True)

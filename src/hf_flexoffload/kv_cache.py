@@ -1,0 +1,311 @@
+"""The tiered KV cache: one unit per (layer, micro-batch), each on the tier the policy gives it.
+
+Every unit stores keys and values token-major, ``(S, b, H, d)``, in every tier, so appending a
+decode step is one contiguous write (a single ``pwrite`` on disk) and reading the history is one
+contiguous read. Where attention runs:
+
+* a unit in compute-device memory (or in host RAM on a CPU machine) appends in place and attends
+  over views: no copy;
+* a host or disk unit with ``host_attention`` attends on the CPU during decode: only the query,
+  the new key/value and the attention output cross the host/device link;
+* otherwise the history is prefetched to the device and the new token written back.
+
+``FlexOffloadCache`` is the ``transformers.Cache`` that carries these units through ``generate``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Cache
+
+from .layers import attention
+from .placement import assign_units
+from .policy import Split
+from .stats import Counters
+from .storage import DiskFile
+from .transfer import Mover, Pending, host_empty, shares_host_memory, to_compute
+
+CPU = torch.device("cpu")
+
+
+class KVUnit:
+    """Keys and values of one layer for one micro-batch, stored as (S, 2, b, H, d)."""
+
+    def __init__(
+        self,
+        *,
+        tier: str,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        host_attention: bool,
+        path: str,
+        counters: Counters,
+        capacity: int,
+    ) -> None:
+        self.tier = tier
+        self.token_shape = (2, batch, heads, head_dim)
+        self.dtype = dtype
+        self.device = device
+        self.host_attention = host_attention
+        self.counters = counters
+        self.length = 0
+        self._capacity_hint = max(1, capacity)
+        self._buffer: torch.Tensor | None = None  # (cap, 2, b, H, d), device or host tier
+        self._file = DiskFile(path, create=True) if tier == "disk" else None
+        self._path = path
+        self._pending: Pending | None = None
+
+    @property
+    def token_bytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.token_shape:
+            n *= d
+        return n
+
+    @property
+    def in_compute_memory(self) -> bool:
+        return self.tier == "device" or (self.tier == "host" and shares_host_memory(self.device))
+
+    def _attends_on_host(self) -> bool:
+        if shares_host_memory(self.device):
+            return True
+        # Prefill has no history whose move could be saved: it runs on the device.
+        return not self.in_compute_memory and self.host_attention and self.length > 0
+
+    def _append_memory(self, start: int, new: torch.Tensor) -> None:
+        cap = 0 if self._buffer is None else self._buffer.shape[0]
+        needed = start + new.shape[0]
+        if needed > cap:
+            new_cap = max(needed, 2 * cap, self._capacity_hint)
+            shape = (new_cap, *self.token_shape)
+            if self.tier == "device":
+                grown = torch.empty(shape, dtype=self.dtype, device=self.device)
+            else:
+                grown = host_empty(shape, self.dtype, self.device)
+            if self._buffer is not None:
+                grown[:start].copy_(self._buffer[:start])
+            self.counters.alloc(self._memory_tier, (new_cap - cap) * self.token_bytes)
+            self._buffer = grown
+        self._buffer[start:needed].copy_(new)
+
+    @property
+    def _memory_tier(self) -> str:
+        return "device" if self.tier == "device" else "host"
+
+    # -- fetch (read thread), attend (compute), store (write thread) ---------------------------
+
+    def wait_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+
+    def fetch(self) -> torch.Tensor | None:
+        """The history (S, 2, b, H, d) where attention will run; None when used in place."""
+        self.wait_pending()
+        on_host = self._attends_on_host()
+        if self.length == 0 or self.in_compute_memory or (self.tier == "host" and on_host):
+            return None
+        if self.tier == "host":
+            history = self._buffer[: self.length]
+        else:
+            history = host_empty((self.length, *self.token_shape), self.dtype, self.device)
+            self.counters.add_moved("disk_to_host", self._file.read_into(0, history))
+        if on_host:
+            return history
+        self.counters.add_moved("host_to_device", history.numel() * history.element_size())
+        return to_compute(history, self.device)
+
+    def attend(
+        self,
+        history: torch.Tensor | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        mover: Mover,
+    ) -> torch.Tensor:
+        """Store the new keys/values and attend over the whole history.
+
+        Args:
+            history: What ``fetch`` returned for this step.
+            q, k, v: (b, s, H, d) new queries (scaled), keys and values on the device.
+            key_mask: (b, S) padding mask over all positions, or None.
+            mover: Runs the write-back of the new keys/values.
+
+        Returns:
+            (b, s, H, d) attention output on the compute device.
+        """
+        start, s = self.length, k.shape[1]
+        on_host = self._attends_on_host()
+        where = CPU if on_host else self.device
+        new = torch.stack((k, v)).permute(2, 0, 1, 3, 4)  # (s, 2, b, H, d)
+        crosses = on_host and not shares_host_memory(self.device)
+        if crosses:
+            self.counters.add_moved("device_to_host", (q.numel() + new.numel()) * q.element_size())
+        if self.in_compute_memory or (self.tier == "host" and on_host):
+            self._append_memory(start, new.to(where))
+            full = self._buffer[: start + s]
+        else:
+            local = new.to(where)
+            full = local if history is None else torch.cat([history, local])
+            self._pending = mover.write(self._store, start, new)
+        self.length = start + s
+        dtype = torch.float32 if where.type == "cpu" and q.dtype == torch.float16 else q.dtype
+        keys = full[:, 0].permute(1, 2, 0, 3).to(dtype)  # (b, H, S, d)
+        values = full[:, 1].permute(1, 2, 0, 3).to(dtype)
+        out = attention(q.to(where, dtype).transpose(1, 2), keys, values, key_mask)
+        if crosses:
+            self.counters.add_moved("host_to_device", out.numel() * q.element_size())
+        return to_compute(out.to(q.dtype), self.device)
+
+    def _store(self, start: int, new: torch.Tensor) -> None:
+        host = new.to(CPU).contiguous()
+        if not shares_host_memory(self.device):
+            self.counters.add_moved("device_to_host", host.numel() * host.element_size())
+        if self.tier == "host":
+            self._append_memory(start, host)
+        else:
+            nbytes = self._file.write(start * self.token_bytes, host)
+            self.counters.add_moved("host_to_disk", nbytes)
+            self.counters.alloc("disk", nbytes)
+
+    def close(self) -> None:
+        self.wait_pending()
+        if self._buffer is not None:
+            self.counters.free(self._memory_tier, self._buffer.shape[0] * self.token_bytes)
+            self._buffer = None
+        if self._file is not None:
+            self._file.close()
+            self.counters.free("disk", self.length * self.token_bytes)
+            if os.path.exists(self._path):
+                os.remove(self._path)
+            self._file = None
+
+
+class FlexOffloadCache(Cache):
+    """A ``transformers.Cache`` whose storage is spread over device, host and disk.
+
+    Created empty by ``FlexOffloadOPTForCausalLM.generate`` (or by ``forward`` when ``use_cache``
+    and no cache is given); the units are allocated by the first forward, when the micro-batch
+    sizes are known. ``transformers`` only asks it for its length.
+
+    Args:
+        num_layers: Decoder layers.
+        split: The policy's cache split, realized over (layer, micro-batch) units.
+        host_attention: The policy's ``host_attention``.
+        heads, head_dim: Attention shape.
+        dtype: Storage dtype.
+        device: The compute device.
+        directory: Where disk units put their files.
+        counters: Byte counters.
+        capacity: Expected total length (prompt + new tokens) to size memory buffers once.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        split: Split,
+        host_attention: bool,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        directory: str,
+        counters: Counters,
+        capacity: int = 0,
+    ) -> None:
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.split = split
+        self.host_attention = host_attention
+        self._shape = (heads, head_dim)
+        self.dtype = dtype
+        self.compute_device = device
+        self.directory = directory
+        self.counters = counters
+        self.capacity = capacity
+        self.units: list[list[KVUnit]] = []
+        self.micro_batch_sizes: tuple[int, ...] = ()
+
+    def allocate(self, micro_batch_sizes: tuple[int, ...]) -> None:
+        """Create the units for these micro-batches (first forward), or check they match."""
+        if self.units:
+            if micro_batch_sizes != self.micro_batch_sizes:
+                raise ValueError(
+                    f"This cache holds micro-batches of sizes {list(self.micro_batch_sizes)} but "
+                    f"the forward got {list(micro_batch_sizes)}; a cache belongs to one batch."
+                )
+            return
+        tiers = assign_units(self.num_layers * len(micro_batch_sizes), self.split)
+        if "disk" in tiers:
+            os.makedirs(self.directory, exist_ok=True)
+        k = len(micro_batch_sizes)
+        self.units = [
+            [
+                KVUnit(
+                    tier=tiers[j * k + m],
+                    batch=size,
+                    heads=self._shape[0],
+                    head_dim=self._shape[1],
+                    dtype=self.dtype,
+                    device=self.compute_device,
+                    host_attention=self.host_attention,
+                    path=os.path.join(self.directory, f"kv-{id(self):x}-{j}-{m}.bin"),
+                    counters=self.counters,
+                    capacity=self.capacity,
+                )
+                for m, size in enumerate(micro_batch_sizes)
+            ]
+            for j in range(self.num_layers)
+        ]
+        self.micro_batch_sizes = tuple(micro_batch_sizes)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.units[layer_idx][0].length if self.units else 0
+
+    def realized_split(self) -> dict[str, float]:
+        """Fraction of KV bytes per tier (units weighted by micro-batch size)."""
+        weights = {"device": 0, "host": 0, "disk": 0}
+        for row in self.units:
+            for unit in row:
+                weights[unit.tier] += unit.token_shape[1]
+        total = sum(weights.values()) or 1
+        return {t: w / total for t, w in weights.items()}
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(
+            f"FlexOffloadCache does not support {what}: it is built for plain left-to-right "
+            "generation (greedy or sampling). Beam search, assisted decoding and cache cropping "
+            "are not available with offloaded models."
+        )
+
+    def reorder_cache(self, beam_idx):
+        self._unsupported("reorder_cache (beam search)")
+
+    def crop(self, max_length: int):
+        self._unsupported("crop (assisted decoding)")
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices):
+        self._unsupported("batch_select_indices")
+
+    def drain(self) -> None:
+        """Wait for every pending write-back."""
+        for row in self.units:
+            for unit in row:
+                unit.wait_pending()
+
+    def close(self) -> None:
+        """Finish pending writes and free every unit's memory and files."""
+        for row in self.units:
+            for unit in row:
+                unit.close()
+        self.units = []

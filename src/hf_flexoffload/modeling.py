@@ -1,0 +1,327 @@
+"""``FlexOffloadOPTForCausalLM``: an OPT model that behaves like transformers' own, offloaded.
+
+transformers' ``generate`` drives the token loop; every ``forward`` is one FlexGen column: the
+whole batch (the block) for one token step, run layer by layer and micro-batch by micro-batch by
+the engine. So sampling, logits processors, stopping criteria, streamers and pipelines work as
+they do for ``OPTForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.opt.modeling_opt import OPTPreTrainedModel
+
+from .engine import OffloadEngine
+from .kv_cache import FlexOffloadCache
+from .placement import PlacementReport
+from .policy import Policy
+from .stats import GenerationStats
+from .transfer import resolve_device
+
+logger = logging.getLogger(__name__)
+
+# (generation-config field, value that is fine, what to say)
+_UNSUPPORTED_GENERATION = (
+    ("num_beams", 1, "beam search (num_beams > 1)"),
+    ("num_beam_groups", 1, "group beam search (num_beam_groups > 1)"),
+    ("penalty_alpha", None, "contrastive search (penalty_alpha)"),
+    ("assistant_model", None, "assisted decoding (assistant_model)"),
+    ("prompt_lookup_num_tokens", None, "prompt lookup decoding (prompt_lookup_num_tokens)"),
+    ("assistant_early_exit", None, "self-speculative decoding (assistant_early_exit)"),
+    ("dola_layers", None, "DoLa decoding (dola_layers)"),
+    ("cache_implementation", None, "cache_implementation (the offloaded KV cache is managed)"),
+    ("output_attentions", False, "output_attentions"),
+    ("output_hidden_states", False, "output_hidden_states"),
+    ("use_cache", True, "use_cache=False (offloaded generation needs its KV cache)"),
+)
+_FROM_PRETRAINED_KWARGS = ("config", "local_files_only", "trust_remote_code", "use_safetensors")
+
+
+def resolve_policy(offload_policy: Policy | dict | str | os.PathLike) -> Policy | str:
+    """A Policy from a Policy, a dict, a path to a JSON file, or ``"auto"``."""
+    if isinstance(offload_policy, Policy):
+        return offload_policy
+    if isinstance(offload_policy, dict):
+        return Policy.from_dict(offload_policy)
+    if offload_policy == "auto":
+        return "auto"
+    if isinstance(offload_policy, (str, os.PathLike)) and os.path.isfile(offload_policy):
+        return Policy.load(offload_policy)
+    raise ValueError(
+        f"Invalid offload_policy={offload_policy!r}: pass a Policy, a dict, a path to a policy "
+        "JSON file, or 'auto'."
+    )
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, past: int, new: int, batch: int
+) -> torch.Tensor:
+    """OPT positions of the ``new`` last tokens: counted over real tokens, never over padding."""
+    if attention_mask is None:
+        return torch.arange(past, past + new).expand(batch, new)
+    mask = attention_mask.long()
+    return (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
+
+
+class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
+    """OPT for causal LM with weights, KV cache and activations spread over device, host and disk.
+
+    Build it with ``from_pretrained``; then use it as ``OPTForCausalLM``: ``generate``,
+    ``forward``, ``transformers.pipeline``. After each ``generate``, ``generation_stats`` tells
+    what it did.
+
+    Example:
+        >>> from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
+        >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
+        ...                 weights=Split(device=0.2, host=0.5, disk=0.3), cache=Split(host=1.0))
+        >>> model = FlexOffloadOPTForCausalLM.from_pretrained("path/to/opt", offload_policy=policy)
+        >>> out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+    """
+
+    def __init__(self, config, engine: OffloadEngine | None = None) -> None:
+        super().__init__(config)
+        self._engine = engine
+        self.generation_stats: GenerationStats | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        offload_policy: Policy | dict | str | os.PathLike = "auto",
+        offload_dir: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        max_memory: dict[str, int | str] | None = None,
+        **kwargs: Any,
+    ) -> FlexOffloadOPTForCausalLM:
+        """Load an OPT checkpoint directory and place its weights by ``offload_policy``.
+
+        Args:
+            pretrained_model_name_or_path: A local directory with ``config.json`` and
+                safetensors weights (as written by ``save_pretrained``).
+            offload_policy: A ``Policy``, its dict, a path to its JSON, or ``"auto"``.
+            offload_dir: Directory for the disk tier. Files there are reused by a later load of
+                the same checkpoint and policy. Default: a temporary directory removed on
+                ``close()`` or exit.
+            device: Compute device; default ``cuda:0`` when available, else CPU.
+            dtype: Compute dtype; default the checkpoint's (fp16 becomes bf16 on CPU).
+            max_memory: Caps per tier, e.g. ``{"device": "12GiB", "host": "48GiB"}``.
+
+        Returns:
+            The model, ready for ``generate``.
+        """
+        if "torch_dtype" in kwargs:
+            dtype = kwargs.pop("torch_dtype")
+        if "device_map" in kwargs:
+            raise ValueError(
+                "device_map is not supported: placement is decided by offload_policy (pass a "
+                "Policy with weights=Split(device=..., host=..., disk=...)), and device= picks "
+                "the compute device."
+            )
+        unknown = set(kwargs) - set(_FROM_PRETRAINED_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"from_pretrained got unsupported arguments {sorted(unknown)}; supported: "
+                "offload_policy, offload_dir, device, dtype, max_memory, "
+                + ", ".join(_FROM_PRETRAINED_KWARGS)
+            )
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"{path!r} is not a local directory. hf_flexoffload loads checkpoints saved with "
+                "save_pretrained (config.json + safetensors) from disk."
+            )
+        config = kwargs.get("config") or AutoConfig.from_pretrained(path)
+        if config.model_type != "opt":
+            raise ValueError(
+                f"{path!r} holds a {config.model_type!r} model; FlexOffloadOPTForCausalLM "
+                "supports model_type 'opt'."
+            )
+        policy = resolve_policy(offload_policy)
+        if isinstance(policy, Policy) and (policy.compress_weights or policy.compress_cache):
+            raise NotImplementedError(
+                "4-bit group-wise compression (Policy.compress_weights / compress_cache) is not "
+                "implemented yet; it arrives with the compression feature. Use None for now."
+            )
+        compute = resolve_device(device)
+        engine = OffloadEngine.load(
+            path,
+            config=config,
+            policy=policy,
+            device=compute,
+            dtype=dtype,
+            offload_dir=os.fspath(offload_dir) if offload_dir is not None else None,
+            max_memory=max_memory,
+        )
+        config.dtype = engine.dtype
+        model = cls(config, engine)
+        if os.path.exists(os.path.join(path, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        else:
+            model.generation_config = GenerationConfig.from_model_config(config)
+        model.eval()
+        return model
+
+    # -- what transformers and users look at ---------------------------------------------------
+
+    @property
+    def engine(self) -> OffloadEngine:
+        if self._engine is None:
+            raise RuntimeError("This model is closed (or was not built with from_pretrained).")
+        return self._engine
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device (weights may live elsewhere)."""
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def offload_policy(self) -> Policy:
+        """The policy in use (the chosen one when loaded with ``"auto"``)."""
+        return self.engine.policy
+
+    @property
+    def placement_report(self) -> PlacementReport:
+        """Weight bytes per tier, requested vs realized."""
+        return self.engine.report
+
+    def to(self, *args: Any, **kwargs: Any) -> FlexOffloadOPTForCausalLM:
+        """A no-op for the compute device and dtype; anything else says how to do it."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and resolve_device(device) != self.device:
+            raise ValueError(
+                f"Cannot move an offloaded model to {device}: its storage is placed for "
+                f"{self.device}. Load it again with from_pretrained(..., device={str(device)!r})."
+            )
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(
+                f"Cannot convert an offloaded model to {dtype}; load it again with "
+                f"from_pretrained(..., dtype={dtype})."
+            )
+        return self
+
+    def get_input_embeddings(self):
+        return None
+
+    def close(self) -> None:
+        """Release memory, background threads and temporary offload files."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def __enter__(self) -> FlexOffloadOPTForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: FlexOffloadCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """One forward pass of the whole batch (the block), as ``OPTForCausalLM.forward``."""
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("Pass input_ids: inputs_embeds is not supported by offloaded models.")
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise ValueError(f"{flag}=True is not supported by offloaded models.")
+        if not isinstance(logits_to_keep, int):
+            raise ValueError("logits_to_keep must be an int for offloaded models.")
+        use_cache = True if use_cache is None else use_cache
+        cache = past_key_values
+        if cache is None:
+            cache = self.engine.new_cache()
+        elif not isinstance(cache, FlexOffloadCache):
+            raise TypeError(
+                f"past_key_values must be the FlexOffloadCache this model returned, not "
+                f"{type(cache).__name__}."
+            )
+        batch, new = input_ids.shape
+        past = cache.get_seq_length()
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + new):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                f"{(batch, past + new)} (batch, cached + new tokens)."
+            )
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past, new, batch)
+        try:
+            logits = self.engine.forward(
+                input_ids, position_ids, attention_mask, cache, logits_to_keep
+            )
+        finally:
+            if not use_cache:
+                cache.close()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=cache if use_cache else None
+        )
+
+    # -- generate ------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ):
+        """transformers' ``generate``, with the offloaded KV cache and ``generation_stats``.
+
+        Greedy and sampling decoding with everything around them (logits processors, stopping
+        criteria, streamers, ``num_return_sequences``, ``return_dict_in_generate``) work as in
+        transformers. Options that need a different loop or cache raise ``ValueError``.
+        """
+        effective = copy.deepcopy(generation_config or self.generation_config)
+        model_kwargs = effective.update(**kwargs)
+        for name, fine, what in _UNSUPPORTED_GENERATION:
+            value = model_kwargs.get(name, getattr(effective, name, fine))
+            if value is not None and value != fine:
+                raise ValueError(f"{what} is not supported by offloaded models.")
+        for name in ("past_key_values", "inputs_embeds"):
+            if model_kwargs.get(name) is not None:
+                raise ValueError(f"generate(..., {name}=...) is not supported by offloaded models.")
+        input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (the prompt tokens).")
+        batch = input_ids.shape[0] * (effective.num_return_sequences or 1)
+        prompt = input_ids.shape[1]
+        if effective.max_new_tokens is not None:
+            length = prompt + effective.max_new_tokens
+        else:
+            length = max(effective.max_length or 0, prompt + 1)
+        self.engine.check_batch_fits(batch, length)
+        cache = self.engine.new_cache(capacity=length)
+        self.engine.begin_run()
+        try:
+            return super().generate(
+                inputs, generation_config=generation_config, past_key_values=cache, **kwargs
+            )
+        finally:
+            cache.close()
+            self.generation_stats = self.engine.end_run(batch)

@@ -1,0 +1,251 @@
+"""The offload policy: how a model's bytes are spread over device, host and disk.
+
+A leaf module: frozen, keyword-only dataclasses validated on construction, with a JSON round-trip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+TIERS = ("device", "host", "disk")
+
+
+def _require(condition: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"Invalid {field_name}={value!r}: {allowed}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Split:
+    """Fractions of one kind of data (weights, KV cache or activations) per tier.
+
+    Args:
+        device: Fraction on the compute device (GPU memory; on a CPU-only machine, RAM).
+        host: Fraction in host RAM (pinned when the device is CUDA).
+        disk: Fraction in files under the offload directory.
+
+    Fields default to 0 and must sum to 1.
+
+    Example:
+        >>> Split(device=0.2, host=0.5, disk=0.3).fractions
+        (0.2, 0.5, 0.3)
+    """
+
+    device: float = 0.0
+    host: float = 0.0
+    disk: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in TIERS:
+            value = getattr(self, name)
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool),
+                f"Split.{name}",
+                value,
+                "a fraction must be a number between 0 and 1",
+            )
+            _require(0.0 <= value <= 1.0, f"Split.{name}", value, "must be between 0 and 1")
+        total = self.device + self.host + self.disk
+        _require(
+            math.isclose(total, 1.0, abs_tol=1e-6),
+            "Split",
+            self,
+            f"device + host + disk must sum to 1 (they sum to {total:.6g})",
+        )
+
+    @property
+    def fractions(self) -> tuple[float, float, float]:
+        """The (device, host, disk) fractions in tier order."""
+        return (self.device, self.host, self.disk)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> Split:
+        unknown = set(data) - set(TIERS)
+        _require(not unknown, "Split", sorted(unknown), f"allowed keys are {list(TIERS)}")
+        return cls(**data)
+
+
+def _all_on_device() -> Split:
+    return Split(device=1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Group-wise quantization settings (min–max, asymmetric), as in FlexGen.
+
+    Args:
+        bits: Bits per code, 4 or 8.
+        group_size: Elements sharing one (scale, min) pair; positive and even.
+        dim: The dimension along which groups are formed (-1 = last).
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    dim: int = -1
+
+    def __post_init__(self) -> None:
+        _require(self.bits in (4, 8), "QuantConfig.bits", self.bits, "allowed values are 4 and 8")
+        _require(
+            isinstance(self.group_size, int) and self.group_size > 0 and self.group_size % 2 == 0,
+            "QuantConfig.group_size",
+            self.group_size,
+            "must be a positive even integer",
+        )
+        _require(isinstance(self.dim, int), "QuantConfig.dim", self.dim, "must be an integer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """How to run one model: micro-batching, placement of every byte, and runtime options.
+
+    Args:
+        micro_batch_size: Sequences computed together per layer (FlexGen's ``gpu_batch_size``).
+        num_micro_batches: Micro-batches per block (FlexGen's ``num_gpu_batches``). The block the
+            policy was planned for is ``micro_batch_size * num_micro_batches`` sequences; it is
+            the recommended ``batch_size`` for pipelines, but ``generate`` accepts any batch.
+        weights: Split of the weight bytes of every layer over the tiers.
+        cache: Split of the KV cache over the tiers, by (layer, micro-batch) unit.
+        activations: Split of the hidden states between layers, by (layer, micro-batch) unit.
+        overlap: Prefetch the next weights/cache and write back results while computing.
+        host_attention: When a KV-cache unit lives on the host, compute decode attention there
+            and move only the query and the attention output.
+        compress_weights: Group-quantize weights (``None`` = keep the compute dtype).
+        compress_cache: Group-quantize the KV cache (``None`` = keep the compute dtype).
+
+    Example:
+        >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
+        ...                 weights=Split(device=0.2, host=0.5, disk=0.3), cache=Split(host=1.0))
+        >>> Policy.from_json(policy.to_json()) == policy
+        True
+    """
+
+    micro_batch_size: int = 1
+    num_micro_batches: int = 1
+    weights: Split = field(default_factory=_all_on_device)
+    cache: Split = field(default_factory=_all_on_device)
+    activations: Split = field(default_factory=_all_on_device)
+    overlap: bool = True
+    host_attention: bool = True
+    compress_weights: QuantConfig | None = None
+    compress_cache: QuantConfig | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "num_micro_batches"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"Policy.{name}",
+                value,
+                "must be an integer >= 1",
+            )
+        for name in ("weights", "cache", "activations"):
+            value = getattr(self, name)
+            _require(isinstance(value, Split), f"Policy.{name}", value, "must be a Split")
+        for name in ("overlap", "host_attention"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"Policy.{name}", value, "must be True or False")
+        for name in ("compress_weights", "compress_cache"):
+            value = getattr(self, name)
+            _require(
+                value is None or isinstance(value, QuantConfig),
+                f"Policy.{name}",
+                value,
+                "must be None or a QuantConfig",
+            )
+
+    @property
+    def block_size(self) -> int:
+        """Sequences per block: ``micro_batch_size * num_micro_batches``."""
+        return self.micro_batch_size * self.num_micro_batches
+
+    # -- construction from other forms ---------------------------------------------------------
+
+    @classmethod
+    def from_flexgen(
+        cls,
+        percent: list[float] | tuple[float, ...],
+        *,
+        gpu_batch_size: int,
+        num_gpu_batches: int,
+        overlap: bool = True,
+        cpu_cache_compute: bool = True,
+        compress_weight: QuantConfig | None = None,
+        compress_cache: QuantConfig | None = None,
+    ) -> Policy:
+        """Translate FlexGen's command-line policy.
+
+        Args:
+            percent: FlexGen's ``--percent``: ``[wg, wc, cg, cc, hg, hc]``, the percentages of
+                weights, cache and activations (hidden states) on GPU and CPU; the rest is disk.
+            gpu_batch_size: FlexGen's ``--gpu-batch-size``.
+            num_gpu_batches: FlexGen's ``--num-gpu-batches``.
+            overlap: FlexGen's ``--overlap``.
+            cpu_cache_compute: FlexGen's ``--cpu-cache-compute`` (our ``host_attention``).
+            compress_weight: FlexGen's ``--compress-weight`` as a QuantConfig.
+            compress_cache: FlexGen's ``--compress-cache`` as a QuantConfig.
+
+        Returns:
+            The equivalent Policy.
+        """
+        _require(len(percent) == 6, "percent", list(percent), "FlexGen's percent has 6 numbers")
+        for value in percent:
+            _require(0 <= value <= 100, "percent", list(percent), "each entry is 0..100")
+
+        def split(gpu: float, cpu: float) -> Split:
+            _require(gpu + cpu <= 100, "percent", list(percent), "GPU% + CPU% must be <= 100")
+            return Split(device=gpu / 100, host=cpu / 100, disk=max(0.0, 1 - (gpu + cpu) / 100))
+
+        wg, wc, cg, cc, hg, hc = percent
+        return cls(
+            micro_batch_size=gpu_batch_size,
+            num_micro_batches=num_gpu_batches,
+            weights=split(wg, wc),
+            cache=split(cg, cc),
+            activations=split(hg, hc),
+            overlap=overlap,
+            host_attention=cpu_cache_compute,
+            compress_weights=compress_weight,
+            compress_cache=compress_cache,
+        )
+
+    # -- JSON round-trip -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Policy:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        _require(not unknown, "Policy", sorted(unknown), f"allowed keys are {sorted(known)}")
+        kwargs = dict(data)
+        for name in ("weights", "cache", "activations"):
+            if isinstance(kwargs.get(name), dict):
+                kwargs[name] = Split.from_dict(kwargs[name])
+        for name in ("compress_weights", "compress_cache"):
+            if isinstance(kwargs.get(name), dict):
+                kwargs[name] = QuantConfig(**kwargs[name])
+        return cls(**kwargs)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the policy as JSON (atomically: a reader never sees half a file)."""
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Policy:
+        with open(path) as f:
+            return cls.from_json(f.read())

@@ -1,0 +1,106 @@
+"""Counters of what a run moved and held, and the per-generate summary built from them."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+
+from .policy import TIERS
+
+LINKS = ("disk_to_host", "host_to_device", "device_to_host", "host_to_disk")
+
+
+class Counters:
+    """Thread-safe byte counters: bytes moved per link and live/peak bytes per tier.
+
+    I/O runs in background threads, so every update takes a lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.moved = dict.fromkeys(LINKS, 0)
+        self.live = dict.fromkeys(TIERS, 0)
+        self.peak = dict.fromkeys(TIERS, 0)
+        self.stage_loads: dict[int, int] = {}
+
+    def add_moved(self, link: str, nbytes: int) -> None:
+        with self._lock:
+            self.moved[link] += nbytes
+
+    def alloc(self, tier: str, nbytes: int) -> None:
+        with self._lock:
+            self.live[tier] += nbytes
+            self.peak[tier] = max(self.peak[tier], self.live[tier])
+
+    def free(self, tier: str, nbytes: int) -> None:
+        with self._lock:
+            self.live[tier] -= nbytes
+
+    def count_stage_load(self, stage: int) -> None:
+        with self._lock:
+            self.stage_loads[stage] = self.stage_loads.get(stage, 0) + 1
+
+    def reset_run(self) -> None:
+        """Start a new measurement window: moved bytes and loads to zero, peaks to what is live."""
+        with self._lock:
+            self.moved = dict.fromkeys(LINKS, 0)
+            self.peak = dict(self.live)
+            self.stage_loads = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationStats:
+    """What one ``generate`` call did.
+
+    Attributes:
+        prefill_seconds: Time of the first forward (the prompt).
+        decode_seconds: Time of all later forwards.
+        generated_tokens: New tokens produced, summed over sequences (padding after EOS included,
+            as FlexGen counts them: every row of the block runs every step).
+        batch_size: Sequences in the block.
+        forwards: Number of forward passes (token steps).
+        bytes_moved: Bytes per link: disk_to_host, host_to_device, device_to_host, host_to_disk.
+        peak_bytes: Peak bytes held per tier by the model's own buffers (weights, KV cache,
+            activations, staging).
+    """
+
+    prefill_seconds: float
+    decode_seconds: float
+    generated_tokens: int
+    batch_size: int
+    forwards: int
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        """FlexGen's generation throughput: generated tokens / (prefill + decode time)."""
+        return self.generated_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["tokens_per_second"] = self.tokens_per_second
+        return data
+
+    def __str__(self) -> str:
+        moved = ", ".join(f"{k}={human_bytes(v)}" for k, v in self.bytes_moved.items())
+        peak = ", ".join(f"{k}={human_bytes(v)}" for k, v in self.peak_bytes.items())
+        return (
+            f"{self.generated_tokens} tokens for {self.batch_size} sequences in "
+            f"{self.total_seconds:.2f}s (prefill {self.prefill_seconds:.2f}s, decode "
+            f"{self.decode_seconds:.2f}s): {self.tokens_per_second:.1f} tok/s; moved {moved}; "
+            f"peak {peak}"
+        )
+
+
+def human_bytes(nbytes: float) -> str:
+    """Format a byte count for people: ``1.5GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.0f}{unit}" if unit == "B" else f"{nbytes:.1f}{unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f}GiB"

@@ -1,0 +1,254 @@
+"""The three tiers as places to keep named tensors: device memory, host RAM and disk files.
+
+Knows no model. Disk tensors are raw little-endian bytes in one file each, written atomically
+(temporary name, then rename) and read back with positional reads into fresh or caller-given
+buffers; no copy is kept in RAM. An ``index.json`` written last records what a directory holds and
+for which source, so a later load can reuse the files, and a load interrupted before the index was
+written is never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .stats import Counters
+from .transfer import host_empty
+
+INDEX_FILE = "index.json"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Unknown dtype {name!r} in an offload index.")
+    return dtype
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    # (n,) uint8 view of a contiguous CPU tensor, for os.pread/pwrite.
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+class DiskFile:
+    """One raw binary file with positional reads and writes of whole tensors."""
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        self.path = path
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        self._fd = os.open(path, flags, 0o644)
+
+    def write(self, offset: int, tensor: torch.Tensor) -> int:
+        """Write a contiguous CPU tensor's bytes at ``offset``; returns bytes written."""
+        view = _byte_view(tensor)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        return done
+
+    def read_into(self, offset: int, out: torch.Tensor) -> int:
+        """Fill the contiguous CPU tensor ``out`` from ``offset``; returns bytes read."""
+        view = _byte_view(out)
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError(f"{self.path} is shorter than expected (truncated offload file?)")
+            done += n
+        return done
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one stored tensor lives."""
+
+    tier: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensor: torch.Tensor | None = None  # device and host tiers
+    path: str | None = None  # disk tier
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class TierStore:
+    """Named tensors on the device, in host RAM (pinned on CUDA) or in files under ``directory``.
+
+    Args:
+        device: The compute device (the "device" tier).
+        directory: Where disk-tier files go.
+        counters: Byte counters updated on every put, read and removal.
+    """
+
+    def __init__(self, device: torch.device, directory: str, counters: Counters) -> None:
+        self.device = device
+        self.directory = directory
+        self.counters = counters
+        self._entries: dict[str, Entry] = {}
+        self._reusable: dict[str, dict[str, Any]] = {}
+
+    # -- reuse of a previous run's files -------------------------------------------------------
+
+    def open_index(self, fingerprint: dict[str, Any]) -> None:
+        """Adopt the directory's disk files if they were completely written for ``fingerprint``.
+
+        Otherwise forget them: the index is removed first, so if this load is interrupted too,
+        the next one will not trust half-written files.
+        """
+        path = os.path.join(self.directory, INDEX_FILE)
+        try:
+            with open(path) as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            index = None
+        if index is not None and index.get("fingerprint") == fingerprint:
+            self._reusable = {
+                key: meta
+                for key, meta in index.get("tensors", {}).items()
+                if os.path.exists(self._path(key))
+                and os.path.getsize(self._path(key)) == meta["nbytes"]
+            }
+        else:
+            self._reusable = {}
+            if os.path.exists(path):
+                os.remove(path)
+
+    def write_index(self, fingerprint: dict[str, Any]) -> None:
+        """Record the complete set of disk files; called once every put has finished."""
+        tensors = {
+            key: {"shape": list(e.shape), "dtype": dtype_name(e.dtype), "nbytes": e.nbytes}
+            for key, e in self._entries.items()
+            if e.tier == "disk"
+        }
+        tmp = os.path.join(self.directory, INDEX_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": fingerprint, "tensors": tensors}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.directory, INDEX_FILE))
+
+    def adopt(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Register an existing disk file for ``key`` if a previous run left a valid one."""
+        meta = self._reusable.get(key)
+        if meta is None or tuple(meta["shape"]) != shape or meta["dtype"] != dtype_name(dtype):
+            return False
+        entry = Entry("disk", shape, dtype, path=self._path(key))
+        self._entries[key] = entry
+        self.counters.alloc("disk", entry.nbytes)
+        return True
+
+    # -- put / get -----------------------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".bin")
+
+    def put(self, key: str, tensor: torch.Tensor, tier: str) -> None:
+        """Store a copy of ``tensor`` under ``key`` on ``tier`` (replacing any previous one)."""
+        self.remove(key)
+        shape, dtype = tuple(tensor.shape), tensor.dtype
+        if tier == "device":
+            entry = Entry(tier, shape, dtype, tensor=tensor.to(self.device, copy=True).contiguous())
+        elif tier == "host":
+            host = host_empty(shape, dtype, self.device)
+            host.copy_(tensor)
+            entry = Entry(tier, shape, dtype, tensor=host)
+        elif tier == "disk":
+            path = self._path(key)
+            tmp = path + ".tmp"
+            f = DiskFile(tmp, create=True)
+            try:
+                f.write(0, tensor.detach().to("cpu").contiguous())
+            finally:
+                f.close()
+            os.replace(tmp, path)
+            entry = Entry(tier, shape, dtype, path=path)
+        else:
+            raise ValueError(f"Unknown tier {tier!r}; allowed: device, host, disk.")
+        self._entries[key] = entry
+        self.counters.alloc(tier, entry.nbytes)
+
+    def entry(self, key: str) -> Entry:
+        return self._entries[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Read a disk-tier tensor into the contiguous host tensor ``out``."""
+        entry = self._entries[key]
+        f = DiskFile(entry.path)
+        try:
+            self.counters.add_moved("disk_to_host", f.read_into(0, out))
+        finally:
+            f.close()
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor where it lives: device/host tensors as stored, disk ones read into a new
+        host buffer (pinned on CUDA)."""
+        entry = self._entries[key]
+        if entry.tensor is not None:
+            return entry.tensor
+        return self.read_into(key, host_empty(entry.shape, entry.dtype, self.device))
+
+    def remove(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        self.counters.free(entry.tier, entry.nbytes)
+        if entry.path is not None and os.path.exists(entry.path):
+            os.remove(entry.path)
+
+    def bytes_per_tier(self) -> dict[str, int]:
+        out = {"device": 0, "host": 0, "disk": 0}
+        for e in self._entries.values():
+            out[e.tier] += e.nbytes
+        return out
+
+    def release(self) -> None:
+        """Forget every entry; memory-tier tensors are freed, disk files stay for reuse."""
+        for entry in self._entries.values():
+            self.counters.free(entry.tier, entry.nbytes)
+        self._entries.clear()
+
+
+def check_writable(directory: str, needed_bytes: int) -> None:
+    """Fail early, before anything is written, if ``directory`` cannot take ``needed_bytes``."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".write-probe")
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.remove(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"offload_dir={directory!r} is not writable ({err.strerror}). Pass an offload_dir on "
+            "a disk you can write to."
+        ) from err
+    free = shutil.disk_usage(directory).free
+    if needed_bytes > free:
+        raise OSError(
+            f"offload_dir={directory!r} has {free / 2**30:.2f} GiB free but the disk tier needs "
+            f"{needed_bytes / 2**30:.2f} GiB. Free space, choose another offload_dir, or lower the "
+            "policy's disk fractions."
+        )

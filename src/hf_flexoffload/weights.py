@@ -1,0 +1,145 @@
+"""The placed weights of a model: where each row of each tensor lives, and fetching a stage.
+
+A stage's tensors are cut into row segments by ``placement``; each segment is one entry of the
+``TierStore``. Fetching a stage gathers its tensors onto the compute device: a tensor wholly on
+the device (or, on a CPU machine, in host RAM) is used in place; anything else is read from disk
+and/or copied to the device once per fetch, i.e. once per layer per forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .placement import PlacementReport, Segment, TensorSpec, place_tensors, segment_bytes
+from .policy import TIERS, Split
+from .stats import Counters
+from .storage import TierStore
+from .transfer import host_empty, shares_host_memory, to_compute
+
+
+def segment_key(seg: Segment, spec: TensorSpec) -> str:
+    """Store key of a segment: the tensor name, with a row range when the tensor is split."""
+    if seg.start == 0 and seg.stop == spec.rows:
+        return seg.name
+    return f"{seg.name}[{seg.start}:{seg.stop}]"
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Where one stage's tensors live.
+
+    Attributes:
+        specs: The stage's own tensors (checkpoint names).
+        local: Checkpoint name -> name the math uses.
+        segments: Row segments of every own tensor.
+        aliases: Local name -> (stage, checkpoint name) of tensors shared with another stage
+            (OPT's tied LM head reads the embedding matrix).
+    """
+
+    specs: tuple[TensorSpec, ...]
+    local: dict[str, str]
+    segments: tuple[Segment, ...]
+    aliases: dict[str, str]
+
+    def segments_of(self, name: str) -> list[Segment]:
+        return [s for s in self.segments if s.name == name]
+
+
+def plan_layout(
+    stages: list[list[TensorSpec]],
+    local_names: list[list[str]],
+    aliases: list[dict[str, str]],
+    split: Split,
+) -> list[StageLayout]:
+    """Place every stage's tensors by ``split``."""
+    return [
+        StageLayout(
+            specs=tuple(specs),
+            local={s.name: n for s, n in zip(specs, names, strict=True)},
+            segments=tuple(place_tensors(specs, split)),
+            aliases=alias,
+        )
+        for specs, names, alias in zip(stages, local_names, aliases, strict=True)
+    ]
+
+
+def placement_report(layouts: list[StageLayout], split: Split) -> PlacementReport:
+    per_stage = []
+    for layout in layouts:
+        per_stage.append(segment_bytes(list(layout.segments), {s.name: s for s in layout.specs}))
+    total = {t: sum(s[t] for s in per_stage) for t in TIERS}
+    return PlacementReport(requested=split, bytes_per_tier=total, per_stage=tuple(per_stage))
+
+
+class WeightFetcher:
+    """Gathers a stage's weights on the compute device from wherever they are stored."""
+
+    def __init__(self, layouts: list[StageLayout], store: TierStore, counters: Counters) -> None:
+        self.layouts = layouts
+        self.store = store
+        self.counters = counters
+        self.device = store.device
+        self._specs = {s.name: s for layout in layouts for s in layout.specs}
+        self._segments = {
+            name: layout.segments_of(name) for layout in layouts for name in layout.local
+        }
+        self._staged: dict[int, int] = {}
+
+    def fetch(self, stage: int) -> dict[str, torch.Tensor]:
+        """The stage's weights as local name -> tensor on the compute device.
+
+        Runs in the read thread when overlapping. Counts one load of the stage.
+        """
+        layout = self.layouts[stage]
+        names = [(local, name) for name, local in layout.local.items()]
+        out, staged = {}, 0
+        for local, name in names + list(layout.aliases.items()):
+            out[local] = self.tensor(name)
+            # Tensors gathered into new buffers are staging memory until the schedule is done
+            # with the stage.
+            if not self._in_place(name):
+                staged += out[local].numel() * out[local].element_size()
+        self.counters.count_stage_load(stage)
+        self.counters.alloc("device", staged)
+        self._staged[stage] = staged
+        return out
+
+    def done(self, stage: int) -> None:
+        """The schedule no longer uses the stage's fetched weights."""
+        self.counters.free("device", self._staged.pop(stage, 0))
+
+    def _in_place(self, name: str) -> bool:
+        segments = self._segments[name]
+        if len(segments) != 1:
+            return False
+        entry = self.store.entry(segment_key(segments[0], self._specs[name]))
+        return entry.tensor is not None and entry.tensor.device == self.device
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One full tensor on the compute device."""
+        spec, segments = self._specs[name], self._segments[name]
+        if len(segments) == 1:
+            return self._segment_on_device(segments[0], spec)
+        # Split tensor: assemble the row ranges into one device buffer.
+        full = torch.empty(spec.shape, dtype=self._dtype(segments[0], spec), device=self.device)
+        for seg in segments:
+            full[seg.start : seg.stop].copy_(self._segment_on_device(seg, spec))
+        return full
+
+    def _dtype(self, seg: Segment, spec: TensorSpec) -> torch.dtype:
+        return self.store.entry(segment_key(seg, spec)).dtype
+
+    def _segment_on_device(self, seg: Segment, spec: TensorSpec) -> torch.Tensor:
+        key = segment_key(seg, spec)
+        entry = self.store.entry(key)
+        if entry.tier == "disk":
+            host = self.store.read_into(key, host_empty(entry.shape, entry.dtype, self.device))
+        else:
+            host = entry.tensor
+        if host.device == self.device:
+            return host
+        if entry.tier != "device" and not shares_host_memory(self.device):
+            self.counters.add_moved("host_to_device", entry.nbytes)
+        return to_compute(host, self.device)

@@ -1,0 +1,101 @@
+"""Tiny OPT checkpoints built in code (no hub), shared by the tests."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 96
+
+VARIANTS = {
+    # 125m-style: layer norm before attention, no projections.
+    "pre_ln": dict(do_layer_norm_before=True, word_embed_proj_dim=64),
+    # 350m-style: layer norm after, project_in/out between a 32-wide embedding and 64 hidden.
+    "post_ln": dict(do_layer_norm_before=False, word_embed_proj_dim=32),
+}
+
+
+def tiny_config(variant: str = "pre_ln", **overrides) -> OPTConfig:
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        ffn_dim=128,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+        **VARIANTS[variant],
+    )
+    kw.update(overrides)
+    return OPTConfig(**kw)
+
+
+def build_model(config: OPTConfig, seed: int = 0, dtype=torch.float32) -> OPTForCausalLM:
+    """Random OPT whose 2-D weights are scaled up so greedy top-1/top-2 gaps are large."""
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model.to(dtype)
+
+
+@pytest.fixture(scope="session", params=list(VARIANTS), ids=list(VARIANTS))
+def checkpoint(request, tmp_path_factory):
+    """(path, stock model) for each OPT variant, saved as safetensors."""
+    model = build_model(tiny_config(request.param))
+    path = tmp_path_factory.mktemp(f"opt-{request.param}")
+    model.save_pretrained(path)
+    return str(path), model
+
+
+@pytest.fixture(scope="session")
+def pre_ln_checkpoint(tmp_path_factory):
+    model = build_model(tiny_config("pre_ln"))
+    path = tmp_path_factory.mktemp("opt-pre-ln")
+    model.save_pretrained(path)
+    return str(path), model
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over the tiny vocabulary (3 specials + 93 characters)."""
+    specials = ["<unk>", "<pad>", "</s>"]
+    chars = list(" " + string.ascii_lowercase + string.ascii_uppercase + string.digits)
+    chars += list(string.punctuation)
+    vocab = {t: i for i, t in enumerate((specials + chars)[:VOCAB])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="</s>",
+    )
+    out.padding_side = "left"
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def batch(seed: int = 0, rows: int = 5, length: int = 7, pad: bool = True):
+    """Random prompts; with ``pad``, some rows are left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        for row, n in ((1, 3), (3, 1)):
+            if row < rows:
+                mask[row, :n] = 0
+                ids[row, :n] = 1
+    return ids, mask
