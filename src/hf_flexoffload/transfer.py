@@ -4,7 +4,8 @@ With ``overlap=True`` weight reads, other reads (disk→host→device) and write
 (device→host→disk) run in three background threads, so I/O proceeds while the main thread
 computes (torch and file I/O release the GIL). On CUDA each thread issues its copies on its own
 stream and waits for them before handing tensors over. With ``overlap=False`` every task runs
-inline, in submission order: the same code path, just synchronous. Everything degrades to plain CPU tensors when there is no CUDA.
+inline, in submission order: the same code path, just synchronous. Everything degrades to plain
+CPU tensors when there is no CUDA.
 """
 
 from __future__ import annotations
