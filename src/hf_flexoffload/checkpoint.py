@@ -110,10 +110,14 @@ class SafetensorsCheckpoint:
                 counts[t.dtype] = counts.get(t.dtype, 0) + 1
         return max(counts, key=counts.get) if counts else torch.float32
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of a tensor, as a new CPU tensor."""
+    def read_rows(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor, into ``out`` (contiguous, CPU, same dtype) or a
+        new CPU tensor."""
         t = self.tensors[name]
-        out = torch.empty((stop - start, *t.shape[1:]) if t.shape else (), dtype=t.dtype)
+        if out is None:
+            out = torch.empty((stop - start, *t.shape[1:]), dtype=t.dtype)
         f = DiskFile(t.path)
         try:
             f.read_into(t.offset + start * t.row_bytes, out)
@@ -165,15 +169,23 @@ def load_into_store(
     for i, layout in enumerate(layouts):
         specs = {s.name: s for s in layout.specs}
         for seg in layout.segments:
-            key = segment_key(seg, specs[seg.name])
-            shape = (seg.stop - seg.start, *specs[seg.name].shape[1:])
-            if specs[seg.name].shape == ():
-                shape = ()
+            spec = specs[seg.name]
+            key = segment_key(seg, spec)
+            shape = (seg.stop - seg.start, *spec.shape[1:])
             if seg.tier == "disk" and store.adopt(key, shape, dtype):
                 continue
-            rows = ckpt.read_rows(seg.name, seg.start, seg.stop)
-            read += rows.numel() * rows.element_size()
-            store.put(key, rows.to(dtype), seg.tier)
+            stored = ckpt.tensors[seg.name]
+            direct = seg.tier != "disk" and stored.dtype == dtype
+            if direct and store.device.type == "cpu" or direct and seg.tier == "host":
+                # Read straight into the tier's tensor: no second copy in RAM.
+                ckpt.read_rows(
+                    seg.name, seg.start, seg.stop, store.allocate(key, shape, dtype, seg.tier)
+                )
+            else:
+                rows = ckpt.read_rows(seg.name, seg.start, seg.stop).to(dtype)
+                store.put(key, rows, seg.tier)
+                del rows
+            read += (seg.stop - seg.start) * stored.row_bytes
         if progress is not None:
             progress(i + 1, len(layouts))
     return read

@@ -99,12 +99,18 @@ class OffloadEngine:
         self.counters = counters
         self.max_memory = max_memory
         self.report: PlacementReport = placement_report(layouts, policy.weights)
-        self.fetcher = WeightFetcher(layouts, store, counters)
+        self.fetcher = WeightFetcher(layouts, store, counters, range(1, shape.layers + 1))
         self.mover = Mover(device, policy.overlap)
         self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")
         self._run = _Run()
         self._cleanup = weakref.finalize(
-            self, _cleanup, self.mover, store, offload_dir if owns_dir else None, self.runtime_dir
+            self,
+            _cleanup,
+            self.mover,
+            self.fetcher,
+            store,
+            offload_dir if owns_dir else None,
+            self.runtime_dir,
         )
 
     # -- loading -------------------------------------------------------------------------------
@@ -293,8 +299,11 @@ class OffloadEngine:
         self._cleanup()
 
 
-def _cleanup(mover: Mover, store: TierStore, owned_dir: str | None, runtime_dir: str) -> None:
+def _cleanup(
+    mover: Mover, fetcher: WeightFetcher, store: TierStore, owned_dir: str | None, runtime_dir: str
+) -> None:
     mover.close()
+    fetcher.close()
     store.release()
     shutil.rmtree(runtime_dir, ignore_errors=True)
     if owned_dir is not None:

@@ -197,7 +197,7 @@ class Policy:
 
         def split(gpu: float, cpu: float) -> Split:
             _require(gpu + cpu <= 100, "percent", list(percent), "GPU% + CPU% must be <= 100")
-            return Split(device=gpu / 100, host=cpu / 100, disk=max(0.0, 1 - (gpu + cpu) / 100))
+            return Split(device=gpu / 100, host=cpu / 100, disk=(100 - gpu - cpu) / 100)
 
         wg, wc, cg, cc, hg, hc = percent
         return cls(

@@ -162,6 +162,23 @@ class TierStore:
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".bin")
 
+    def allocate(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype, tier: str
+    ) -> torch.Tensor:
+        """A new, uninitialized memory-tier tensor stored under ``key``, for the caller to fill
+        in place (so loading never holds a second copy)."""
+        if tier not in ("device", "host"):
+            raise ValueError(f"allocate() is for memory tiers, not {tier!r}.")
+        self.remove(key)
+        if tier == "device":
+            tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        else:
+            tensor = host_empty(shape, dtype, self.device)
+        entry = Entry(tier, tuple(shape), dtype, tensor=tensor)
+        self._entries[key] = entry
+        self.counters.alloc(tier, entry.nbytes)
+        return tensor
+
     def put(self, key: str, tensor: torch.Tensor, tier: str) -> None:
         """Store a copy of ``tensor`` under ``key`` on ``tier`` (replacing any previous one)."""
         self.remove(key)

@@ -16,7 +16,7 @@ from .placement import PlacementReport, Segment, TensorSpec, place_tensors, segm
 from .policy import TIERS, Split
 from .stats import Counters
 from .storage import TierStore
-from .transfer import host_empty, shares_host_memory, to_compute
+from .transfer import host_empty, shares_host_memory
 
 
 def segment_key(seg: Segment, spec: TensorSpec) -> str:
@@ -74,33 +74,54 @@ def placement_report(layouts: list[StageLayout], split: Split) -> PlacementRepor
 
 
 class WeightFetcher:
-    """Gathers a stage's weights on the compute device from wherever they are stored."""
+    """Gathers a stage's weights on the compute device from wherever they are stored.
 
-    def __init__(self, layouts: list[StageLayout], store: TierStore, counters: Counters) -> None:
+    Decoder layers all have the same tensors, so their gathered copies go into two reusable
+    sets of staging buffers (even and odd layers: one being computed, one being prefetched)
+    instead of fresh allocations per layer and step, which would fragment the heap and push the
+    resident set far above the resident share. The embedding and head stages, used once per
+    forward, get fresh buffers.
+    """
+
+    def __init__(
+        self,
+        layouts: list[StageLayout],
+        store: TierStore,
+        counters: Counters,
+        pooled_stages: range,
+    ) -> None:
         self.layouts = layouts
         self.store = store
         self.counters = counters
         self.device = store.device
+        self.pooled_stages = pooled_stages
         self._specs = {s.name: s for layout in layouts for s in layout.specs}
         self._segments = {
             name: layout.segments_of(name) for layout in layouts for name in layout.local
         }
+        self._pools: tuple[dict[str, torch.Tensor], ...] = ({}, {})
         self._staged: dict[int, int] = {}
 
     def fetch(self, stage: int) -> dict[str, torch.Tensor]:
         """The stage's weights as local name -> tensor on the compute device.
 
-        Runs in the read thread when overlapping. Counts one load of the stage.
+        Runs in the weight-read thread when overlapping. Counts one load of the stage.
         """
         layout = self.layouts[stage]
-        names = [(local, name) for name, local in layout.local.items()]
+        pool = self._pools[stage % 2] if stage in self.pooled_stages else None
         out, staged = {}, 0
+        names = [(local, name) for name, local in layout.local.items()]
         for local, name in names + list(layout.aliases.items()):
-            out[local] = self.tensor(name)
-            # Tensors gathered into new buffers are staging memory until the schedule is done
-            # with the stage.
-            if not self._in_place(name):
+            if self._in_place(name):
+                out[local] = self._segment_tensor(self._segments[name][0], self._specs[name])
+                continue
+            buffer = None if pool is None else pool.get(local)
+            out[local] = self._gather(name, buffer)
+            if pool is None:
                 staged += out[local].numel() * out[local].element_size()
+            elif buffer is None:
+                pool[local] = out[local]
+                self.counters.alloc("device", out[local].numel() * out[local].element_size())
         self.counters.count_stage_load(stage)
         self.counters.alloc("device", staged)
         self._staged[stage] = staged
@@ -110,36 +131,43 @@ class WeightFetcher:
         """The schedule no longer uses the stage's fetched weights."""
         self.counters.free("device", self._staged.pop(stage, 0))
 
+    def close(self) -> None:
+        for pool in self._pools:
+            for t in pool.values():
+                self.counters.free("device", t.numel() * t.element_size())
+            pool.clear()
+
     def _in_place(self, name: str) -> bool:
+        """Used where it is stored: one segment, already in compute-device memory."""
         segments = self._segments[name]
         if len(segments) != 1:
             return False
         entry = self.store.entry(segment_key(segments[0], self._specs[name]))
         return entry.tensor is not None and entry.tensor.device == self.device
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One full tensor on the compute device."""
+    def _segment_tensor(self, seg: Segment, spec: TensorSpec) -> torch.Tensor:
+        return self.store.entry(segment_key(seg, spec)).tensor
+
+    def _gather(self, name: str, out: torch.Tensor | None) -> torch.Tensor:
+        """The full tensor in ``out`` (or a new buffer) on the compute device."""
         spec, segments = self._specs[name], self._segments[name]
-        if len(segments) == 1:
-            return self._segment_on_device(segments[0], spec)
-        # Split tensor: assemble the row ranges into one device buffer.
-        full = torch.empty(spec.shape, dtype=self._dtype(segments[0], spec), device=self.device)
+        if out is None:
+            dtype = self.store.entry(segment_key(segments[0], spec)).dtype
+            out = torch.empty(spec.shape, dtype=dtype, device=self.device)
         for seg in segments:
-            full[seg.start : seg.stop].copy_(self._segment_on_device(seg, spec))
-        return full
-
-    def _dtype(self, seg: Segment, spec: TensorSpec) -> torch.dtype:
-        return self.store.entry(segment_key(seg, spec)).dtype
-
-    def _segment_on_device(self, seg: Segment, spec: TensorSpec) -> torch.Tensor:
-        key = segment_key(seg, spec)
-        entry = self.store.entry(key)
-        if entry.tier == "disk":
-            host = self.store.read_into(key, host_empty(entry.shape, entry.dtype, self.device))
-        else:
-            host = entry.tensor
-        if host.device == self.device:
-            return host
-        if entry.tier != "device" and not shares_host_memory(self.device):
-            self.counters.add_moved("host_to_device", entry.nbytes)
-        return to_compute(host, self.device)
+            key = segment_key(seg, spec)
+            entry = self.store.entry(key)
+            rows = out[seg.start : seg.stop]  # contiguous: a row range of a contiguous tensor
+            if entry.tier == "disk" and shares_host_memory(self.device):
+                self.store.read_into(key, rows)
+                continue
+            if entry.tier == "disk":
+                source = self.store.read_into(
+                    key, host_empty(entry.shape, entry.dtype, self.device)
+                )
+            else:
+                source = entry.tensor
+            if entry.tier != "device" and not shares_host_memory(self.device):
+                self.counters.add_moved("host_to_device", entry.nbytes)
+            rows.copy_(source, non_blocking=source.is_pinned())
+        return out

@@ -1,0 +1,179 @@
+"""Bad checkpoints and load arguments fail before any heavy work, saying what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config
+
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
+
+
+def test_not_opt(tmp_path):
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'gpt2' model.*supports model_type 'opt'"):
+        FlexOffloadOPTForCausalLM.from_pretrained(tmp_path, offload_policy=Policy())
+
+
+def test_not_a_directory():
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        FlexOffloadOPTForCausalLM.from_pretrained("facebook/opt-125m")
+
+
+def test_no_safetensors(pre_ln_checkpoint, tmp_path):
+    path, _ = pre_ln_checkpoint
+    shutil.copy(os.path.join(path, "config.json"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        FlexOffloadOPTForCausalLM.from_pretrained(tmp_path, offload_policy=Policy())
+
+
+def test_missing_tensor_is_named(pre_ln_checkpoint, tmp_path):
+    path, _ = pre_ln_checkpoint
+    shutil.copy(os.path.join(path, "config.json"), tmp_path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    del tensors["model.decoder.layers.1.fc1.weight"]
+    save_file(tensors, os.path.join(tmp_path, "model.safetensors"))
+    offload = tmp_path / "offload"
+    with pytest.raises(ValueError, match=r"missing decoder\.layers\.1\.fc1\.weight"):
+        FlexOffloadOPTForCausalLM.from_pretrained(
+            tmp_path, offload_policy=Policy(weights=Split(disk=1.0)), offload_dir=offload
+        )
+    assert not offload.exists(), "nothing is written before the checks pass"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(device_map="auto"), ValueError, "device_map is not supported"),
+        (dict(revision="main"), TypeError, "unsupported arguments.*revision"),
+        (
+            dict(offload_policy=Policy(compress_weights=QuantConfig())),
+            NotImplementedError,
+            "compression",
+        ),
+        (dict(offload_policy=42), ValueError, "Invalid offload_policy"),
+        (dict(max_memory={"gpu": "1GiB"}), ValueError, "max_memory keys"),
+        (dict(max_memory={"device": "lots"}), ValueError, "Invalid max_memory"),
+    ],
+    ids=["device_map", "unknown_kwarg", "compression", "bad_policy", "bad_tier", "bad_size"],
+)
+def test_bad_arguments(pre_ln_checkpoint, kwargs, error, message):
+    path, _ = pre_ln_checkpoint
+    kwargs.setdefault("offload_policy", Policy())
+    with pytest.raises(error, match=message):
+        FlexOffloadOPTForCausalLM.from_pretrained(path, **kwargs)
+
+
+def test_policy_that_cannot_fit_names_each_tier(pre_ln_checkpoint, tmp_path):
+    path, _ = pre_ln_checkpoint
+    with pytest.raises(MemoryError, match=r"(?s)too much on disk.*disk +needs.*has +10B"):
+        FlexOffloadOPTForCausalLM.from_pretrained(
+            path,
+            offload_policy=Policy(weights=Split(disk=1.0)),
+            max_memory={"disk": 10},
+            offload_dir=tmp_path / "off",
+        )
+    assert not (tmp_path / "off").exists()
+
+
+def test_unwritable_offload_dir(pre_ln_checkpoint, tmp_path):
+    path, _ = pre_ln_checkpoint
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not writable"):
+        FlexOffloadOPTForCausalLM.from_pretrained(
+            path, offload_policy=Policy(weights=Split(disk=1.0)), offload_dir=blocker / "sub"
+        )
+
+
+def test_batch_that_cannot_fit(pre_ln_checkpoint):
+    path, _ = pre_ln_checkpoint
+    policy = Policy(cache=Split(device=1.0))
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, max_memory={"device": "2MB"}
+    ) as model:
+        ids = torch.randint(3, 90, (64, 40))
+        with pytest.raises(MemoryError, match="A batch of 64 sequences of 60 tokens"):
+            model.generate(ids, max_new_tokens=20)
+        model.generate(ids[:2, :5], max_new_tokens=2)  # a small batch still works
+
+
+def _disk_files(directory):
+    weights = os.path.join(directory, "weights")
+    return {
+        f: os.stat(os.path.join(weights, f)).st_mtime_ns
+        for f in os.listdir(weights)
+        if f.endswith(".bin")
+    }
+
+
+def test_offload_files_reused_and_interrupted_load_not_trusted(
+    pre_ln_checkpoint, tmp_path, monkeypatch
+):
+    path, stock = pre_ln_checkpoint
+    offload = str(tmp_path / "off")
+    policy = Policy(weights=Split(host=0.5, disk=0.5))
+    ids = torch.randint(3, 90, (2, 5))
+    expected = stock.generate(ids, max_new_tokens=4, do_sample=False)
+
+    FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, offload_dir=offload
+    ).close()
+    first = _disk_files(offload)
+    assert first and os.path.exists(os.path.join(offload, "weights", "index.json"))
+
+    # Same checkpoint and policy: the files are adopted, not rewritten.
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, offload_dir=offload
+    ) as m:
+        assert torch.equal(m.generate(ids, max_new_tokens=4, do_sample=False), expected)
+    assert _disk_files(offload) == first
+
+    # A load with another placement is interrupted half way.
+    from hf_flexoffload import storage
+
+    real_put, calls = storage.TierStore.put, []
+
+    def flaky_put(self, key, tensor, tier):
+        calls.append(key)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real_put(self, key, tensor, tier)
+
+    monkeypatch.setattr(storage.TierStore, "put", flaky_put)
+    with pytest.raises(KeyboardInterrupt):
+        FlexOffloadOPTForCausalLM.from_pretrained(
+            path, offload_policy=Policy(weights=Split(disk=1.0)), offload_dir=offload
+        )
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(offload, "weights", "index.json"))
+
+    # Corrupt one file too; the next load trusts nothing and still gives the right tokens.
+    victim = next(f for f in first if f.endswith(".bin"))
+    with open(os.path.join(offload, "weights", victim), "r+b") as f:
+        f.truncate(3)
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, offload_dir=offload
+    ) as m:
+        assert torch.equal(m.generate(ids, max_new_tokens=4, do_sample=False), expected)
+    with open(os.path.join(offload, "weights", "index.json")) as f:
+        assert json.load(f)["fingerprint"]["weights"] == [0.0, 0.5, 0.5]
+
+
+def test_temporary_offload_dir_removed_on_close(pre_ln_checkpoint):
+    path, _ = pre_ln_checkpoint
+    model = FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=Policy(weights=Split(disk=1.0), cache=Split(disk=1.0))
+    )
+    directory = model.engine.offload_dir
+    model.generate(torch.randint(3, 90, (2, 4)), max_new_tokens=2)
+    assert os.path.isdir(directory)
+    model.close()
+    assert not os.path.exists(directory)
+    with pytest.raises(RuntimeError, match="closed"):
+        model.generate(torch.randint(3, 90, (2, 4)), max_new_tokens=2)

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+
+from hf_flexoffload import Policy, QuantConfig, Split
+from hf_flexoffload.modeling import resolve_policy
+
+
+def test_split_defaults_and_validation():
+    assert Split(device=1.0).fractions == (1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"Split.*sum to 1"):
+        Split(device=0.5, host=0.2)
+    with pytest.raises(ValueError, match=r"Split.device=1.1.*between 0 and 1"):
+        Split(device=1.1, host=-0.1)
+    with pytest.raises(TypeError):
+        Split(0.5, 0.5)  # keyword-only
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(micro_batch_size=0), "micro_batch_size"),
+        (dict(num_micro_batches=2.5), "num_micro_batches"),
+        (dict(weights={"device": 1.0}), "weights"),
+        (dict(overlap="yes"), "overlap"),
+        (dict(compress_cache=4), "compress_cache"),
+    ],
+    ids=["zero_micro_batch", "float_count", "dict_split", "str_flag", "int_quant"],
+)
+def test_policy_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"Policy\.{field}="):
+        Policy(**kwargs)
+
+
+def test_quant_config_validation():
+    with pytest.raises(ValueError, match="QuantConfig.bits"):
+        QuantConfig(bits=3)
+    with pytest.raises(ValueError, match="QuantConfig.group_size"):
+        QuantConfig(group_size=63)
+
+
+def test_json_round_trip(tmp_path):
+    policy = Policy(
+        micro_batch_size=8,
+        num_micro_batches=4,
+        weights=Split(device=0.2, host=0.5, disk=0.3),
+        cache=Split(host=1.0),
+        overlap=False,
+        compress_weights=QuantConfig(bits=4, group_size=64),
+    )
+    assert Policy.from_json(policy.to_json()) == policy
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    assert Policy.load(path) == policy
+    assert resolve_policy(str(path)) == policy
+    assert resolve_policy(policy.to_dict()) == policy
+    assert policy.block_size == 32
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValueError, match="allowed keys"):
+        Policy.from_dict({"micro_batch": 4})
+    with pytest.raises(ValueError, match="offload_policy"):
+        resolve_policy("no/such/file.json")
+
+
+def test_from_flexgen():
+    policy = Policy.from_flexgen(
+        [20, 50, 0, 100, 100, 0], gpu_batch_size=16, num_gpu_batches=4, cpu_cache_compute=False
+    )
+    assert policy.weights == Split(device=0.2, host=0.5, disk=0.3)
+    assert policy.cache == Split(host=1.0)
+    assert policy.activations == Split(device=1.0)
+    assert (policy.micro_batch_size, policy.num_micro_batches) == (16, 4)
+    assert policy.host_attention is False
+    with pytest.raises(ValueError, match="6 numbers"):
+        Policy.from_flexgen([100, 0], gpu_batch_size=1, num_gpu_batches=1)
