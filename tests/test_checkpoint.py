@@ -16,7 +16,7 @@ from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
 
 def test_not_opt(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="'gpt2' model.*supports model_type 'opt'"):
+    with pytest.raises(ValueError, match=r"'gpt2' model.*supports model_type 'opt'"):
         FlexOffloadOPTForCausalLM.from_pretrained(tmp_path, offload_policy=Policy())
 
 
@@ -28,7 +28,7 @@ def test_not_a_directory():
 def test_no_safetensors(pre_ln_checkpoint, tmp_path):
     path, _ = pre_ln_checkpoint
     shutil.copy(os.path.join(path, "config.json"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         FlexOffloadOPTForCausalLM.from_pretrained(tmp_path, offload_policy=Policy())
 
 

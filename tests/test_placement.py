@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from hf_flexoffload import Split
@@ -35,7 +37,7 @@ def test_realized_split_within_half_a_row(split):
     for spec in LAYER:
         rows = sorted((s.start, s.stop) for s in segments if s.name == spec.name)
         assert rows[0][0] == 0 and rows[-1][1] == spec.rows
-        assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(rows))
 
 
 def test_assign_units_fractions():

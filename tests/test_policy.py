@@ -33,9 +33,9 @@ def test_policy_errors_name_the_field(kwargs, field):
 
 
 def test_quant_config_validation():
-    with pytest.raises(ValueError, match="QuantConfig.bits"):
+    with pytest.raises(ValueError, match=r"QuantConfig\.bits"):
         QuantConfig(bits=3)
-    with pytest.raises(ValueError, match="QuantConfig.group_size"):
+    with pytest.raises(ValueError, match=r"QuantConfig\.group_size"):
         QuantConfig(group_size=63)
 
 

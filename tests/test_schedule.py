@@ -1,4 +1,4 @@
-"""The zig-zag property: an offloaded layer is loaded once per forward, whatever the micro-batching."""
+"""The zig-zag property: an offloaded layer loads once per forward, whatever the micro-batching."""
 
 from __future__ import annotations
 

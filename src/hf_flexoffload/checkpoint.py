@@ -166,6 +166,7 @@ def load_into_store(
     instead of rewritten. Returns the number of bytes read from the checkpoint.
     """
     read = 0
+    scratch = torch.empty(0, dtype=torch.uint8)  # one reused buffer for segments bound for disk
     for i, layout in enumerate(layouts):
         specs = {s.name: s for s in layout.specs}
         for seg in layout.segments:
@@ -176,15 +177,18 @@ def load_into_store(
                 continue
             stored = ckpt.tensors[seg.name]
             direct = seg.tier != "disk" and stored.dtype == dtype
-            if direct and store.device.type == "cpu" or direct and seg.tier == "host":
+            if direct and (store.device.type == "cpu" or seg.tier == "host"):
                 # Read straight into the tier's tensor: no second copy in RAM.
                 ckpt.read_rows(
                     seg.name, seg.start, seg.stop, store.allocate(key, shape, dtype, seg.tier)
                 )
             else:
-                rows = ckpt.read_rows(seg.name, seg.start, seg.stop).to(dtype)
-                store.put(key, rows, seg.tier)
-                del rows
+                nbytes = (seg.stop - seg.start) * stored.row_bytes
+                if scratch.numel() < nbytes:
+                    scratch = torch.empty(nbytes, dtype=torch.uint8)
+                view = scratch[:nbytes].view(stored.dtype).view(shape)
+                ckpt.read_rows(seg.name, seg.start, seg.stop, view)
+                store.put(key, view.to(dtype), seg.tier)
             read += (seg.stop - seg.start) * stored.row_bytes
         if progress is not None:
             progress(i + 1, len(layouts))
