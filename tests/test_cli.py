@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hf_flexoffload import cli
+
+
+def run_demo(cache_dir, new_tokens: int) -> int:
+    args = f"demo --batch-size 4 --prompt-len 8 --new-tokens {new_tokens} --cache-dir {cache_dir}"
+    return cli.main(args.split())
 
 
 def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
@@ -17,40 +24,14 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
         word_embed_proj_dim=64,
     )
     monkeypatch.setattr(cli, "OPT_125M", tiny)
-    code = cli.main(
-        [
-            "demo",
-            "--batch-size",
-            "4",
-            "--prompt-len",
-            "8",
-            "--new-tokens",
-            "3",
-            "--cache-dir",
-            str(tmp_path),
-        ]
-    )
+    assert run_demo(tmp_path, 3) == 0
     out = capsys.readouterr().out
-    assert code == 0
     assert "Same tokens as transformers: yes" in out
     assert "disk" in out and "tok/s" in out
-    # The checkpoint is built once and reused.
-    assert (
-        cli.main(
-            [
-                "demo",
-                "--batch-size",
-                "4",
-                "--prompt-len",
-                "8",
-                "--new-tokens",
-                "2",
-                "--cache-dir",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    checkpoint = tmp_path / "demo-opt-125m-bf16" / "model.safetensors"
+    built = os.stat(checkpoint).st_mtime_ns
+    assert run_demo(tmp_path, 2) == 0
+    assert os.stat(checkpoint).st_mtime_ns == built, "the checkpoint is built once and reused"
 
 
 def test_demo_rejects_tiny_batch():
