@@ -158,7 +158,6 @@ def load_into_store(
     layouts: list[StageLayout],
     store: TierStore,
     dtype: torch.dtype,
-    progress=None,
 ) -> int:
     """Place every segment of every stage in the store, converting to ``dtype`` per segment.
 
@@ -167,7 +166,7 @@ def load_into_store(
     """
     read = 0
     scratch = torch.empty(0, dtype=torch.uint8)  # one reused buffer for segments bound for disk
-    for i, layout in enumerate(layouts):
+    for layout in layouts:
         specs = {s.name: s for s in layout.specs}
         for seg in layout.segments:
             spec = specs[seg.name]
@@ -190,6 +189,4 @@ def load_into_store(
                 ckpt.read_rows(seg.name, seg.start, seg.stop, view)
                 store.put(key, view.to(dtype), seg.tier)
             read += (seg.stop - seg.start) * stored.row_bytes
-        if progress is not None:
-            progress(i + 1, len(layouts))
     return read
