@@ -32,10 +32,9 @@ OPT_125M = dict(
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("HF_FLEXOFFLOAD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hf_flexoffload"
-    )
-    return root
+    """``$HF_FLEXOFFLOAD_CACHE``, else ``$XDG_CACHE_HOME/hf_flexoffload`` (``~/.cache``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.environ.get("HF_FLEXOFFLOAD_CACHE") or os.path.join(xdg, "hf_flexoffload")
 
 
 def build_random_checkpoint(path: str, config: OPTConfig, dtype: torch.dtype, seed: int = 0) -> str:
