@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
-from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
 
 
 def test_not_opt(tmp_path):
@@ -51,16 +51,11 @@ def test_missing_tensor_is_named(pre_ln_checkpoint, tmp_path):
     [
         (dict(device_map="auto"), ValueError, "device_map is not supported"),
         (dict(revision="main"), TypeError, "unsupported arguments.*revision"),
-        (
-            dict(offload_policy=Policy(compress_weights=QuantConfig())),
-            NotImplementedError,
-            "compression",
-        ),
         (dict(offload_policy=42), ValueError, "Invalid offload_policy"),
         (dict(max_memory={"gpu": "1GiB"}), ValueError, "max_memory keys"),
         (dict(max_memory={"device": "lots"}), ValueError, "Invalid max_memory"),
     ],
-    ids=["device_map", "unknown_kwarg", "compression", "bad_policy", "bad_tier", "bad_size"],
+    ids=["device_map", "unknown_kwarg", "bad_policy", "bad_tier", "bad_size"],
 )
 def test_bad_arguments(pre_ln_checkpoint, kwargs, error, message):
     path, _ = pre_ln_checkpoint

@@ -1,9 +1,14 @@
-"""Reading a transformers safetensors checkpoint into the tiered store, one segment at a time.
+"""Safetensors checkpoints in and out of the tiered store, one segment at a time.
 
 Tensors are read with positional reads straight from the ``.safetensors`` files (the format is an
 8-byte header length, a JSON header of dtype/shape/offsets, then raw little-endian data), so only
 the rows being placed are ever in RAM; no memory map of the whole checkpoint is kept, and the
-resident set while loading stays near the share placed in memory.
+resident set while loading stays near the share placed in memory. A weight to be compressed is
+read whole (one tensor at a time), quantized, and its bytes placed like any segment.
+
+``save_store`` writes the placed weights back as one safetensors file, streaming tensor by tensor;
+with compressed weights that is a compressed checkpoint, marked in the header's metadata, which
+later loads place without quantizing again.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import logging
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from .compression import QuantConfig, quantize, to_bytes
 from .storage import DiskFile, TierStore
 from .weights import StageLayout, segment_key
 
@@ -34,8 +40,48 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+COMPRESSED_FORMAT = "hf_flexoffload.compressed"
+COMPRESSED_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class SavedCompression:
+    """How the weights of a compressed checkpoint were quantized."""
+
+    config: QuantConfig
+    embeddings: bool
+    dtype: torch.dtype
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` (string values only) that marks the checkpoint."""
+        return {
+            "format": COMPRESSED_FORMAT,
+            "version": COMPRESSED_VERSION,
+            "compress_weights": json.dumps(asdict(self.config)),
+            "compress_embeddings": json.dumps(self.embeddings),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], where: str) -> SavedCompression | None:
+        if metadata.get("format") != COMPRESSED_FORMAT:
+            return None
+        if metadata.get("version") != COMPRESSED_VERSION:
+            raise ValueError(
+                f"{where} is a compressed checkpoint of format version "
+                f"{metadata.get('version')!r}; this hf_flexoffload reads version "
+                f"{COMPRESSED_VERSION}. Compress the original checkpoint again."
+            )
+        return cls(
+            config=QuantConfig(**json.loads(metadata["compress_weights"])),
+            embeddings=json.loads(metadata["compress_embeddings"]),
+            dtype=getattr(torch, metadata["dtype"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -83,11 +129,13 @@ class SafetensorsCheckpoint:
             )
         self.directory = directory
         self.tensors: dict[str, StoredTensor] = {}
+        self.metadata: dict[str, str] = {}
         for name in files:
             path = os.path.join(directory, name)
             header, data_start = _read_header(path)
             for key, meta in header.items():
                 if key == "__metadata__":
+                    self.metadata.update(meta or {})
                     continue
                 if meta["dtype"] not in _DTYPES:
                     raise ValueError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}.")
@@ -96,6 +144,11 @@ class SafetensorsCheckpoint:
                 self.tensors[key] = StoredTensor(
                     path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), data_start + begin
                 )
+
+    @property
+    def compression(self) -> SavedCompression | None:
+        """How the weights were compressed, for a checkpoint written by ``save_store``."""
+        return SavedCompression.from_metadata(self.metadata, repr(self.directory))
 
     def fingerprint(self) -> dict:
         """Identifies the checkpoint's bytes cheaply (paths, sizes, modification times)."""
@@ -127,18 +180,26 @@ class SafetensorsCheckpoint:
 
 
 def check_tensors(
-    ckpt: SafetensorsCheckpoint, layouts: list[StageLayout], aliases: Iterable[str]
+    ckpt: SafetensorsCheckpoint,
+    layouts: list[StageLayout],
+    aliases: Iterable[str],
+    compressed: bool = False,
 ) -> None:
-    """Every tensor the layout needs exists with the right shape; say which do not."""
+    """Every tensor the layout needs exists with the right shape; say which do not.
+
+    ``compressed``: the checkpoint holds quantized weights as bytes (as ``save_store`` writes).
+    """
     problems = []
     for layout in layouts:
         for spec in layout.specs:
             stored = ckpt.tensors.get(spec.name)
+            fmt = layout.formats.get(spec.name)
+            expected = spec.shape if fmt is None or compressed else fmt.shape
             if stored is None:
-                problems.append(f"missing {spec.name} {list(spec.shape)}")
-            elif stored.shape != spec.shape:
+                problems.append(f"missing {spec.name} {list(expected)}")
+            elif stored.shape != expected:
                 problems.append(
-                    f"{spec.name}: shape {list(stored.shape)}, config says {list(spec.shape)}"
+                    f"{spec.name}: shape {list(stored.shape)}, config says {list(expected)}"
                 )
     for name in aliases:
         if name not in ckpt.tensors:
@@ -154,27 +215,35 @@ def check_tensors(
 
 
 def load_into_store(
-    ckpt: SafetensorsCheckpoint,
-    layouts: list[StageLayout],
-    store: TierStore,
-    dtype: torch.dtype,
+    ckpt: SafetensorsCheckpoint, layouts: list[StageLayout], store: TierStore
 ) -> int:
-    """Place every segment of every stage in the store, converting to ``dtype`` per segment.
+    """Place every segment of every stage in the store, in the layout's storage dtypes.
 
-    Disk segments a previous run left complete (same checkpoint, dtype and placement) are adopted
-    instead of rewritten. Returns the number of bytes read from the checkpoint.
+    Plain tensors are converted per segment; tensors to compress are read whole, quantized (on
+    the compute device) and their bytes placed, unless the checkpoint already holds them
+    quantized. Disk segments a previous run left complete (same checkpoint, dtype, compression
+    and placement) are adopted instead of rewritten. Returns the bytes read from the checkpoint.
     """
     read = 0
     scratch = torch.empty(0, dtype=torch.uint8)  # one reused buffer for segments bound for disk
     for layout in layouts:
         specs = {s.name: s for s in layout.specs}
+        quantized: dict[str, torch.Tensor] = {}  # the current tensor's bytes, while placing it
         for seg in layout.segments:
             spec = specs[seg.name]
             key = segment_key(seg, spec)
             shape = (seg.stop - seg.start, *spec.shape[1:])
+            dtype = layout.storage_dtype(seg.name)
             if seg.tier == "disk" and store.adopt(key, shape, dtype):
                 continue
             stored = ckpt.tensors[seg.name]
+            if seg.name in layout.formats and stored.dtype != torch.uint8:
+                if seg.name not in quantized:
+                    quantized.clear()
+                    quantized[seg.name] = _quantized_bytes(ckpt, layout, seg.name, store.device)
+                    read += stored.row_bytes * stored.shape[0]
+                store.put(key, quantized[seg.name][seg.start : seg.stop], seg.tier)
+                continue
             direct = seg.tier != "disk" and stored.dtype == dtype
             if direct and (store.device.type == "cpu" or seg.tier == "host"):
                 # Read straight into the tier's tensor: no second copy in RAM.
@@ -190,3 +259,44 @@ def load_into_store(
                 store.put(key, view.to(dtype), seg.tier)
             read += (seg.stop - seg.start) * stored.row_bytes
     return read
+
+
+def _quantized_bytes(
+    ckpt: SafetensorsCheckpoint, layout: StageLayout, name: str, device: torch.device
+) -> torch.Tensor:
+    fmt = layout.formats[name]
+    tensor = ckpt.read_rows(name, 0, ckpt.tensors[name].shape[0])
+    return to_bytes(quantize(tensor.to(device, fmt.dtype), fmt.config))
+
+
+def save_store(
+    path: str, layouts: list[StageLayout], store: TierStore, metadata: dict[str, str]
+) -> None:
+    """Write every stage's stored tensors to one safetensors file, one tensor at a time.
+
+    Written to a temporary name and renamed, so ``path`` is either complete or absent.
+    """
+    entries, offset = {}, 0
+    for layout in layouts:
+        for spec in layout.specs:
+            dtype = layout.storage_dtype(spec.name)
+            entries[spec.name] = {
+                "dtype": _NAMES[dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+    header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned, as safetensors does
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for layout in layouts:
+            for spec in layout.specs:
+                for seg in layout.segments_of(spec.name):
+                    rows = store.get(segment_key(seg, spec)).to("cpu").contiguous()
+                    f.write(memoryview(rows.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

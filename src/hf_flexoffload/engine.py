@@ -13,18 +13,27 @@ import shutil
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import layers
 from .activations import ActivationStore
 from .budget import Capacities, heuristic_policy, parse_size
-from .checkpoint import SafetensorsCheckpoint, check_tensors, load_into_store
-from .kv_cache import FlexOffloadCache
+from .checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SafetensorsCheckpoint,
+    SavedCompression,
+    check_tensors,
+    load_into_store,
+    save_store,
+)
+from .compression import QuantConfig, QuantFormat
+from .kv_cache import FlexOffloadCache, TokenCodec
 from .layers import OPTShape
 from .placement import PlacementReport
-from .policy import TIERS, Policy
+from .policy import TIERS, Policy, Split
 from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
 from .storage import TierStore, check_writable, dtype_name
@@ -53,13 +62,61 @@ def resolve_dtype(
     return checkpoint
 
 
-def layout_for(shape: OPTShape, policy: Policy, itemsize: int) -> list[StageLayout]:
-    specs = layers.stage_specs(shape, itemsize)
-    local = [[name for name, _ in tensors] for tensors in layers.stage_tensors(shape)]
-    aliases = [{} for _ in specs]
+def layout_for(shape: OPTShape, policy: Policy, dtype: torch.dtype) -> list[StageLayout]:
+    """Where every weight of ``shape`` goes under ``policy``, and which are stored quantized."""
+    stages, formats = [], {}
+    for stage, tensors in enumerate(layers.stage_tensors(shape)):
+        named = [
+            (layers.checkpoint_name(stage, local, shape), local, dims) for local, dims in tensors
+        ]
+        stages.append(named)
+        for name, local, dims in named:
+            if _compressed(policy, local, dims):
+                formats[name] = QuantFormat.of(dims, dtype, policy.compress_weights, default_dim=0)
+    aliases = [{} for _ in stages]
     for local_name, (stage, name) in layers.head_aliases(shape).items():
         aliases[-1][local_name] = layers.checkpoint_name(stage, name, shape)
-    return plan_layout(specs, local, aliases, policy.weights)
+    return plan_layout(stages, aliases, policy.weights, dtype, formats)
+
+
+def _compressed(policy: Policy, local: str, dims: tuple[int, ...]) -> bool:
+    if policy.compress_weights is None or len(dims) < 2:
+        return False
+    return policy.compress_embeddings or local not in layers.EMBEDDINGS
+
+
+def _with_saved_compression(policy: Policy | str, saved: SavedCompression | None, path: str):
+    """Check an explicit policy against a compressed checkpoint (or adopt its settings)."""
+    if saved is None:
+        return policy
+    if policy == "auto":
+        return policy
+    wanted = policy.compress_weights
+    same = wanted is not None and _normalized(wanted) == _normalized(saved.config)
+    if not same or policy.compress_embeddings != saved.embeddings:
+        raise ValueError(
+            f"{path!r} holds weights compressed with compress_weights={saved.config} and "
+            f"compress_embeddings={saved.embeddings}, but the policy asks for "
+            f"compress_weights={wanted} and compress_embeddings={policy.compress_embeddings}. "
+            "Use the checkpoint's settings (or offload_policy='auto'), or load the original, "
+            "uncompressed checkpoint to compress it differently."
+        )
+    return policy
+
+
+def _warn_if_inflated(report: PlacementReport) -> None:
+    if report.total_bytes > report.plain_bytes:
+        logger.warning(
+            "Compressed weights take %.0f%% of their uncompressed size: the group size is larger "
+            "than the model's dimensions, so padding outweighs the savings. Use a smaller "
+            "group_size.",
+            100 * report.compression_ratio,
+        )
+
+
+def _normalized(config: QuantConfig) -> QuantConfig:
+    # Compressed weights are matrices: dim None, 0 and -2 all mean dim 0.
+    return replace(config, dim=0 if config.dim is None else config.dim % 2)
 
 
 @dataclass
@@ -129,17 +186,30 @@ class OffloadEngine:
     ) -> OffloadEngine:
         shape = OPTShape.from_config(config)
         ckpt = SafetensorsCheckpoint(path)
-        dtype = resolve_dtype(dtype, ckpt.dtype(), device)
+        saved = ckpt.compression
+        dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
+        if saved is not None and dtype != saved.dtype:
+            raise ValueError(
+                f"{path!r} is a compressed checkpoint for dtype {saved.dtype}; load it with "
+                "dtype=None (or that dtype), or compress the original checkpoint for another."
+            )
+        policy = _with_saved_compression(policy, saved, path)
         caps = Capacities.measure(device, offload_dir, max_memory)
         if policy == "auto":
-            total = sum(
-                s.nbytes for stage in layers.stage_specs(shape, dtype.itemsize) for s in stage
+            compression = {}
+            if saved is not None:
+                compression = dict(
+                    compress_weights=saved.config, compress_embeddings=saved.embeddings
+                )
+            total = placement_report(
+                layout_for(shape, Policy(**compression), dtype), Split(device=1.0)
             )
-            policy = heuristic_policy(total, caps, device)
+            policy = replace(heuristic_policy(total.total_bytes, caps, device), **compression)
             logger.info("offload_policy='auto' chose %s", policy.to_json(indent=None))
-        layouts = layout_for(shape, policy, dtype.itemsize)
-        check_tensors(ckpt, layouts, layouts[-1].aliases.values())
+        layouts = layout_for(shape, policy, dtype)
+        check_tensors(ckpt, layouts, layouts[-1].aliases.values(), compressed=saved is not None)
         report = placement_report(layouts, policy.weights)
+        _warn_if_inflated(report)
         caps.check(report.bytes_per_tier, "The weight placement")
 
         owns_dir = offload_dir is None
@@ -153,10 +223,12 @@ class OffloadEngine:
                 "checkpoint": ckpt.fingerprint(),
                 "dtype": dtype_name(dtype),
                 "weights": list(policy.weights.fractions),
+                "compress_weights": policy.to_dict()["compress_weights"],
+                "compress_embeddings": policy.compress_embeddings,
             }
             store.open_index(fingerprint)
             start = time.perf_counter()
-            load_into_store(ckpt, layouts, store, dtype)
+            load_into_store(ckpt, layouts, store)
             if report.bytes_per_tier["disk"]:
                 store.write_index(fingerprint)
             logger.info("Placed weights in %.1fs:\n%s", time.perf_counter() - start, report)
@@ -181,8 +253,11 @@ class OffloadEngine:
     # -- generation ----------------------------------------------------------------------------
 
     def kv_bytes(self, batch: int, length: int) -> int:
-        """KV-cache bytes of a block of ``batch`` sequences of ``length`` tokens."""
-        return 2 * self.shape.layers * batch * length * self.shape.hidden * self.dtype.itemsize
+        """KV-cache bytes of a block of ``batch`` sequences of ``length`` tokens, as stored."""
+        token = TokenCodec((2, batch, self.shape.heads, self.shape.head_dim), self.dtype, None)
+        if self.policy.compress_cache is not None:
+            token = TokenCodec(token.token_shape, self.dtype, self.policy.compress_cache)
+        return self.shape.layers * length * token.record_bytes
 
     def check_batch_fits(self, batch: int, length: int) -> None:
         """Raise before generating if the block's KV cache and hidden states cannot fit."""
@@ -221,7 +296,35 @@ class OffloadEngine:
             directory=self.runtime_dir,
             counters=self.counters,
             capacity=capacity,
+            compress=self.policy.compress_cache,
         )
+
+    def save_compressed(self, directory: str) -> str:
+        """Write the compressed weights as a safetensors checkpoint in ``directory``.
+
+        Returns:
+            The path of the written file.
+        """
+        if self.policy.compress_weights is None:
+            raise ValueError(
+                "This model's weights are not compressed: load it with a policy that sets "
+                "compress_weights=QuantConfig(...) before saving it compressed."
+            )
+        os.makedirs(directory, exist_ok=True)
+        taken = [n for n in (SINGLE_FILE, INDEX_FILE) if os.path.exists(os.path.join(directory, n))]
+        if taken:
+            raise FileExistsError(
+                f"{directory!r} already holds a checkpoint ({', '.join(taken)}); save the "
+                "compressed weights to a new directory so nothing is overwritten."
+            )
+        saved = SavedCompression(
+            config=self.policy.compress_weights,
+            embeddings=self.policy.compress_embeddings,
+            dtype=self.dtype,
+        )
+        path = os.path.join(directory, SINGLE_FILE)
+        save_store(path, self.layouts, self.store, saved.metadata())
+        return path
 
     def begin_run(self) -> None:
         self.counters.reset_run()

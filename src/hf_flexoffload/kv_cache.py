@@ -10,6 +10,12 @@ contiguous read. Where attention runs:
   the new key/value and the attention output cross the host/device link;
 * otherwise the history is prefetched to the device and the new token written back.
 
+With ``compress_cache`` each token's keys and values are quantized on the compute device as they
+are produced (groups along the head dimension, one record of bytes per token, so history is never
+requantized); the records are what every tier stores and every link moves, and they are
+dequantized on the side that computes attention. The new tokens themselves attend at full
+precision.
+
 ``FlexOffloadCache`` is the ``transformers.Cache`` that carries these units through ``generate``.
 """
 
@@ -20,6 +26,7 @@ import os
 import torch
 from transformers import Cache
 
+from .compression import QuantConfig, QuantFormat, dequantize, from_bytes, quantize, to_bytes
 from .layers import attention
 from .placement import assign_units
 from .policy import Split
@@ -30,8 +37,52 @@ from .transfer import Mover, Pending, host_empty, shares_host_memory, to_compute
 CPU = torch.device("cpu")
 
 
+class TokenCodec:
+    """How one token of a unit is stored: (2, b, H, d) in the compute dtype, or its quantized
+    bytes (one record per token).
+
+    Args:
+        token_shape: (2, b, H, d).
+        dtype: The compute dtype.
+        config: ``Policy.compress_cache`` (None = store as is).
+    """
+
+    def __init__(
+        self, token_shape: tuple[int, ...], dtype: torch.dtype, config: QuantConfig | None
+    ) -> None:
+        self.token_shape = token_shape
+        self.dtype = dtype
+        self.config = config
+        if config is None:
+            self.record_shape, self.storage_dtype = token_shape, dtype
+        else:
+            fmt = QuantFormat.of((1, *token_shape), dtype, config)
+            self.record_shape, self.storage_dtype = (fmt.record_bytes(1),), torch.uint8
+
+    @property
+    def record_bytes(self) -> int:
+        n = self.storage_dtype.itemsize
+        for d in self.record_shape:
+            n *= d
+        return n
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(s, 2, b, H, d) -> (s, *record_shape), on the tokens' device."""
+        if self.config is None:
+            return tokens
+        return to_bytes(quantize(tokens, self.config, lead_dims=1))
+
+    def decode(self, records: torch.Tensor) -> torch.Tensor:
+        """(S, *record_shape) -> (S, 2, b, H, d) in the compute dtype, on the records' device."""
+        if self.config is None:
+            return records
+        fmt = QuantFormat.of((records.shape[0], *self.token_shape), self.dtype, self.config)
+        return dequantize(from_bytes(records, fmt))
+
+
 class KVUnit:
-    """Keys and values of one layer for one micro-batch, stored as (S, 2, b, H, d)."""
+    """Keys and values of one layer for one micro-batch, stored token-major: (S, 2, b, H, d), or
+    (S, record_bytes) when compressed."""
 
     def __init__(
         self,
@@ -46,26 +97,26 @@ class KVUnit:
         path: str,
         counters: Counters,
         capacity: int,
+        compress: QuantConfig | None = None,
     ) -> None:
         self.tier = tier
         self.token_shape = (2, batch, heads, head_dim)
+        self.codec = TokenCodec(self.token_shape, dtype, compress)
         self.dtype = dtype
         self.device = device
         self.host_attention = host_attention
         self.counters = counters
         self.length = 0
         self._capacity_hint = max(1, capacity)
-        self._buffer: torch.Tensor | None = None  # (cap, 2, b, H, d), device or host tier
+        self._buffer: torch.Tensor | None = None  # (cap, *record_shape), device or host tier
         self._file = DiskFile(path, create=True) if tier == "disk" else None
         self._path = path
         self._pending: Pending | None = None
 
     @property
     def token_bytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.token_shape:
-            n *= d
-        return n
+        """Stored bytes per token (compressed when the cache is)."""
+        return self.codec.record_bytes
 
     @property
     def in_compute_memory(self) -> bool:
@@ -82,11 +133,11 @@ class KVUnit:
         needed = start + new.shape[0]
         if needed > cap:
             new_cap = max(needed, 2 * cap, self._capacity_hint)
-            shape = (new_cap, *self.token_shape)
+            shape, dtype = (new_cap, *self.codec.record_shape), self.codec.storage_dtype
             if self.tier == "device":
-                grown = torch.empty(shape, dtype=self.dtype, device=self.device)
+                grown = torch.empty(shape, dtype=dtype, device=self.device)
             else:
-                grown = host_empty(shape, self.dtype, self.device)
+                grown = host_empty(shape, dtype, self.device)
             if self._buffer is not None:
                 grown[:start].copy_(self._buffer[:start])
             self.counters.alloc(self._memory_tier, (new_cap - cap) * self.token_bytes)
@@ -105,7 +156,8 @@ class KVUnit:
             self._pending = None
 
     def fetch(self) -> torch.Tensor | None:
-        """The history (S, 2, b, H, d) where attention will run; None when used in place."""
+        """The stored history (S, *record_shape) where attention will run; None when used in
+        place."""
         self.wait_pending()
         on_host = self._attends_on_host()
         if self.length == 0 or self.in_compute_memory or (self.tier == "host" and on_host):
@@ -113,7 +165,8 @@ class KVUnit:
         if self.tier == "host":
             history = self._buffer[: self.length]
         else:
-            history = host_empty((self.length, *self.token_shape), self.dtype, self.device)
+            shape = (self.length, *self.codec.record_shape)
+            history = host_empty(shape, self.codec.storage_dtype, self.device)
             self.counters.add_moved("disk_to_host", self._file.read_into(0, history))
         if on_host:
             return history
@@ -144,16 +197,24 @@ class KVUnit:
         on_host = self._attends_on_host()
         where = CPU if on_host else self.device
         new = torch.stack((k, v)).permute(2, 0, 1, 3, 4)  # (s, 2, b, H, d)
+        stored = self.codec.encode(new)  # (s, *record_shape), on the device
         crosses = on_host and not shares_host_memory(self.device)
         if crosses:
-            self.counters.add_moved("device_to_host", (q.numel() + new.numel()) * q.element_size())
-        if self.in_compute_memory or (self.tier == "host" and on_host):
-            self._append_memory(start, new.to(where))
-            full = self._buffer[: start + s]
+            self.counters.add_moved(
+                "device_to_host", q.numel() * q.element_size() + stored.numel() * stored.itemsize
+            )
+        in_memory = self.in_compute_memory or (self.tier == "host" and on_host)
+        if in_memory:
+            self._append_memory(start, stored.to(where))
+            history = self._buffer[:start]
         else:
-            local = new.to(where)
-            full = local if history is None else torch.cat([history, local])
-            self._pending = mover.write(self._store, start, new)
+            self._pending = mover.write(self._store, start, stored)
+        if in_memory and self.codec.config is None:
+            full = self._buffer[: start + s]  # attend over the buffer itself: no copy
+        elif history is None or start == 0:
+            full = new.to(where)
+        else:
+            full = torch.cat([self.codec.decode(history), new.to(where)])
         self.length = start + s
         dtype = torch.float32 if where.type == "cpu" and q.dtype == torch.float16 else q.dtype
         keys = full[:, 0].permute(1, 2, 0, 3).to(dtype)  # (b, H, S, d)
@@ -204,6 +265,7 @@ class FlexOffloadCache(Cache):
         directory: Where disk units put their files.
         counters: Byte counters.
         capacity: Expected total length (prompt + new tokens) to size memory buffers once.
+        compress: ``Policy.compress_cache``: quantize each token's keys and values.
     """
 
     def __init__(
@@ -219,8 +281,10 @@ class FlexOffloadCache(Cache):
         directory: str,
         counters: Counters,
         capacity: int = 0,
+        compress: QuantConfig | None = None,
     ) -> None:
         super().__init__(layers=[])
+        self.compress = compress
         self.num_layers = num_layers
         self.split = split
         self.host_attention = host_attention
@@ -259,6 +323,7 @@ class FlexOffloadCache(Cache):
                     path=os.path.join(self.directory, f"kv-{id(self):x}-{j}-{m}.bin"),
                     counters=self.counters,
                     capacity=self.capacity,
+                    compress=self.compress,
                 )
                 for m, size in enumerate(micro_batch_sizes)
             ]

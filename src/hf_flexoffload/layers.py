@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .placement import TensorSpec
-
 Weights = dict[str, torch.Tensor]
 # attend(q, k_new, v_new) -> attention output (b, s, H, d); supplied by the KV cache unit.
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -137,6 +135,10 @@ def stage_prefix(stage: int, shape: OPTShape) -> str:
     return "decoder."
 
 
+# Weights that map tokens rather than transform hidden states; Policy.compress_embeddings decides.
+EMBEDDINGS = frozenset({"embed_tokens.weight", "embed_positions.weight", "lm_head.weight"})
+
+
 def head_aliases(shape: OPTShape) -> dict[str, tuple[int, str]]:
     """Head weights stored in another stage: local name -> (stage, local name there)."""
     return {"lm_head.weight": (0, "embed_tokens.weight")} if shape.tied_head else {}
@@ -146,14 +148,6 @@ def checkpoint_name(stage: int, local: str, shape: OPTShape) -> str:
     if stage == shape.layers + 1 and local == "lm_head.weight":
         return "lm_head.weight"
     return stage_prefix(stage, shape) + local
-
-
-def stage_specs(shape: OPTShape, itemsize: int) -> list[list[TensorSpec]]:
-    """Per stage, TensorSpecs named by checkpoint name, for placement."""
-    return [
-        [TensorSpec(checkpoint_name(i, name, shape), dims, itemsize) for name, dims in tensors]
-        for i, tensors in enumerate(stage_tensors(shape))
-    ]
 
 
 # -- math ------------------------------------------------------------------------------------

@@ -148,11 +148,6 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
                 "supports model_type 'opt'."
             )
         policy = resolve_policy(offload_policy)
-        if isinstance(policy, Policy) and (policy.compress_weights or policy.compress_cache):
-            raise NotImplementedError(
-                "4-bit group-wise compression (Policy.compress_weights / compress_cache) is not "
-                "implemented yet; it arrives with the compression feature. Use None for now."
-            )
         compute = resolve_device(device)
         engine = OffloadEngine.load(
             path,
@@ -213,6 +208,28 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
                 f"from_pretrained(..., dtype={dtype})."
             )
         return self
+
+    def save_compressed(self, save_directory: str | os.PathLike) -> None:
+        """Save the compressed weights, config and generation config as a checkpoint that loads
+        without quantizing again (with the same ``compress_weights``, or ``"auto"``).
+
+        The directory must not already hold a checkpoint. The file is hf_flexoffload's own
+        format (quantized bytes in safetensors); stock transformers cannot load it.
+
+        Args:
+            save_directory: Where to write ``config.json``, ``generation_config.json`` and
+                ``model.safetensors``.
+
+        Example:
+            >>> policy = Policy(compress_weights=QuantConfig(bits=4, group_size=64))
+            >>> model = FlexOffloadOPTForCausalLM.from_pretrained("opt", offload_policy=policy)
+            >>> model.save_compressed("opt-4bit")
+            >>> FlexOffloadOPTForCausalLM.from_pretrained("opt-4bit", offload_policy=policy)
+        """
+        directory = os.fspath(save_directory)
+        self.engine.save_compressed(directory)
+        self.config.save_pretrained(directory)
+        self.generation_config.save_pretrained(directory)
 
     def get_input_embeddings(self):
         return None

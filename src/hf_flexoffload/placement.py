@@ -108,11 +108,14 @@ class PlacementReport:
         bytes_per_tier: Weight bytes actually placed on each tier.
         per_stage: Bytes per tier for each stage (0 = embeddings, 1..L = decoder layers,
             L + 1 = output head).
+        plain_bytes: What the same weights take uncompressed, in the compute dtype (equal to
+            ``total_bytes`` without weight compression).
     """
 
     requested: Split
     bytes_per_tier: dict[str, int]
     per_stage: tuple[dict[str, int], ...]
+    plain_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -124,12 +127,18 @@ class PlacementReport:
         total = self.total_bytes or 1
         return {t: self.bytes_per_tier[t] / total for t in TIERS}
 
+    @property
+    def compression_ratio(self) -> float:
+        """Stored bytes / uncompressed bytes (1.0 without weight compression)."""
+        return self.total_bytes / self.plain_bytes if self.plain_bytes else 1.0
+
     def to_dict(self) -> dict:
         return {
             "requested": dict(zip(TIERS, self.requested.fractions, strict=True)),
             "realized": self.realized,
             "bytes_per_tier": dict(self.bytes_per_tier),
             "per_stage": [dict(s) for s in self.per_stage],
+            "plain_bytes": self.plain_bytes,
         }
 
     def __str__(self) -> str:
@@ -140,4 +149,8 @@ class PlacementReport:
                 f"{req:>12.1%}{self.realized[tier]:>11.1%}"
             )
         lines.append(f"{'total':<8}{human_bytes(self.total_bytes):>12}")
+        if self.compression_ratio < 1.0:
+            lines.append(
+                f"compressed: {self.compression_ratio:.1%} of {human_bytes(self.plain_bytes)}"
+            )
         return "\n".join(lines)

@@ -80,12 +80,18 @@ class QuantConfig:
     Args:
         bits: Bits per code, 4 or 8.
         group_size: Elements sharing one (scale, min) pair; positive and even.
-        dim: The dimension along which groups are formed (-1 = last).
+        dim: The dimension along which groups are formed. ``None`` (the default) picks
+            FlexGen's: the output channels (dim 0) of a weight matrix, the head dimension of the
+            KV cache (the only choice for the cache).
+
+    Example:
+        >>> QuantConfig(bits=4, group_size=64)
+        QuantConfig(bits=4, group_size=64, dim=None)
     """
 
     bits: int = 4
     group_size: int = 64
-    dim: int = -1
+    dim: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.bits in (4, 8), "QuantConfig.bits", self.bits, "allowed values are 4 and 8")
@@ -95,7 +101,12 @@ class QuantConfig:
             self.group_size,
             "must be a positive even integer",
         )
-        _require(isinstance(self.dim, int), "QuantConfig.dim", self.dim, "must be an integer")
+        _require(
+            self.dim is None or (isinstance(self.dim, int) and not isinstance(self.dim, bool)),
+            "QuantConfig.dim",
+            self.dim,
+            "must be None or an integer dimension",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +125,11 @@ class Policy:
         host_attention: When a KV-cache unit lives on the host, compute decode attention there
             and move only the query and the attention output.
         compress_weights: Group-quantize weights (``None`` = keep the compute dtype).
-        compress_cache: Group-quantize the KV cache (``None`` = keep the compute dtype).
+        compress_cache: Group-quantize the KV cache (``None`` = keep the compute dtype); its
+            groups run along the head dimension.
+        compress_embeddings: With ``compress_weights``, also quantize the token and position
+            embeddings and the LM head (as FlexGen does); ``False`` keeps them in the compute
+            dtype. 1-D weights (biases, layer norms) are never quantized.
 
     Example:
         >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
@@ -132,6 +147,7 @@ class Policy:
     host_attention: bool = True
     compress_weights: QuantConfig | None = None
     compress_cache: QuantConfig | None = None
+    compress_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "num_micro_batches"):
@@ -145,7 +161,7 @@ class Policy:
         for name in ("weights", "cache", "activations"):
             value = getattr(self, name)
             _require(isinstance(value, Split), f"Policy.{name}", value, "must be a Split")
-        for name in ("overlap", "host_attention"):
+        for name in ("overlap", "host_attention", "compress_embeddings"):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"Policy.{name}", value, "must be True or False")
         for name in ("compress_weights", "compress_cache"):
@@ -156,6 +172,12 @@ class Policy:
                 value,
                 "must be None or a QuantConfig",
             )
+        _require(
+            self.compress_cache is None or self.compress_cache.dim in (None, -1),
+            "Policy.compress_cache.dim",
+            None if self.compress_cache is None else self.compress_cache.dim,
+            "the KV cache is grouped along the head dimension; leave dim=None (or -1)",
+        )
 
     @property
     def block_size(self) -> int:

@@ -4,14 +4,19 @@ A stage's tensors are cut into row segments by ``placement``; each segment is on
 ``TierStore``. Fetching a stage gathers its tensors onto the compute device: a tensor wholly on
 the device (or, on a CPU machine, in host RAM) is used in place; anything else is read from disk
 and/or copied to the device once per fetch, i.e. once per layer per forward pass.
+
+A compressed weight is stored as its quantized bytes (``compression.to_bytes``), a flat uint8
+tensor placed and split like any other, so every tier holds, and every link moves, only the
+compressed bytes; it is dequantized on the compute device right after it arrives.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .compression import QuantFormat, dequantize, from_bytes
 from .placement import PlacementReport, Segment, TensorSpec, place_tensors, segment_bytes
 from .policy import TIERS, Split
 from .stats import Counters
@@ -31,38 +36,64 @@ class StageLayout:
     """Where one stage's tensors live.
 
     Attributes:
-        specs: The stage's own tensors (checkpoint names).
+        specs: The stage's own tensors as stored (checkpoint names; quantized ones as bytes).
         local: Checkpoint name -> name the math uses.
         segments: Row segments of every own tensor.
-        aliases: Local name -> (stage, checkpoint name) of tensors shared with another stage
-            (OPT's tied LM head reads the embedding matrix).
+        aliases: Local name -> checkpoint name of a tensor stored by another stage (OPT's tied
+            LM head reads the embedding matrix).
+        dtype: The dtype of plain (not quantized) tensors.
+        formats: Checkpoint name -> format of the tensors stored quantized.
     """
 
     specs: tuple[TensorSpec, ...]
     local: dict[str, str]
     segments: tuple[Segment, ...]
     aliases: dict[str, str]
+    dtype: torch.dtype = torch.float32
+    formats: dict[str, QuantFormat] = field(default_factory=dict)
 
     def segments_of(self, name: str) -> list[Segment]:
         return [s for s in self.segments if s.name == name]
 
+    def storage_dtype(self, name: str) -> torch.dtype:
+        return torch.uint8 if name in self.formats else self.dtype
+
 
 def plan_layout(
-    stages: list[list[TensorSpec]],
-    local_names: list[list[str]],
+    stages: list[list[tuple[str, str, tuple[int, ...]]]],
     aliases: list[dict[str, str]],
     split: Split,
+    dtype: torch.dtype,
+    formats: dict[str, QuantFormat],
 ) -> list[StageLayout]:
-    """Place every stage's tensors by ``split``."""
-    return [
-        StageLayout(
-            specs=tuple(specs),
-            local={s.name: n for s, n in zip(specs, names, strict=True)},
-            segments=tuple(place_tensors(specs, split)),
-            aliases=alias,
+    """Place every stage's tensors by ``split``.
+
+    Args:
+        stages: Per stage, (checkpoint name, local name, shape) of its tensors, in cut order.
+        aliases: Per stage, local name -> checkpoint name of tensors it borrows.
+        split: The weight split.
+        dtype: The compute dtype, in which plain tensors are stored.
+        formats: Checkpoint name -> quantized format, for the tensors to store compressed.
+    """
+    layouts = []
+    for tensors, alias in zip(stages, aliases, strict=True):
+        specs = [
+            TensorSpec(name, (formats[name].nbytes,), 1)
+            if name in formats
+            else TensorSpec(name, dims, dtype.itemsize)
+            for name, _, dims in tensors
+        ]
+        layouts.append(
+            StageLayout(
+                specs=tuple(specs),
+                local={name: local for name, local, _ in tensors},
+                segments=tuple(place_tensors(specs, split)),
+                aliases=alias,
+                dtype=dtype,
+                formats={name: formats[name] for name, _, _ in tensors if name in formats},
+            )
         )
-        for specs, names, alias in zip(stages, local_names, aliases, strict=True)
-    ]
+    return layouts
 
 
 def placement_report(layouts: list[StageLayout], split: Split) -> PlacementReport:
@@ -70,7 +101,14 @@ def placement_report(layouts: list[StageLayout], split: Split) -> PlacementRepor
     for layout in layouts:
         per_stage.append(segment_bytes(list(layout.segments), {s.name: s for s in layout.specs}))
     total = {t: sum(s[t] for s in per_stage) for t in TIERS}
-    return PlacementReport(requested=split, bytes_per_tier=total, per_stage=tuple(per_stage))
+    plain = sum(
+        layout.formats[s.name].plain_nbytes if s.name in layout.formats else s.nbytes
+        for layout in layouts
+        for s in layout.specs
+    )
+    return PlacementReport(
+        requested=split, bytes_per_tier=total, per_stage=tuple(per_stage), plain_bytes=plain
+    )
 
 
 class WeightFetcher:
@@ -96,6 +134,10 @@ class WeightFetcher:
         self.device = store.device
         self.pooled_stages = pooled_stages
         self._specs = {s.name: s for layout in layouts for s in layout.specs}
+        self._dtypes = {
+            s.name: layout.storage_dtype(s.name) for layout in layouts for s in layout.specs
+        }
+        self._formats = {name: f for layout in layouts for name, f in layout.formats.items()}
         self._segments = {
             name: layout.segments_of(name) for layout in layouts for name in layout.local
         }
@@ -109,22 +151,40 @@ class WeightFetcher:
         """
         layout = self.layouts[stage]
         pool = self._pools[stage % 2] if stage in self.pooled_stages else None
-        out, staged = {}, 0
+        fresh = [0]  # bytes of buffers allocated for this fetch only
+
+        def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            if pool is not None and key in pool:
+                return pool[key]
+            tensor = torch.empty(shape, dtype=dtype, device=self.device)
+            nbytes = tensor.numel() * tensor.element_size()
+            if pool is None:
+                fresh[0] += nbytes
+            else:
+                pool[key] = tensor
+                self.counters.alloc("device", nbytes)
+            return tensor
+
+        out = {}
         names = [(local, name) for name, local in layout.local.items()]
         for local, name in names + list(layout.aliases.items()):
+            spec = self._specs[name]
             if self._in_place(name):
-                out[local] = self._segment_tensor(self._segments[name][0], self._specs[name])
-                continue
-            buffer = None if pool is None else pool.get(local)
-            out[local] = self._gather(name, buffer)
-            if pool is None:
-                staged += out[local].numel() * out[local].element_size()
-            elif buffer is None:
-                pool[local] = out[local]
-                self.counters.alloc("device", out[local].numel() * out[local].element_size())
+                stored = self._segment_tensor(self._segments[name][0], spec)
+            else:
+                stored = self._gather(
+                    name, buffer(f"{local}#stored", spec.shape, self._dtypes[name])
+                )
+            fmt = self._formats.get(name)
+            if fmt is None:
+                out[local] = stored
+            else:
+                out[local] = dequantize(
+                    from_bytes(stored, fmt), out=buffer(local, fmt.shape, fmt.dtype)
+                )
         self.counters.count_stage_load(stage)
-        self.counters.alloc("device", staged)
-        self._staged[stage] = staged
+        self.counters.alloc("device", fresh[0])
+        self._staged[stage] = fresh[0]
         return out
 
     def done(self, stage: int) -> None:
@@ -148,12 +208,9 @@ class WeightFetcher:
     def _segment_tensor(self, seg: Segment, spec: TensorSpec) -> torch.Tensor:
         return self.store.entry(segment_key(seg, spec)).tensor
 
-    def _gather(self, name: str, out: torch.Tensor | None) -> torch.Tensor:
-        """The full tensor in ``out`` (or a new buffer) on the compute device."""
+    def _gather(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """The full stored tensor in ``out``, a buffer on the compute device."""
         spec, segments = self._specs[name], self._segments[name]
-        if out is None:
-            dtype = self.store.entry(segment_key(segments[0], spec)).dtype
-            out = torch.empty(spec.shape, dtype=dtype, device=self.device)
         for seg in segments:
             key = segment_key(seg, spec)
             entry = self.store.entry(key)

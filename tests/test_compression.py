@@ -1,0 +1,149 @@
+import pytest
+import torch
+
+from hf_flexoffload.compression import (
+    QuantConfig,
+    QuantFormat,
+    dequantize,
+    from_bytes,
+    pack_codes,
+    quantize,
+    to_bytes,
+    unpack_codes,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [((256, 128), 0), ((7, 33, 5), 1), ((3, 130), -1), ((100,), 0), ((1, 1), 0)]
+
+
+def _group_bound(x: torch.Tensor, q) -> torch.Tensor:
+    """Per-element allowed error: half the step of the element's group, plus one rounding of the
+    output dtype."""
+    fmt = q.format
+    pre, groups, size, post = fmt.dims
+    n = fmt.shape[fmt.config.dim]
+    step = q.scale.float().reshape(pre, groups, 1, post).expand(pre, groups, size, post)
+    step = step.reshape(pre, groups * size, post)[:, :n].reshape(fmt.shape)
+    return step / 2 + torch.finfo(x.dtype).eps * x.float().abs() + 1e-7
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(("shape", "dim"), SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+@pytest.mark.parametrize("group_size", [2, 64], ids=["g2", "g64"])
+def test_round_trip_error_is_within_half_a_step(dtype, shape, dim, bits, group_size):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    q = quantize(x, QuantConfig(bits=bits, group_size=group_size, dim=dim))
+    y = dequantize(q)
+    assert y.shape == x.shape and y.dtype == dtype
+    err = (y.float() - x.float()).abs()
+    assert torch.all(err <= _group_bound(x, q)), err.max()
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "x",
+    [torch.zeros(64, 32), torch.full((65, 3), -2.5), torch.ones(5, 130)],
+    ids=["zeros", "constant_padded", "ones_last_dim"],
+)
+def test_constant_groups_are_exact(dtype, x):
+    x = x.to(dtype)
+    for dim in (0, -1):
+        q = quantize(x, QuantConfig(group_size=64, dim=dim))
+        assert torch.equal(q.scale, torch.zeros_like(q.scale))
+        assert torch.equal(dequantize(q), x)
+
+
+def test_constant_group_inside_varying_tensor_is_exact():
+    x = torch.randn(128, 4)
+    x[:64, 1] = 0.7  # one group along dim 0 is constant
+    y = dequantize(quantize(x, QuantConfig(group_size=64, dim=0)))
+    assert torch.equal(y[:64, 1], x[:64, 1])
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_packing_is_exact(bits):
+    codes = torch.randint(0, 2**bits, (3, 5, 64, 7), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (3, 5, 64 * bits // 8, 7)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+def test_quantized_codes_survive_pack_and_unpack():
+    x = torch.randn(64, 8)
+    q = quantize(x, QuantConfig(bits=4, group_size=16, dim=0))
+    codes = unpack_codes(q.codes, 4, dim=3)
+    assert codes.max() <= 15
+    assert torch.equal(unpack_codes(pack_codes(codes, 4, dim=3), 4, dim=3), codes)
+
+
+def test_default_dim_groups_weights_along_output_channels():
+    w = torch.randn(128, 8)
+    w[:, 3] *= 100  # one input column is huge: per-column groups keep other columns precise
+    q = quantize(w, QuantConfig(group_size=64), default_dim=0)
+    assert q.format.config.dim == 0
+    err = (dequantize(q) - w).abs()
+    assert err[:, [0, 1, 2, 4]].max() < 0.25
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_byte_format_round_trip(dtype):
+    x = torch.randn(130, 10).to(dtype)
+    q = quantize(x, QuantConfig(group_size=64), default_dim=0)
+    data = to_bytes(q)
+    assert data.dtype == torch.uint8 and data.shape == (q.format.nbytes,)
+    assert torch.equal(dequantize(from_bytes(data, q.format)), dequantize(q))
+
+
+def test_records_are_independent():
+    # The KV cache quantizes each token on its own: record i must only depend on token i.
+    x = torch.randn(5, 2, 3, 4, 16, dtype=torch.bfloat16)  # (s, 2, b, H, d)
+    config = QuantConfig(group_size=8)
+    whole = to_bytes(quantize(x, config, lead_dims=1))
+    fmt = QuantFormat.of(x.shape, x.dtype, config)
+    assert whole.shape == (5, fmt.record_bytes(1))
+    for i in range(5):
+        alone = to_bytes(quantize(x[i : i + 1], config, lead_dims=1))
+        assert torch.equal(alone[0], whole[i])
+    history = from_bytes(whole[:3], QuantFormat.of((3, *x.shape[1:]), x.dtype, config))
+    assert torch.equal(dequantize(history), dequantize(quantize(x[:3], config)))
+
+
+def test_dequantize_into_out():
+    x = torch.randn(3, 130, dtype=torch.bfloat16)
+    q = quantize(x, QuantConfig(group_size=64))
+    out = torch.empty_like(x)
+    assert dequantize(q, out=out) is out
+    assert torch.equal(out, dequantize(q))
+
+
+def test_compressed_size_is_about_28_percent_of_bf16():
+    fmt = QuantFormat.of((2048, 8192), torch.bfloat16, QuantConfig(bits=4, group_size=64), 0)
+    assert fmt.nbytes / fmt.plain_nbytes == pytest.approx(0.28125)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(bits=3), "QuantConfig.bits"),
+        (dict(group_size=63), "QuantConfig.group_size"),
+        (dict(group_size=0), "QuantConfig.group_size"),
+        (dict(dim="0"), "QuantConfig.dim"),
+    ],
+    ids=["bits", "odd_group", "zero_group", "dim_type"],
+)
+def test_invalid_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_dim_out_of_range():
+    with pytest.raises(ValueError, match="out of range"):
+        quantize(torch.randn(4, 4), QuantConfig(dim=2))
+
+
+def test_records_must_not_cut_groups():
+    with pytest.raises(ValueError, match="cut groups"):
+        quantize(torch.randn(4, 4), QuantConfig(group_size=2, dim=0), lead_dims=1)
