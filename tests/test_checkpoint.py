@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
-from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
 
 
 def test_not_opt(tmp_path):
@@ -172,3 +172,106 @@ def test_temporary_offload_dir_removed_on_close(pre_ln_checkpoint):
     assert not os.path.exists(directory)
     with pytest.raises(RuntimeError, match="closed"):
         model.generate(torch.randint(3, 90, (2, 4)), max_new_tokens=2)
+
+
+# -- compressed checkpoints --------------------------------------------------------------------
+
+
+def test_save_compressed_then_load_skips_quantization(pre_ln_checkpoint, tmp_path, monkeypatch):
+    from hf_flexoffload import checkpoint
+
+    path, _ = pre_ln_checkpoint
+    policy = Policy(compress_weights=QuantConfig(bits=4, group_size=32), weights=Split(disk=1.0))
+    ids = torch.randint(3, 90, (3, 6))
+    with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+        model.save_compressed(tmp_path / "q")
+        with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+            model.save_compressed(tmp_path / "q")
+        report = model.placement_report
+    saved = os.path.getsize(tmp_path / "q" / "model.safetensors")
+    assert report.total_bytes < saved < report.total_bytes + 64 * 1024  # bytes + header
+
+    def no_quantize(*args, **kwargs):
+        raise AssertionError("a compressed checkpoint must not be quantized again")
+
+    monkeypatch.setattr(checkpoint, "quantize", no_quantize)
+    other = Policy(
+        compress_weights=QuantConfig(bits=4, group_size=32, dim=0),  # the same, spelled out
+        weights=Split(device=0.3, host=0.3, disk=0.4),
+        micro_batch_size=2,
+    )
+    for again in (other, "auto"):
+        with FlexOffloadOPTForCausalLM.from_pretrained(
+            tmp_path / "q", offload_policy=again
+        ) as model:
+            assert model.offload_policy.compress_weights.group_size == 32
+            assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(offload_policy=Policy()), "holds weights compressed with"),
+        (
+            dict(offload_policy=Policy(compress_weights=QuantConfig(bits=8, group_size=32))),
+            "bits=8",
+        ),
+        (
+            dict(
+                offload_policy=Policy(
+                    compress_weights=QuantConfig(group_size=32), compress_embeddings=False
+                )
+            ),
+            "compress_embeddings=False",
+        ),
+        (
+            dict(
+                offload_policy=Policy(compress_weights=QuantConfig(group_size=32)), dtype="bfloat16"
+            ),
+            "compressed checkpoint for dtype torch.float32",
+        ),
+    ],
+    ids=["uncompressed_policy", "other_bits", "other_embeddings", "other_dtype"],
+)
+def test_compressed_checkpoint_with_other_settings_is_an_error(
+    pre_ln_checkpoint, tmp_path, kwargs, message
+):
+
+    path, _ = pre_ln_checkpoint
+    policy = Policy(compress_weights=QuantConfig(group_size=32))
+    with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+        model.save_compressed(tmp_path / "q")
+    offload = tmp_path / "off"
+    with pytest.raises(ValueError, match=message):
+        FlexOffloadOPTForCausalLM.from_pretrained(tmp_path / "q", offload_dir=offload, **kwargs)
+    assert not offload.exists()
+
+
+def test_save_compressed_needs_compressed_weights(pre_ln_checkpoint, tmp_path):
+    path, _ = pre_ln_checkpoint
+    model = FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=Policy())
+    with model, pytest.raises(ValueError, match="not compressed"):
+        model.save_compressed(tmp_path / "q")
+    assert not (tmp_path / "q" / "model.safetensors").exists()
+
+
+def test_compressed_disk_files_reused(pre_ln_checkpoint, tmp_path):
+
+    path, _ = pre_ln_checkpoint
+    offload = str(tmp_path / "off")
+    policy = Policy(compress_weights=QuantConfig(group_size=32), weights=Split(disk=1.0))
+    FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, offload_dir=offload
+    ).close()
+    first = _disk_files(offload)
+    FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, offload_dir=offload
+    ).close()
+    assert _disk_files(offload) == first
+    # Another compression must not adopt them.
+    other = Policy(compress_weights=QuantConfig(group_size=16), weights=Split(disk=1.0))
+    FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=other, offload_dir=offload
+    ).close()
+    assert _disk_files(offload) != first

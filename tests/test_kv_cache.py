@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -60,3 +62,120 @@ def test_unsupported_operations_raise(tmp_path, call):
     cache = make_cache(tmp_path, Split(device=1.0))
     with pytest.raises(NotImplementedError, match="FlexOffloadCache does not support"):
         getattr(cache, call)(1)
+
+
+# -- compressed cache --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tier", ["device", "host", "disk"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_compressed_unit_attends_over_dequantized_history(tmp_path, tier, bits):
+    from hf_flexoffload.compression import QuantConfig, dequantize, quantize
+    from hf_flexoffload.layers import attention
+    from hf_flexoffload.transfer import Mover
+
+    config = QuantConfig(bits=bits, group_size=4)
+    cache = make_cache(tmp_path, Split(**{tier: 1.0}))
+    cache.compress = config
+    cache.allocate((3,))
+    unit, mover = cache.units[0][0], Mover(torch.device("cpu"), overlap=True)
+    assert unit.token_bytes < 2 * 3 * 2 * 4 * 4  # smaller than the fp32 token
+    ks, vs = [], []
+    for s in (5, 1, 1):
+        q, k, v = (torch.randn(3, s, 2, 4) for _ in range(3))
+        past_k = torch.cat(ks, 1) if ks else k[:, :0]
+        past_v = torch.cat(vs, 1) if vs else v[:, :0]
+        # Each token is quantized on its own, along the head dim; new tokens are exact.
+        kq = dequantize(quantize(past_k, config)) if ks else past_k
+        vq = dequantize(quantize(past_v, config)) if vs else past_v
+        out = unit.attend(unit.fetch(), q, k, v, key_mask=None, mover=mover)
+        keys = torch.cat([kq, k], 1).transpose(1, 2)
+        values = torch.cat([vq, v], 1).transpose(1, 2)
+        torch.testing.assert_close(out, attention(q.transpose(1, 2), keys, values, None))
+        ks.append(k)
+        vs.append(v)
+    cache.drain()
+    if tier == "disk":
+        assert os.path.getsize(unit._path) == 7 * unit.token_bytes
+    mover.close()
+    cache.close()
+
+
+CACHE_PLACEMENTS = {
+    "device": dict(cache=Split(device=1.0)),
+    "host_host_attention": dict(cache=Split(host=1.0), host_attention=True),
+    "host_device_attention": dict(cache=Split(host=1.0), host_attention=False),
+    "disk": dict(cache=Split(disk=1.0)),
+    "mixed_micro_batches": dict(
+        cache=Split(device=0.3, host=0.3, disk=0.4), micro_batch_size=2, num_micro_batches=3
+    ),
+    "everything_offloaded": dict(
+        cache=Split(host=0.5, disk=0.5),
+        weights=Split(host=0.5, disk=0.5),
+        activations=Split(disk=1.0),
+        micro_batch_size=2,
+        num_micro_batches=3,
+        overlap=False,
+    ),
+}
+
+
+def _teacher_forced_logits(model, seq, mask, prompt):
+    """Logits of every generated position, computed step by step through the cache."""
+    out = model(seq[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
+    cache, logits = out.past_key_values, [out.logits[:, -1]]
+    for t in range(prompt, seq.shape[1] - 1):
+        out = model(seq[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+        logits.append(out.logits[:, -1])
+    cache.close()
+    return torch.stack(logits, 1)
+
+
+# Documented in docs/compression.md: teacher-forced logits of the tiny test models, largest
+# absolute error relative to the largest logit.
+KV_TOLERANCE = {4: 0.15, 8: 0.01}
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_compressed_cache_logits_close_for_every_placement(checkpoint, bits):
+    from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig
+
+    from .conftest import batch
+
+    path, stock = checkpoint
+    ids, mask = batch()
+    new = 8
+    seq = stock.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    full_mask = torch.cat([mask, torch.ones(len(seq), new, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        reference = stock(seq, attention_mask=full_mask).logits[:, ids.shape[1] - 1 : -1]
+    config = QuantConfig(bits=bits, group_size=16)  # the tiny models' head_dim
+    results = {}
+    for name, kw in CACHE_PLACEMENTS.items():
+        policy = Policy(compress_cache=config, **kw)
+        with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+            with torch.no_grad():
+                results[name] = _teacher_forced_logits(model, seq, full_mask, ids.shape[1])
+            generated = model.generate(ids, attention_mask=mask, max_new_tokens=4)
+            assert generated.shape == (len(ids), ids.shape[1] + 4)
+    err = (results["device"] - reference).abs().max() / reference.abs().max()
+    assert 0 < err <= KV_TOLERANCE[bits]
+    for name, logits in results.items():  # where the cache lives changes nothing
+        torch.testing.assert_close(logits, results["device"], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_compressed_cache_moves_compressed_bytes(pre_ln_checkpoint):
+    from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig
+
+    path, _ = pre_ln_checkpoint
+    ids = torch.randint(3, 90, (4, 6))
+    written = {}
+    for name, compress in (("plain", None), ("4bit", QuantConfig(bits=4, group_size=16))):
+        policy = Policy(cache=Split(disk=1.0), compress_cache=compress)
+        with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+            model.generate(ids, max_new_tokens=4)
+            written[name] = model.generation_stats.bytes_moved["host_to_disk"]
+            expected = model.engine.kv_bytes(4, 6 + 3)  # the last token is never stored
+            assert written[name] == expected
+    # fp32 d=16: 64 bytes per head and token; 4-bit: 8 bytes of codes + 8 of scale/min.
+    assert written["4bit"] == written["plain"] // 4

@@ -1,0 +1,147 @@
+"""Compressed weights: exact against simulated quantization, compressed everywhere they live."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import OPTConfig
+
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
+from hf_flexoffload.compression import dequantize, quantize
+from hf_flexoffload.engine import layout_for
+from hf_flexoffload.layers import OPTShape
+from hf_flexoffload.weights import placement_report
+
+from .conftest import batch, build_model, tiny_config
+
+Q4 = QuantConfig(bits=4, group_size=64)
+Q8_SMALL = QuantConfig(bits=8, group_size=16)
+EMBEDDINGS = ("embed_tokens", "embed_positions", "lm_head")
+
+
+def simulated(stock, config: QuantConfig, embeddings: bool = True):
+    """Stock OPT whose matrices were quantized and dequantized by the same functions."""
+    model = copy.deepcopy(stock)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2 or (not embeddings and any(e in name for e in EMBEDDINGS)):
+                continue
+            p.copy_(dequantize(quantize(p, config, default_dim=0)))
+    return model
+
+
+CASES = {
+    "4bit_all_device": Policy(compress_weights=Q4),
+    "4bit_disk": Policy(compress_weights=Q4, weights=Split(disk=1.0)),
+    "4bit_mixed_micro_batches": Policy(
+        compress_weights=Q4,
+        weights=Split(device=0.2, host=0.5, disk=0.3),
+        micro_batch_size=2,
+        num_micro_batches=3,
+    ),
+    "8bit_g16_host_no_overlap": Policy(
+        compress_weights=Q8_SMALL, weights=Split(host=1.0), overlap=False
+    ),
+    "4bit_keep_embeddings": Policy(
+        compress_weights=Q4, compress_embeddings=False, weights=Split(host=0.5, disk=0.5)
+    ),
+    "4bit_input_channel_groups": Policy(
+        compress_weights=QuantConfig(group_size=32, dim=1), weights=Split(disk=1.0)
+    ),
+}
+
+
+@pytest.mark.parametrize("policy", list(CASES.values()), ids=list(CASES))
+def test_tokens_match_stock_on_simulated_quantized_weights(checkpoint, policy):
+    path, stock = checkpoint
+    config = policy.compress_weights
+    if config.dim == 1:
+        reference = copy.deepcopy(stock)
+        with torch.no_grad():
+            for p in reference.parameters():
+                if p.dim() == 2:
+                    p.copy_(dequantize(quantize(p, config)))
+    else:
+        reference = simulated(stock, config, policy.compress_embeddings)
+    ids, mask = batch()
+    kw = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    expected = reference.generate(ids, attention_mask=mask, **kw)
+    with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+        got = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-4)
+    # Quantization did change the model: the reference is not the stock model.
+    assert not torch.equal(reference.lm_head.weight, stock.lm_head.weight) or (
+        not policy.compress_embeddings
+    )
+
+
+def test_bf16_tokens_match_simulated_reference(pre_ln_checkpoint):
+    path, stock = pre_ln_checkpoint
+    reference = simulated(stock.to(torch.bfloat16), Q4)
+    stock.float()
+    ids, mask = batch()
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    policy = Policy(compress_weights=Q4, weights=Split(host=0.5, disk=0.5))
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, dtype=torch.bfloat16
+    ) as model:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+OPT_125M = OPTConfig(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, vocab_size=50272
+)
+
+
+@pytest.mark.parametrize("embeddings", [True, False], ids=["embeddings", "keep_embeddings"])
+def test_opt_125m_shape_compresses_to_under_30_percent_of_bf16(embeddings):
+    shape = OPTShape.from_config(OPT_125M)
+    plain = placement_report(layout_for(shape, Policy(), torch.bfloat16), Split(device=1.0))
+    policy = Policy(compress_weights=Q4, compress_embeddings=embeddings, weights=Split(disk=1.0))
+    report = placement_report(layout_for(shape, policy, torch.bfloat16), policy.weights)
+    assert report.plain_bytes == plain.total_bytes
+    assert report.bytes_per_tier["disk"] == report.total_bytes
+    if embeddings:
+        assert report.total_bytes <= 0.30 * plain.total_bytes
+    else:  # the embedding matrices alone are a third of OPT-125m: 0.32 + 0.68 * 0.28
+        assert report.total_bytes <= 0.52 * plain.total_bytes
+    assert "compressed: " in str(report)
+
+
+def test_loaded_model_bytes_per_tier_are_compressed(tmp_path):
+    config = tiny_config(vocab_size=128, max_position_embeddings=126)  # dims multiples of 64
+    build_model(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    policy = Policy(compress_weights=Q4, weights=Split(device=0.3, host=0.3, disk=0.4))
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        tmp_path / "ckpt", offload_policy=policy, offload_dir=tmp_path / "off"
+    ) as model:
+        report = model.placement_report
+        assert report.total_bytes <= 0.30 * report.plain_bytes
+        files = sum(f.stat().st_size for f in (tmp_path / "off" / "weights").glob("*.bin"))
+        assert files == report.bytes_per_tier["disk"]
+        model.generate(torch.randint(3, 90, (4, 6)), max_new_tokens=3)
+        stats = model.generation_stats
+        # Every forward reads the disk share once, compressed.
+        assert stats.bytes_moved["disk_to_host"] == 3 * report.bytes_per_tier["disk"]
+
+
+def test_fp16_checkpoint_compressed_on_cpu_uses_bf16(tmp_path):
+    build_model(tiny_config(), dtype=torch.float16).save_pretrained(tmp_path)
+    policy = Policy(compress_weights=Q4)
+    with FlexOffloadOPTForCausalLM.from_pretrained(tmp_path, offload_policy=policy) as model:
+        assert model.dtype == torch.bfloat16
+        out = model.generate(torch.randint(3, 90, (2, 5)), max_new_tokens=3)
+        assert out.shape == (2, 8)
+
+
+def test_group_larger_than_dims_warns(pre_ln_checkpoint, caplog):
+    path, _ = pre_ln_checkpoint
+    policy = Policy(compress_weights=QuantConfig(group_size=1024))
+    with caplog.at_level("WARNING", logger="hf_flexoffload.engine"):
+        FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy).close()
+    assert "Use a smaller group_size" in caplog.text
