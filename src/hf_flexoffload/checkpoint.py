@@ -18,11 +18,12 @@ import logging
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from .compression import QuantConfig, quantize, to_bytes
+from .policy import Policy
 from .storage import DiskFile, TierStore
 from .weights import StageLayout, segment_key
 
@@ -67,6 +68,19 @@ class SavedCompression:
             "dtype": str(self.dtype).removeprefix("torch."),
         }
 
+    def check(self, policy: Policy, where: str) -> None:
+        """Raise unless ``policy`` asks for the compression these weights were saved with."""
+        wanted = policy.compress_weights
+        same = wanted is not None and _as_matrix_config(wanted) == _as_matrix_config(self.config)
+        if not same or policy.compress_embeddings != self.embeddings:
+            raise ValueError(
+                f"{where!r} holds weights compressed with compress_weights={self.config} and "
+                f"compress_embeddings={self.embeddings}, but the policy asks for "
+                f"compress_weights={wanted} and compress_embeddings={policy.compress_embeddings}. "
+                "Use the checkpoint's settings (or offload_policy='auto'), or load the original, "
+                "uncompressed checkpoint to compress it differently."
+            )
+
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], where: str) -> SavedCompression | None:
         if metadata.get("format") != COMPRESSED_FORMAT:
@@ -82,6 +96,11 @@ class SavedCompression:
             embeddings=json.loads(metadata["compress_embeddings"]),
             dtype=getattr(torch, metadata["dtype"]),
         )
+
+
+def _as_matrix_config(config: QuantConfig) -> QuantConfig:
+    # Compressed weights are matrices: dim None, 0 and -2 all mean dim 0.
+    return replace(config, dim=0 if config.dim is None else config.dim % 2)
 
 
 @dataclass(frozen=True)

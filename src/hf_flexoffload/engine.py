@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import layers
 from .activations import ActivationStore
 from .budget import Capacities, heuristic_policy, parse_size
 from .checkpoint import (
@@ -29,7 +28,6 @@ from .checkpoint import (
     load_into_store,
     save_store,
 )
-from .compression import QuantConfig, QuantFormat
 from .kv_cache import FlexOffloadCache, TokenCodec
 from .layers import OPTShape
 from .placement import PlacementReport
@@ -38,7 +36,13 @@ from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
 from .storage import TierStore, check_writable, dtype_name
 from .transfer import Mover
-from .weights import StageLayout, WeightFetcher, placement_report, plan_layout
+from .weights import (
+    StageLayout,
+    WeightFetcher,
+    layout_for,
+    placement_report,
+    warn_if_inflated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,63 +64,6 @@ def resolve_dtype(
         )
         return torch.bfloat16
     return checkpoint
-
-
-def layout_for(shape: OPTShape, policy: Policy, dtype: torch.dtype) -> list[StageLayout]:
-    """Where every weight of ``shape`` goes under ``policy``, and which are stored quantized."""
-    stages, formats = [], {}
-    for stage, tensors in enumerate(layers.stage_tensors(shape)):
-        named = [
-            (layers.checkpoint_name(stage, local, shape), local, dims) for local, dims in tensors
-        ]
-        stages.append(named)
-        for name, local, dims in named:
-            if _compressed(policy, local, dims):
-                formats[name] = QuantFormat.of(dims, dtype, policy.compress_weights, default_dim=0)
-    aliases = [{} for _ in stages]
-    for local_name, (stage, name) in layers.head_aliases(shape).items():
-        aliases[-1][local_name] = layers.checkpoint_name(stage, name, shape)
-    return plan_layout(stages, aliases, policy.weights, dtype, formats)
-
-
-def _compressed(policy: Policy, local: str, dims: tuple[int, ...]) -> bool:
-    if policy.compress_weights is None or len(dims) < 2:
-        return False
-    return policy.compress_embeddings or local not in layers.EMBEDDINGS
-
-
-def _with_saved_compression(policy: Policy | str, saved: SavedCompression | None, path: str):
-    """Check an explicit policy against a compressed checkpoint (or adopt its settings)."""
-    if saved is None:
-        return policy
-    if policy == "auto":
-        return policy
-    wanted = policy.compress_weights
-    same = wanted is not None and _normalized(wanted) == _normalized(saved.config)
-    if not same or policy.compress_embeddings != saved.embeddings:
-        raise ValueError(
-            f"{path!r} holds weights compressed with compress_weights={saved.config} and "
-            f"compress_embeddings={saved.embeddings}, but the policy asks for "
-            f"compress_weights={wanted} and compress_embeddings={policy.compress_embeddings}. "
-            "Use the checkpoint's settings (or offload_policy='auto'), or load the original, "
-            "uncompressed checkpoint to compress it differently."
-        )
-    return policy
-
-
-def _warn_if_inflated(report: PlacementReport) -> None:
-    if report.total_bytes > report.plain_bytes:
-        logger.warning(
-            "Compressed weights take %.0f%% of their uncompressed size: the group size is larger "
-            "than the model's dimensions, so padding outweighs the savings. Use a smaller "
-            "group_size.",
-            100 * report.compression_ratio,
-        )
-
-
-def _normalized(config: QuantConfig) -> QuantConfig:
-    # Compressed weights are matrices: dim None, 0 and -2 all mean dim 0.
-    return replace(config, dim=0 if config.dim is None else config.dim % 2)
 
 
 @dataclass
@@ -193,7 +140,8 @@ class OffloadEngine:
                 f"{path!r} is a compressed checkpoint for dtype {saved.dtype}; load it with "
                 "dtype=None (or that dtype), or compress the original checkpoint for another."
             )
-        policy = _with_saved_compression(policy, saved, path)
+        if saved is not None and policy != "auto":
+            saved.check(policy, path)
         caps = Capacities.measure(device, offload_dir, max_memory)
         if policy == "auto":
             compression = {}
@@ -209,7 +157,7 @@ class OffloadEngine:
         layouts = layout_for(shape, policy, dtype)
         check_tensors(ckpt, layouts, layouts[-1].aliases.values(), compressed=saved is not None)
         report = placement_report(layouts, policy.weights)
-        _warn_if_inflated(report)
+        warn_if_inflated(report)
         caps.check(report.bytes_per_tier, "The weight placement")
 
         owns_dir = offload_dir is None

@@ -12,16 +12,21 @@ compressed bytes; it is dequantized on the compute device right after it arrives
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from . import layers
 from .compression import QuantFormat, dequantize, from_bytes
+from .layers import OPTShape
 from .placement import PlacementReport, Segment, TensorSpec, place_tensors, segment_bytes
-from .policy import TIERS, Split
+from .policy import TIERS, Policy, Split
 from .stats import Counters
 from .storage import TierStore
 from .transfer import host_empty, shares_host_memory
+
+logger = logging.getLogger(__name__)
 
 
 def segment_key(seg: Segment, spec: TensorSpec) -> str:
@@ -109,6 +114,39 @@ def placement_report(layouts: list[StageLayout], split: Split) -> PlacementRepor
     return PlacementReport(
         requested=split, bytes_per_tier=total, per_stage=tuple(per_stage), plain_bytes=plain
     )
+
+
+def layout_for(shape: OPTShape, policy: Policy, dtype: torch.dtype) -> list[StageLayout]:
+    """Where every weight of ``shape`` goes under ``policy``, and which are stored quantized."""
+    stages, formats = [], {}
+    for stage, tensors in enumerate(layers.stage_tensors(shape)):
+        named = [
+            (layers.checkpoint_name(stage, local, shape), local, dims) for local, dims in tensors
+        ]
+        stages.append(named)
+        for name, local, dims in named:
+            if _compressed(policy, local, dims):
+                formats[name] = QuantFormat.of(dims, dtype, policy.compress_weights, default_dim=0)
+    aliases = [{} for _ in stages]
+    for local_name, (stage, name) in layers.head_aliases(shape).items():
+        aliases[-1][local_name] = layers.checkpoint_name(stage, name, shape)
+    return plan_layout(stages, aliases, policy.weights, dtype, formats)
+
+
+def _compressed(policy: Policy, local: str, dims: tuple[int, ...]) -> bool:
+    if policy.compress_weights is None or len(dims) < 2:
+        return False
+    return policy.compress_embeddings or local not in layers.EMBEDDINGS
+
+
+def warn_if_inflated(report: PlacementReport) -> None:
+    if report.total_bytes > report.plain_bytes:
+        logger.warning(
+            "Compressed weights take %.0f%% of their uncompressed size: the group size is larger "
+            "than the model's dimensions, so padding outweighs the savings. Use a smaller "
+            "group_size.",
+            100 * report.compression_ratio,
+        )
 
 
 class WeightFetcher:
