@@ -147,3 +147,24 @@ def test_dim_out_of_range():
 def test_records_must_not_cut_groups():
     with pytest.raises(ValueError, match="cut groups"):
         quantize(torch.randn(4, 4), QuantConfig(group_size=2, dim=0), lead_dims=1)
+
+
+@pytest.mark.parametrize("dim", [0, 1], ids=["groups_down_rows", "groups_along_rows"])
+def test_take_rows_equals_indexing_the_dequantized_matrix(dim):
+    from hf_flexoffload.compression import take_rows
+
+    table = torch.randn(200, 24)  # 200 rows: the last group is padded
+    q = quantize(table, QuantConfig(group_size=8 if dim else 64, dim=dim))
+    ids = torch.tensor([[0, 199, 5], [64, 64, 130]])
+    assert torch.equal(take_rows(q, ids), dequantize(q)[ids])
+
+
+@pytest.mark.parametrize("chunk_rows", [64, 100, 4096], ids=["chunk_64", "chunk_100", "one_chunk"])
+def test_chunked_linear_equals_linear_on_the_dequantized_weight(chunk_rows):
+    from hf_flexoffload.compression import linear
+
+    weight = torch.randn(200, 24)
+    q = quantize(weight, QuantConfig(group_size=64), default_dim=0)
+    x = torch.randn(3, 5, 24)
+    expected = torch.nn.functional.linear(x, dequantize(q))
+    torch.testing.assert_close(linear(x, q, chunk_rows=chunk_rows), expected)

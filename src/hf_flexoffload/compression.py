@@ -34,8 +34,10 @@ __all__ = [
     "QuantizedTensor",
     "dequantize",
     "from_bytes",
+    "linear",
     "pack_codes",
     "quantize",
+    "take_rows",
     "to_bytes",
     "unpack_codes",
 ]
@@ -277,3 +279,73 @@ def from_bytes(data: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor:
         format=fmt,
         lead_dims=lead,
     )
+
+
+def take_rows(q: QuantizedTensor, index: torch.Tensor) -> torch.Tensor:
+    """``dequantize(q)[index]`` for a 2-D ``q``, dequantizing only the groups that hold those rows
+    (an embedding lookup reads a few rows of a large matrix).
+
+    Args:
+        q: A quantized (rows, cols) matrix.
+        index: Row indices of any shape.
+
+    Returns:
+        (*index.shape, cols) in the original dtype.
+    """
+    fmt = q.format
+    if len(fmt.shape) != 2:
+        raise ValueError(f"take_rows needs a quantized matrix, got shape {list(fmt.shape)}.")
+    flat = index.reshape(-1)
+    if fmt.config.dim == 1:  # groups run along each row: rows are independent
+        rows = QuantizedTensor(
+            codes=q.codes[:, flat],
+            scale=q.scale[:, flat],
+            minimum=q.minimum[:, flat],
+            format=replace(fmt, shape=(flat.numel(), fmt.shape[1])),
+        )
+        return dequantize(rows).reshape(*index.shape, -1)
+    size = fmt.config.group_size
+    groups, where = torch.unique(flat // size, return_inverse=True)
+    part = QuantizedTensor(
+        codes=q.codes[:, :, groups],
+        scale=q.scale[:, :, groups],
+        minimum=q.minimum[:, :, groups],
+        format=replace(fmt, shape=(groups.numel() * size, fmt.shape[1])),
+    )
+    return dequantize(part)[where * size + flat % size].reshape(*index.shape, -1)
+
+
+def linear(x: torch.Tensor, q: QuantizedTensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """``F.linear(x, dequantize(q))`` for a weight grouped along its output rows (dim 0),
+    dequantizing ``chunk_rows`` output rows at a time into one reused buffer, so a large matrix
+    (an LM head) is never dequantized whole.
+
+    Args:
+        x: (..., in) inputs.
+        q: A quantized (out, in) weight.
+        chunk_rows: Output rows per chunk (rounded to whole groups).
+
+    Returns:
+        (..., out) in ``x``'s dtype.
+    """
+    fmt = q.format
+    out_features = fmt.shape[0]
+    if len(fmt.shape) != 2 or fmt.config.dim != 0:
+        return torch.nn.functional.linear(x, dequantize(q))
+    size = fmt.config.group_size
+    per_chunk = max(1, chunk_rows // size)
+    groups = q.codes.shape[2]
+    result = x.new_empty((*x.shape[:-1], out_features))
+    buffer = torch.empty((per_chunk * size, fmt.shape[1]), dtype=fmt.dtype, device=x.device)
+    for first in range(0, groups, per_chunk):
+        last = min(groups, first + per_chunk)
+        rows = min(out_features, last * size) - first * size
+        part = QuantizedTensor(
+            codes=q.codes[:, :, first:last],
+            scale=q.scale[:, :, first:last],
+            minimum=q.minimum[:, :, first:last],
+            format=replace(fmt, shape=(rows, fmt.shape[1])),
+        )
+        weight = dequantize(part, out=buffer[:rows])
+        result[..., first * size : first * size + rows] = x @ weight.t()
+    return result

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import layers
 from .activations import ActivationStore
 from .budget import Capacities, heuristic_policy, parse_size
 from .checkpoint import (
@@ -103,7 +104,9 @@ class OffloadEngine:
         self.counters = counters
         self.max_memory = max_memory
         self.report: PlacementReport = placement_report(layouts, policy.weights)
-        self.fetcher = WeightFetcher(layouts, store, counters, range(1, shape.layers + 1))
+        self.fetcher = WeightFetcher(
+            layouts, store, counters, range(1, shape.layers + 1), layers.EMBEDDINGS
+        )
         self.mover = Mover(device, policy.overlap)
         self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")
         self._run = _Run()

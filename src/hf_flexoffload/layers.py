@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-Weights = dict[str, torch.Tensor]
+from .compression import QuantizedTensor, linear, take_rows
+
+# Embedding and head matrices may stay quantized (see EMBEDDINGS); everything else is plain.
+Weights = dict[str, torch.Tensor | QuantizedTensor]
 # attend(q, k_new, v_new) -> attention output (b, s, H, d); supplied by the KV cache unit.
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -135,7 +138,9 @@ def stage_prefix(stage: int, shape: OPTShape) -> str:
     return "decoder."
 
 
-# Weights that map tokens rather than transform hidden states; Policy.compress_embeddings decides.
+# Weights that map tokens rather than transform hidden states; Policy.compress_embeddings decides
+# whether they are quantized. When they are, the math receives them quantized: a lookup
+# dequantizes only the rows it reads, and the head dequantizes its matrix a chunk at a time.
 EMBEDDINGS = frozenset({"embed_tokens.weight", "embed_positions.weight", "lm_head.weight"})
 
 
@@ -167,8 +172,8 @@ def embed(
     shape: OPTShape, w: Weights, input_ids: torch.Tensor, position_ids: torch.Tensor
 ) -> torch.Tensor:
     """Token + learned position embeddings: (b, s) ids -> (b, s, h) hidden states."""
-    x = F.embedding(input_ids, w["embed_tokens.weight"])  # (b, s, e)
-    pos = F.embedding(position_ids + POSITION_OFFSET, w["embed_positions.weight"])  # (b, s, h)
+    x = _lookup(w["embed_tokens.weight"], input_ids)  # (b, s, e)
+    pos = _lookup(w["embed_positions.weight"], position_ids + POSITION_OFFSET)  # (b, s, h)
     if shape.projects:
         x = F.linear(x, w["project_in.weight"])
     return x + pos.to(x.dtype)
@@ -202,7 +207,16 @@ def head(shape: OPTShape, w: Weights, x: torch.Tensor) -> torch.Tensor:
         x = _ln(x, w, "final_layer_norm", shape.layer_norm_affine)
     if shape.projects:
         x = F.linear(x, w["project_out.weight"])
-    return F.linear(x, w["lm_head.weight"])
+    weight = w["lm_head.weight"]
+    if isinstance(weight, QuantizedTensor):
+        return linear(x, weight)
+    return F.linear(x, weight)
+
+
+def _lookup(weight: torch.Tensor | QuantizedTensor, ids: torch.Tensor) -> torch.Tensor:
+    if isinstance(weight, QuantizedTensor):
+        return take_rows(weight, ids)
+    return F.embedding(ids, weight)
 
 
 def attention(

@@ -157,6 +157,10 @@ class WeightFetcher:
     instead of fresh allocations per layer and step, which would fragment the heap and push the
     resident set far above the resident share. The embedding and head stages, used once per
     forward, get fresh buffers.
+
+    Compressed weights are dequantized into buffers of the same kind, except those whose local
+    name is in ``keep_quantized`` (the embedding matrices): they are handed to the math as
+    ``QuantizedTensor`` views, which dequantizes only what it reads.
     """
 
     def __init__(
@@ -165,12 +169,14 @@ class WeightFetcher:
         store: TierStore,
         counters: Counters,
         pooled_stages: range,
+        keep_quantized: frozenset[str] = frozenset(),
     ) -> None:
         self.layouts = layouts
         self.store = store
         self.counters = counters
         self.device = store.device
         self.pooled_stages = pooled_stages
+        self.keep_quantized = keep_quantized
         self._specs = {s.name: s for layout in layouts for s in layout.specs}
         self._dtypes = {
             s.name: layout.storage_dtype(s.name) for layout in layouts for s in layout.specs
@@ -216,6 +222,8 @@ class WeightFetcher:
             fmt = self._formats.get(name)
             if fmt is None:
                 out[local] = stored
+            elif local in self.keep_quantized:
+                out[local] = from_bytes(stored, fmt)
             else:
                 out[local] = dequantize(
                     from_bytes(stored, fmt), out=buffer(local, fmt.shape, fmt.dtype)

@@ -1,0 +1,212 @@
+"""Compressed vs uncompressed weights under one memory budget, on the OPT-1.3B shape.
+
+Builds (once) a random bf16 OPT-1.3B checkpoint, then in one process, alternating repeats:
+
+* ``plain``: bf16 weights; the budget holds what it can, the rest is on disk;
+* ``4bit``: 4-bit group-64 weights (and the same policy otherwise), all within the budget;
+* ``plain, all in RAM``: bf16 weights, ignoring the budget: the reference for the cost of
+  dequantizing (``4bit`` minus this is what compression costs when nothing is read from disk).
+
+It also times dequantizing one decoder layer's matrices on their own. Results (medians) are
+written between markers in ``docs/compression.md``.
+
+Usage::
+
+    python benchmarks/compression.py                      # defaults below, ~10 minutes on 2 cores
+    python benchmarks/compression.py --repeats 1 --gen-len 4 --no-write   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from transformers import OPTConfig
+
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
+from hf_flexoffload.budget import parse_size
+from hf_flexoffload.cli import build_random_checkpoint, default_cache_dir
+from hf_flexoffload.compression import dequantize, quantize
+from hf_flexoffload.layers import OPTShape
+from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.weights import layout_for, placement_report
+
+OPT_1_3B = dict(
+    hidden_size=2048,
+    num_hidden_layers=24,
+    num_attention_heads=32,
+    ffn_dim=8192,
+    vocab_size=50272,
+    max_position_embeddings=2048,
+    word_embed_proj_dim=2048,
+    do_layer_norm_before=True,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=2,
+)
+Q4 = QuantConfig(bits=4, group_size=64)
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "compression.md")
+START, END = "<!-- benchmark:compression:start -->", "<!-- benchmark:compression:end -->"
+
+
+def policies(config: OPTConfig, budget: int, batch: int, dtype: torch.dtype) -> dict[str, Policy]:
+    """The compared policies; the plain one puts on disk what the budget cannot hold."""
+    shape = OPTShape.from_config(config)
+    plain = placement_report(layout_for(shape, Policy(), dtype), Split(device=1.0))
+    packed = placement_report(
+        layout_for(shape, Policy(compress_weights=Q4), dtype), Split(device=1.0)
+    )
+    # Keep a quarter of the budget for the two staged layers, the KV cache and activations.
+    room = 0.75 * budget
+    if packed.total_bytes > room:
+        sys.exit(f"A budget of {human_bytes(budget)} cannot hold even the 4-bit weights.")
+    resident = round(min(1.0, room / plain.total_bytes), 3)
+    common = dict(micro_batch_size=batch // 2, num_micro_batches=2, cache=Split(device=1.0))
+    return {
+        "plain": Policy(weights=Split(device=resident, disk=round(1 - resident, 3)), **common),
+        "4bit": Policy(weights=Split(device=1.0), compress_weights=Q4, **common),
+        "plain, all in RAM": Policy(weights=Split(device=1.0), **common),
+    }
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_once(path: str, policy: Policy, offload_dir: str, args) -> dict:
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50000, (args.batch, args.prompt_len))
+    baseline = _rss("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter (VmHWM)
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, offload_dir=offload_dir, dtype=args.dtype
+    ) as model:
+        report = model.placement_report
+        model.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
+        stats = model.generation_stats
+    peak = _rss("VmHWM:") - baseline
+    decode_tokens = args.batch * (args.gen_len - 1)
+    return {
+        "tokens_per_s": stats.tokens_per_second,
+        "prefill_s": stats.prefill_seconds,
+        "decode_s_per_step": stats.decode_seconds / (args.gen_len - 1),
+        "decode_ms_per_token": 1000 * stats.decode_seconds / decode_tokens,
+        "disk_read_per_forward": stats.bytes_moved.get("disk_to_host", 0) / stats.forwards,
+        "peak_rss": peak,
+        "report": report,
+    }
+
+
+def dequant_per_layer(config: OPTConfig, dtype: torch.dtype, repeats: int) -> float:
+    """Seconds to dequantize one decoder layer's matrices (4-bit g64), median."""
+    h, f = config.hidden_size, config.ffn_dim
+    shapes = [(h, h)] * 4 + [(f, h), (h, f)]
+    packed = [quantize(torch.randn(s, dtype=dtype), Q4, default_dim=0) for s in shapes]
+    outs = [torch.empty(s, dtype=dtype) for s in shapes]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for q, out in zip(packed, outs, strict=True):
+            dequantize(q, out=out)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="2GiB", help="RAM for weights, cache, activations")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype (float32: CPUs without AVX-512 BF16 run bf16 matmuls far slower)",
+    )
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--gen-len", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model-dir", default=os.path.join(default_cache_dir(), "opt-1.3b-bf16"))
+    parser.add_argument("--offload-dir", default=os.path.join(default_cache_dir(), "bench-offload"))
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+
+    config = OPTConfig(**OPT_1_3B)
+    print(f"checkpoint: {args.model_dir} (building it once takes a few minutes)", flush=True)
+    build_random_checkpoint(args.model_dir, config, torch.bfloat16)
+    budget = parse_size(args.budget)
+    compared = policies(config, budget, args.batch, args.dtype)
+    results: dict[str, list[dict]] = {name: [] for name in compared}
+    for repeat in range(args.repeats):
+        for name, policy in compared.items():
+            slug = "".join(c if c.isalnum() else "-" for c in name)
+            out = run_once(args.model_dir, policy, os.path.join(args.offload_dir, slug), args)
+            results[name].append(out)
+            print(f"[{repeat + 1}/{args.repeats}] {name:<18} {out['tokens_per_s']:6.2f} tok/s")
+    dequant = dequant_per_layer(config, args.dtype, repeats=5)
+
+    dtype_name = str(args.dtype).removeprefix("torch.")
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}; OPT-1.3B shape, random bf16 "
+        f"checkpoint computed in {dtype_name}; batch {args.batch} (2 micro-batches), prompt "
+        f"{args.prompt_len}, {args.gen_len} new tokens; budget {args.budget}; medians of "
+        f"{args.repeats} alternating repeats.",
+        "",
+        "| weights | resident | disk | read from disk per forward | peak RSS added | prefill s | "
+        "decode s/step | tokens/s | vs plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = statistics.median(r["tokens_per_s"] for r in results["plain"])
+    for name, runs in results.items():
+        report = runs[0]["report"]
+        tps = statistics.median(r["tokens_per_s"] for r in runs)
+        lines.append(
+            f"| {name} | {human_bytes(report.bytes_per_tier['device'])} | "
+            f"{human_bytes(report.bytes_per_tier['disk'])} | "
+            f"{human_bytes(statistics.median(r['disk_read_per_forward'] for r in runs))} | "
+            f"{human_bytes(max(r['peak_rss'] for r in runs))} | "
+            f"{statistics.median(r['prefill_s'] for r in runs):.2f} | "
+            f"{statistics.median(r['decode_s_per_step'] for r in runs):.2f} | "
+            f"{tps:.2f} | {tps / base:.2f}x |"
+        )
+    per_token = [
+        statistics.median(r["decode_ms_per_token"] for r in results[name])
+        for name in ("4bit", "plain, all in RAM")
+    ]
+    layers = config.num_hidden_layers
+    lines += [
+        "",
+        f"Dequantizing one decoder layer's matrices: {1000 * dequant:.0f} ms "
+        f"({1000 * dequant * layers:.0f} ms for the {layers} layers of a forward, "
+        f"{1000 * dequant * layers / args.batch:.1f} ms per sequence-token at batch "
+        f"{args.batch}).",
+        f"Decode cost per generated token, both in RAM: 4-bit {per_token[0]:.1f} ms, plain "
+        f"{per_token[1]:.1f} ms: dequantization adds {per_token[0] - per_token[1]:.1f} ms.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        with open(DOC) as f:
+            doc = f.read()
+        head, rest = doc.split(START, 1)
+        _, tail = rest.split(END, 1)
+        tmp = DOC + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{head}{START}\n{text}\n{END}{tail}")
+        os.replace(tmp, DOC)
+        print(f"wrote {os.path.normpath(DOC)}")
+
+
+if __name__ == "__main__":
+    main()
