@@ -195,7 +195,7 @@ def test_save_compressed_then_load_skips_quantization(pre_ln_checkpoint, tmp_pat
     def no_quantize(*args, **kwargs):
         raise AssertionError("a compressed checkpoint must not be quantized again")
 
-    monkeypatch.setattr(checkpoint, "quantize", no_quantize)
+    monkeypatch.setattr(checkpoint, "quantize_rows_to_bytes", no_quantize)
     other = Policy(
         compress_weights=QuantConfig(bits=4, group_size=32, dim=0),  # the same, spelled out
         weights=Split(device=0.3, host=0.3, disk=0.4),

@@ -168,3 +168,23 @@ def test_chunked_linear_equals_linear_on_the_dequantized_weight(chunk_rows):
     x = torch.randn(3, 5, 24)
     expected = torch.nn.functional.linear(x, dequantize(q))
     torch.testing.assert_close(linear(x, q, chunk_rows=chunk_rows), expected)
+
+
+@pytest.mark.parametrize("dim", [0, 1], ids=["dim0", "dim1"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_blockwise_quantization_gives_the_same_bytes(dim, bits, dtype):
+    from hf_flexoffload.compression import quantize_rows_to_bytes
+
+    matrix = torch.randn(203, 40).to(dtype)  # the last group along dim 0 is padded
+    config = QuantConfig(bits=bits, group_size=16, dim=dim)
+    fmt = QuantFormat.of(matrix.shape, dtype, config)
+    reads = []
+
+    def read(start, stop):
+        reads.append(stop - start)
+        return matrix[start:stop]
+
+    blockwise = quantize_rows_to_bytes(read, fmt, block_bytes=1000)
+    assert len(reads) > 3 and max(reads) < 203
+    assert torch.equal(blockwise, to_bytes(quantize(matrix, config)))

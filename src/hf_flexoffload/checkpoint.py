@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .compression import QuantConfig, quantize, to_bytes
+from .compression import QuantConfig, quantize_rows_to_bytes
 from .policy import Policy
 from .storage import DiskFile, TierStore
 from .weights import StageLayout, segment_key
@@ -284,8 +284,11 @@ def _quantized_bytes(
     ckpt: SafetensorsCheckpoint, layout: StageLayout, name: str, device: torch.device
 ) -> torch.Tensor:
     fmt = layout.formats[name]
-    tensor = ckpt.read_rows(name, 0, ckpt.tensors[name].shape[0])
-    return to_bytes(quantize(tensor.to(device, fmt.dtype), fmt.config))
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return ckpt.read_rows(name, start, stop).to(device, fmt.dtype)
+
+    return quantize_rows_to_bytes(read, fmt)
 
 
 def save_store(

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "linear",
     "pack_codes",
     "quantize",
+    "quantize_rows_to_bytes",
     "take_rows",
     "to_bytes",
     "unpack_codes",
@@ -349,3 +351,37 @@ def linear(x: torch.Tensor, q: QuantizedTensor, chunk_rows: int = 4096) -> torch
         weight = dequantize(part, out=buffer[:rows])
         result[..., first * size : first * size + rows] = x @ weight.t()
     return result
+
+
+def quantize_rows_to_bytes(
+    read_rows: Callable[[int, int], torch.Tensor], fmt: QuantFormat, block_bytes: int = 1 << 26
+) -> torch.Tensor:
+    """``to_bytes(quantize(matrix, fmt.config))`` computed a block of rows at a time, so
+    quantizing a large matrix never holds more than a block of it in floating point.
+
+    Args:
+        read_rows: ``read_rows(start, stop)`` returns rows ``[start, stop)`` of the matrix, in
+            ``fmt.dtype``, on the device to quantize on.
+        fmt: The matrix's format (2-D).
+        block_bytes: About how many bytes of input each block holds.
+
+    Returns:
+        The matrix's bytes, (fmt.nbytes,) uint8 on the blocks' device.
+    """
+    rows, cols = fmt.shape
+    size = fmt.config.group_size
+    step = max(1, block_bytes // max(1, cols * fmt.dtype.itemsize))
+    if fmt.config.dim == 0:  # blocks of whole groups
+        step = max(size, step // size * size)
+    out, offsets = None, None
+    for start in range(0, rows, step):
+        q = quantize(read_rows(start, min(rows, start + step)), fmt.config)
+        parts = [t.reshape(-1).view(torch.uint8) for t in (q.scale, q.minimum, q.codes)]
+        if out is None:
+            out = torch.zeros(fmt.nbytes, dtype=torch.uint8, device=parts[0].device)
+            pairs = fmt.dims[0] * fmt.dims[1] * fmt.dims[3] * fmt.dtype.itemsize
+            offsets = [0, pairs, 2 * pairs]
+        for i, part in enumerate(parts):
+            out[offsets[i] : offsets[i] + part.numel()] = part
+            offsets[i] += part.numel()
+    return out
