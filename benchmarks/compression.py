@@ -31,25 +31,12 @@ from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
 from hf_flexoffload.budget import parse_size
-from hf_flexoffload.cli import build_random_checkpoint, default_cache_dir
+from hf_flexoffload.cli import OPT_1_3B, build_random_checkpoint, default_cache_dir
 from hf_flexoffload.compression import dequantize, quantize
 from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.stats import human_bytes
 from hf_flexoffload.weights import layout_for, placement_report
 
-OPT_1_3B = dict(
-    hidden_size=2048,
-    num_hidden_layers=24,
-    num_attention_heads=32,
-    ffn_dim=8192,
-    vocab_size=50272,
-    max_position_embeddings=2048,
-    word_embed_proj_dim=2048,
-    do_layer_norm_before=True,
-    pad_token_id=1,
-    bos_token_id=2,
-    eos_token_id=2,
-)
 Q4 = QuantConfig(bits=4, group_size=64)
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "compression.md")
 START, END = "<!-- benchmark:compression:start -->", "<!-- benchmark:compression:end -->"

@@ -29,6 +29,9 @@ OPT_125M = dict(
     bos_token_id=2,
     eos_token_id=2,
 )
+# The public facebook/opt-1.3b shape (benchmarks).
+OPT_1_3B = {**OPT_125M, "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32}
+OPT_1_3B.update(ffn_dim=8192, word_embed_proj_dim=2048)
 
 
 def default_cache_dir() -> str:

@@ -21,6 +21,7 @@ precision.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -61,10 +62,7 @@ class TokenCodec:
 
     @property
     def record_bytes(self) -> int:
-        n = self.storage_dtype.itemsize
-        for d in self.record_shape:
-            n *= d
-        return n
+        return math.prod(self.record_shape) * self.storage_dtype.itemsize
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(s, 2, b, H, d) -> (s, *record_shape), on the tokens' device."""
