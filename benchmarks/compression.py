@@ -8,7 +8,7 @@ Builds (once) a random bf16 OPT-1.3B checkpoint, then in one process, alternatin
   dequantizing (``4bit`` minus this is what compression costs when nothing is read from disk).
 
 It also times dequantizing one decoder layer's matrices on their own. Results (medians) are
-written between markers in ``docs/compression.md``.
+written between markers in ``docs/compression.md`` and ``docs/benchmarks.md``.
 
 Usage::
 
@@ -38,7 +38,10 @@ from hf_flexoffload.stats import human_bytes
 from hf_flexoffload.weights import layout_for, placement_report
 
 Q4 = QuantConfig(bits=4, group_size=64)
-DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "compression.md")
+DOCS = [
+    os.path.join(os.path.dirname(__file__), "..", "docs", name)
+    for name in ("compression.md", "benchmarks.md")
+]
 START, END = "<!-- benchmark:compression:start -->", "<!-- benchmark:compression:end -->"
 
 
@@ -198,15 +201,21 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        with open(DOC) as f:
-            doc = f.read()
-        head, rest = doc.split(START, 1)
-        _, tail = rest.split(END, 1)
-        tmp = DOC + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{head}{START}\n{text}\n{END}{tail}")
-        os.replace(tmp, DOC)
-        print(f"wrote {os.path.normpath(DOC)}")
+        for doc in DOCS:
+            _write_between_markers(doc, text)
+            print(f"wrote {os.path.normpath(doc)}")
+
+
+def _write_between_markers(path: str, text: str) -> None:
+    """Replace what lies between START and END in ``path`` (atomically)."""
+    with open(path) as f:
+        doc = f.read()
+    head, rest = doc.split(START, 1)
+    _, tail = rest.split(END, 1)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{START}\n{text}\n{END}{tail}")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

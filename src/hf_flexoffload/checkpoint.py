@@ -4,7 +4,7 @@ Tensors are read with positional reads straight from the ``.safetensors`` files 
 8-byte header length, a JSON header of dtype/shape/offsets, then raw little-endian data), so only
 the rows being placed are ever in RAM; no memory map of the whole checkpoint is kept, and the
 resident set while loading stays near the share placed in memory. A weight to be compressed is
-read whole (one tensor at a time), quantized, and its bytes placed like any segment.
+quantized a block of rows at a time and its bytes placed like any segment.
 
 ``save_store`` writes the placed weights back as one safetensors file, streaming tensor by tensor;
 with compressed weights that is a compressed checkpoint, marked in the header's metadata, which
@@ -24,7 +24,7 @@ import torch
 
 from .compression import QuantConfig, quantize_rows_to_bytes
 from .policy import Policy
-from .storage import DiskFile, TierStore
+from .storage import DiskFile, TierStore, dtype_from_name, dtype_name
 from .weights import StageLayout, segment_key
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class SavedCompression:
             "version": COMPRESSED_VERSION,
             "compress_weights": json.dumps(asdict(self.config)),
             "compress_embeddings": json.dumps(self.embeddings),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
         }
 
     def check(self, policy: Policy, where: str) -> None:
@@ -94,7 +94,7 @@ class SavedCompression:
         return cls(
             config=QuantConfig(**json.loads(metadata["compress_weights"])),
             embeddings=json.loads(metadata["compress_embeddings"]),
-            dtype=getattr(torch, metadata["dtype"]),
+            dtype=dtype_from_name(metadata["dtype"]),
         )
 
 
@@ -238,16 +238,16 @@ def load_into_store(
 ) -> int:
     """Place every segment of every stage in the store, in the layout's storage dtypes.
 
-    Plain tensors are converted per segment; tensors to compress are read whole, quantized (on
-    the compute device) and their bytes placed, unless the checkpoint already holds them
-    quantized. Disk segments a previous run left complete (same checkpoint, dtype, compression
+    Plain tensors are converted per segment; tensors to compress are quantized (on the compute
+    device, a block of rows at a time) and their bytes placed, unless the checkpoint already holds
+    them quantized. Disk segments a previous run left complete (same checkpoint, dtype, compression
     and placement) are adopted instead of rewritten. Returns the bytes read from the checkpoint.
     """
     read = 0
     scratch = torch.empty(0, dtype=torch.uint8)  # one reused buffer for segments bound for disk
     for layout in layouts:
         specs = {s.name: s for s in layout.specs}
-        quantized: dict[str, torch.Tensor] = {}  # the current tensor's bytes, while placing it
+        packed_name, packed = None, None  # the tensor being quantized, and its bytes
         for seg in layout.segments:
             spec = specs[seg.name]
             key = segment_key(seg, spec)
@@ -257,11 +257,11 @@ def load_into_store(
                 continue
             stored = ckpt.tensors[seg.name]
             if seg.name in layout.formats and stored.dtype != torch.uint8:
-                if seg.name not in quantized:
-                    quantized.clear()
-                    quantized[seg.name] = _quantized_bytes(ckpt, layout, seg.name, store.device)
+                if packed_name != seg.name:
+                    packed_name = seg.name
+                    packed = _quantized_bytes(ckpt, layout, seg.name, store.device)
                     read += stored.row_bytes * stored.shape[0]
-                store.put(key, quantized[seg.name][seg.start : seg.stop], seg.tier)
+                store.put(key, packed[seg.start : seg.stop], seg.tier)
                 continue
             direct = seg.tier != "disk" and stored.dtype == dtype
             if direct and (store.device.type == "cpu" or seg.tier == "host"):

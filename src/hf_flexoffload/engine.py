@@ -205,9 +205,8 @@ class OffloadEngine:
 
     def kv_bytes(self, batch: int, length: int) -> int:
         """KV-cache bytes of a block of ``batch`` sequences of ``length`` tokens, as stored."""
-        token = TokenCodec((2, batch, self.shape.heads, self.shape.head_dim), self.dtype, None)
-        if self.policy.compress_cache is not None:
-            token = TokenCodec(token.token_shape, self.dtype, self.policy.compress_cache)
+        token_shape = (2, batch, self.shape.heads, self.shape.head_dim)
+        token = TokenCodec(token_shape, self.dtype, self.policy.compress_cache)
         return self.shape.layers * length * token.record_bytes
 
     def check_batch_fits(self, batch: int, length: int) -> None:
