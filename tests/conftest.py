@@ -47,6 +47,15 @@ def build_model(config: OPTConfig, seed: int = 0, dtype=torch.float32) -> OPTFor
     return model.to(dtype)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def profile_cache(tmp_path_factory):
+    """Hardware profiles measured by the tests go to a temporary cache, not ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_FLEXOFFLOAD_CACHE", str(path))
+        yield str(path)
+
+
 @pytest.fixture(scope="session", params=list(VARIANTS), ids=list(VARIANTS))
 def checkpoint(request, tmp_path_factory):
     """(path, stock model) for each OPT variant, saved as safetensors."""

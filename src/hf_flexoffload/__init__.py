@@ -7,20 +7,27 @@ Example:
 """
 
 from .budget import InsufficientMemoryError
+from .cost_model import Estimate
+from .hardware import HardwareProfile
 from .kv_cache import FlexOffloadCache
 from .modeling import FlexOffloadOPTForCausalLM
+from .optimizer import InfeasiblePolicyError
 from .placement import PlacementReport
-from .policy import Policy, QuantConfig, Split
+from .policy import Policy, QuantConfig, Split, Workload
 from .stats import GenerationStats
 
 __all__ = [
+    "Estimate",
     "FlexOffloadCache",
     "FlexOffloadOPTForCausalLM",
     "GenerationStats",
+    "HardwareProfile",
+    "InfeasiblePolicyError",
     "InsufficientMemoryError",
     "PlacementReport",
     "Policy",
     "QuantConfig",
     "Split",
+    "Workload",
 ]
 __version__ = "0.1.0"

@@ -1,9 +1,4 @@
-"""Memory per tier: what this machine has, what a placement needs, and the simple auto policy.
-
-``offload_policy="auto"`` uses ``heuristic_policy`` until the cost-model optimizer lands: it keeps
-as many weights in fast memory as fit in half of what is free and puts the rest on disk (see
-docs/concepts.md).
-"""
+"""Memory per tier: what this machine has free, caps from ``max_memory``, and the fit check."""
 
 from __future__ import annotations
 
@@ -15,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import TIERS, Policy, Split
+from .policy import TIERS
 from .stats import human_bytes
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -50,6 +45,17 @@ def available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_max_memory(max_memory: dict[str, int | str] | None) -> None:
+    """Raise if ``max_memory`` has keys other than the tiers or sizes that do not parse."""
+    unknown = set(max_memory or {}) - set(TIERS)
+    if unknown:
+        raise ValueError(
+            f"Invalid max_memory keys {sorted(unknown)}: allowed keys are {list(TIERS)}."
+        )
+    for tier, cap in (max_memory or {}).items():
+        parse_size(cap, f"max_memory[{tier!r}]")
+
+
 @dataclass(frozen=True)
 class Capacities:
     """Bytes available per tier.
@@ -72,19 +78,22 @@ class Capacities:
         max_memory: dict[str, int | str] | None = None,
     ) -> Capacities:
         """Free memory now, capped by ``max_memory`` (keys ``device``, ``host``, ``disk``)."""
-        caps = dict(max_memory or {})
-        unknown = set(caps) - set(TIERS)
-        if unknown:
-            raise ValueError(
-                f"Invalid max_memory keys {sorted(unknown)}: allowed keys are {list(TIERS)}."
-            )
+        check_max_memory(max_memory)
         ram = available_ram()
         dev = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else ram
         probe = offload_dir if offload_dir and os.path.isdir(offload_dir) else tempfile.gettempdir()
-        measured = {"device": dev, "host": ram, "disk": shutil.disk_usage(probe).free}
-        for tier, cap in caps.items():
-            measured[tier] = min(measured[tier], parse_size(cap, f"max_memory[{tier!r}]"))
-        return cls(**measured, shared=device.type != "cuda")
+        free = shutil.disk_usage(probe).free
+        return cls(device=dev, host=ram, disk=free, shared=device.type != "cuda").capped(max_memory)
+
+    def capped(self, max_memory: dict[str, int | str] | None) -> Capacities:
+        """These capacities, each at most its ``max_memory`` entry."""
+        check_max_memory(max_memory)
+        sizes = {t: getattr(self, t) for t in TIERS}
+        for tier, cap in (max_memory or {}).items():
+            sizes[tier] = min(sizes[tier], parse_size(cap, f"max_memory[{tier!r}]"))
+        if self.shared:  # one RAM: a cap on either tier caps both
+            sizes["device"] = sizes["host"] = min(sizes["device"], sizes["host"])
+        return Capacities(**sizes, shared=self.shared)
 
     def check(self, needs: dict[str, int], what: str) -> None:
         """Raise ``InsufficientMemoryError`` with a per-tier table if ``needs`` does not fit."""
@@ -105,32 +114,3 @@ class Capacities:
             "Move fractions of the policy to a larger tier (e.g. weights=Split(host=..., "
             "disk=...)), use a smaller batch, or raise max_memory."
         )
-
-
-def heuristic_policy(weight_bytes: int, caps: Capacities, device: torch.device) -> Policy:
-    """The documented stand-in for the optimizer.
-
-    Weights: all on the device if they fit in 60% of its free memory; otherwise the device takes
-    what fits in 50% of it, host RAM (on CUDA machines) takes what fits in 50% of its free memory,
-    and the rest goes to disk. KV cache and activations stay on the device when weights fit there
-    and go to host RAM otherwise. Blocks: 4 micro-batches of 8 on CUDA, 2 of 16 on CPU.
-    """
-    w = max(weight_bytes, 1)
-    if weight_bytes <= 0.6 * caps.device:
-        weights = Split(device=1.0)
-    else:
-        on_device = min(1.0, 0.5 * caps.device / w)
-        on_host = 0.0 if caps.shared else min(1.0 - on_device, 0.5 * caps.host / w)
-        on_device, on_host = round(on_device, 4), round(on_host, 4)
-        weights = Split(device=on_device, host=on_host, disk=round(1.0 - on_device - on_host, 4))
-    cache = Split(device=1.0) if weights.device == 1.0 or caps.shared else Split(host=1.0)
-    cuda = device.type == "cuda"
-    return Policy(
-        micro_batch_size=8 if cuda else 16,
-        num_micro_batches=4 if cuda else 2,
-        weights=weights,
-        cache=cache,
-        activations=Split(device=1.0),
-        overlap=True,
-        host_attention=True,
-    )

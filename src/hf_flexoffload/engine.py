@@ -19,7 +19,7 @@ import torch
 
 from . import layers
 from .activations import ActivationStore
-from .budget import Capacities, heuristic_policy, parse_size
+from .budget import Capacities, parse_size
 from .checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -29,10 +29,13 @@ from .checkpoint import (
     load_into_store,
     save_store,
 )
+from .cost_model import Estimate, estimate
+from .hardware import HardwareProfile
 from .kv_cache import FlexOffloadCache, TokenCodec
 from .layers import OPTShape
+from .optimizer import optimize
 from .placement import PlacementReport
-from .policy import TIERS, Policy, Split
+from .policy import TIERS, Policy, Workload
 from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
 from .storage import TierStore, check_writable, dtype_name
@@ -67,10 +70,18 @@ def resolve_dtype(
     return checkpoint
 
 
+def default_workload(shape: OPTShape) -> Workload:
+    """FlexGen's benchmark workload (512-token prompts, 32 new tokens), shortened to fit models
+    with fewer positions."""
+    prompt = min(512, max(1, shape.max_positions // 2))
+    return Workload(prompt_len=prompt, gen_len=min(32, max(1, shape.max_positions - prompt)))
+
+
 @dataclass
 class _Run:
-    """Timing of the forward passes of one generate call."""
+    """The policy and timing of the forward passes of one generate call."""
 
+    policy: Policy
     prefill: float = 0.0
     decode: float = 0.0
     forwards: int = 0
@@ -93,6 +104,9 @@ class OffloadEngine:
         owns_dir: bool,
         counters: Counters,
         max_memory: dict | None,
+        workload: Workload | None = None,
+        auto: bool = False,
+        estimate: Estimate | None = None,
     ) -> None:
         self.shape = shape
         self.policy = policy
@@ -103,13 +117,16 @@ class OffloadEngine:
         self.offload_dir = offload_dir
         self.counters = counters
         self.max_memory = max_memory
+        self.workload = workload or default_workload(shape)
+        self.auto = auto
+        self._estimate = estimate
         self.report: PlacementReport = placement_report(layouts, policy.weights)
         self.fetcher = WeightFetcher(
             layouts, store, counters, range(1, shape.layers + 1), layers.EMBEDDINGS
         )
         self.mover = Mover(device, policy.overlap)
         self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")
-        self._run = _Run()
+        self._run = _Run(policy)
         self._cleanup = weakref.finalize(
             self,
             _cleanup,
@@ -133,6 +150,7 @@ class OffloadEngine:
         dtype: torch.dtype | str | None = None,
         offload_dir: str | None = None,
         max_memory: dict | None = None,
+        workload: Workload | None = None,
     ) -> OffloadEngine:
         shape = OPTShape.from_config(config)
         ckpt = SafetensorsCheckpoint(path)
@@ -146,17 +164,23 @@ class OffloadEngine:
         if saved is not None and policy != "auto":
             saved.check(policy, path)
         caps = Capacities.measure(device, offload_dir, max_memory)
-        if policy == "auto":
-            compression = {}
-            if saved is not None:
-                compression = dict(
-                    compress_weights=saved.config, compress_embeddings=saved.embeddings
-                )
-            total = placement_report(
-                layout_for(shape, Policy(**compression), dtype), Split(device=1.0)
+        auto, chosen = policy == "auto", None
+        if auto:
+            compression = (saved.config, saved.embeddings) if saved is not None else None
+            profile = HardwareProfile.measure(
+                device,
+                dtype,
+                offload_dir=offload_dir,
+                matrix=(shape.hidden, shape.ffn),
+                max_memory=max_memory,
             )
-            policy = replace(heuristic_policy(total.total_bytes, caps, device), **compression)
-            logger.info("offload_policy='auto' chose %s", policy.to_json(indent=None))
+            workload = workload or default_workload(shape)
+            policy, chosen = optimize(shape, dtype, profile, workload, compression=compression)
+            logger.info(
+                "offload_policy='auto' chose %s (predicted %.1f tok/s)",
+                policy.to_json(indent=None),
+                chosen.tokens_per_second,
+            )
         layouts = layout_for(shape, policy, dtype)
         check_tensors(ckpt, layouts, layouts[-1].aliases.values(), compressed=saved is not None)
         report = placement_report(layouts, policy.weights)
@@ -199,26 +223,76 @@ class OffloadEngine:
             owns_dir=owns_dir,
             counters=counters,
             max_memory=max_memory,
+            workload=workload,
+            auto=auto,
+            estimate=chosen,
         )
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def profile(self) -> HardwareProfile:
+        """This machine's profile with the capacities the model could use: what is free now plus
+        what the model already holds, capped by ``max_memory``."""
+        profile = HardwareProfile.measure(
+            self.device,
+            self.dtype,
+            offload_dir=self.offload_dir,
+            matrix=(self.shape.hidden, self.shape.ffn),
+        )
+        held = self.store.bytes_per_tier()
+        if profile.shared:
+            ram = profile.host_memory + held["device"] + held["host"]
+            free = {"device_memory": ram, "host_memory": ram}
+        else:
+            free = {
+                "device_memory": profile.device_memory + held["device"],
+                "host_memory": profile.host_memory + held["host"],
+            }
+        free["disk_space"] = profile.disk_space + held["disk"]
+        return replace(profile, **free).with_caps(self.max_memory)
+
+    @property
+    def estimate(self) -> Estimate:
+        """The cost model's prediction for the policy and workload the model was loaded with."""
+        if self._estimate is None:
+            self._estimate = estimate(
+                self.shape, self.dtype, self.profile(), self.workload, self.policy
+            )
+        return self._estimate
+
+    def plan_run(self, batch: int, prompt_len: int, gen_len: int) -> Policy:
+        """The policy for one ``generate`` call.
+
+        A fixed policy is used as it is. With ``"auto"``, the weights stay where they were
+        placed and micro-batching, KV cache and activations are chosen again for the real batch
+        and lengths, within the memory the weights leave.
+        """
+        if not self.auto:
+            return self.policy
+        workload = Workload(prompt_len=prompt_len, gen_len=max(1, gen_len), batch_size=batch)
+        policy, _ = optimize(self.shape, self.dtype, self.profile(), workload, fixed=self.policy)
+        logger.info("generate: batch %d, policy %s", batch, policy.to_json(indent=None))
+        return policy
 
     # -- generation ----------------------------------------------------------------------------
 
-    def kv_bytes(self, batch: int, length: int) -> int:
+    def kv_bytes(self, batch: int, length: int, policy: Policy | None = None) -> int:
         """KV-cache bytes of a block of ``batch`` sequences of ``length`` tokens, as stored."""
         token_shape = (2, batch, self.shape.heads, self.shape.head_dim)
-        token = TokenCodec(token_shape, self.dtype, self.policy.compress_cache)
+        token = TokenCodec(token_shape, self.dtype, (policy or self.policy).compress_cache)
         return self.shape.layers * length * token.record_bytes
 
-    def check_batch_fits(self, batch: int, length: int) -> None:
+    def check_batch_fits(self, batch: int, length: int, policy: Policy | None = None) -> None:
         """Raise before generating if the block's KV cache and hidden states cannot fit."""
-        kv = self.kv_bytes(batch, length)
+        policy = policy or self.policy
+        kv = self.kv_bytes(batch, length, policy)
         hidden = (
             2 * batch * length * max(self.shape.hidden, self.shape.embed_dim) * self.dtype.itemsize
         )
         needs = dict.fromkeys(TIERS, 0)
-        for tier, fraction in zip(TIERS, self.policy.cache.fractions, strict=True):
+        for tier, fraction in zip(TIERS, policy.cache.fractions, strict=True):
             needs[tier] += int(kv * fraction)
-        for tier, fraction in zip(TIERS, self.policy.activations.fractions, strict=True):
+        for tier, fraction in zip(TIERS, policy.activations.fractions, strict=True):
             needs[tier] += int(hidden * fraction)
         logits = batch * self.shape.vocab * 4
         needs["device"] += logits
@@ -234,11 +308,12 @@ class OffloadEngine:
             needs, f"A batch of {batch} sequences of {length} tokens"
         )
 
-    def new_cache(self, capacity: int = 0) -> FlexOffloadCache:
+    def new_cache(self, capacity: int = 0, policy: Policy | None = None) -> FlexOffloadCache:
+        policy = policy or self._run.policy
         return FlexOffloadCache(
             num_layers=self.shape.layers,
-            split=self.policy.cache,
-            host_attention=self.policy.host_attention,
+            split=policy.cache,
+            host_attention=policy.host_attention,
             heads=self.shape.heads,
             head_dim=self.shape.head_dim,
             dtype=self.dtype,
@@ -246,7 +321,7 @@ class OffloadEngine:
             directory=self.runtime_dir,
             counters=self.counters,
             capacity=capacity,
-            compress=self.policy.compress_cache,
+            compress=policy.compress_cache,
         )
 
     def save_compressed(self, directory: str) -> str:
@@ -276,13 +351,15 @@ class OffloadEngine:
         save_store(path, self.layouts, self.store, saved.metadata())
         return path
 
-    def begin_run(self) -> None:
+    def begin_run(self, policy: Policy | None = None) -> None:
         self.counters.reset_run()
-        self._run = _Run()
+        self._run = _Run(policy or self.policy)
 
     def end_run(self, batch: int) -> GenerationStats:
         run = self._run
+        self._run = _Run(self.policy)
         return GenerationStats(
+            policy=run.policy,
             prefill_seconds=run.prefill,
             decode_seconds=run.decode,
             generated_tokens=run.tokens,
@@ -303,7 +380,8 @@ class OffloadEngine:
         """One token step for the block ``input_ids`` (b, s); returns (b, s_keep, vocab) logits."""
         start = time.perf_counter()
         prefill = cache.get_seq_length() == 0
-        b, m = input_ids.shape[0], self.policy.micro_batch_size
+        policy = self._run.policy
+        b, m = input_ids.shape[0], policy.micro_batch_size
         bounds = [(i, min(i + m, b)) for i in range(0, b, m)]
         cache.allocate(tuple(e - s for s, e in bounds))
         micro_batches = [
@@ -317,7 +395,7 @@ class OffloadEngine:
         activations = ActivationStore(
             num_stages=self.shape.layers + 1,
             num_micro_batches=len(bounds),
-            split=self.policy.activations,
+            split=policy.activations,
             device=self.device,
             directory=self.runtime_dir,
             counters=self.counters,

@@ -18,10 +18,11 @@ from transformers import AutoConfig, GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.opt.modeling_opt import OPTPreTrainedModel
 
+from .cost_model import Estimate
 from .engine import OffloadEngine
 from .kv_cache import FlexOffloadCache
 from .placement import PlacementReport
-from .policy import Policy
+from .policy import Policy, Workload
 from .stats import GenerationStats
 from .transfer import resolve_device
 
@@ -102,6 +103,7 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         max_memory: dict[str, int | str] | None = None,
+        workload: Workload | None = None,
         **kwargs: Any,
     ) -> FlexOffloadOPTForCausalLM:
         """Load an OPT checkpoint directory and place its weights by ``offload_policy``.
@@ -115,11 +117,26 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
                 ``close()`` or exit.
             device: Compute device; default ``cuda:0`` when available, else CPU.
             dtype: Compute dtype; default the checkpoint's (fp16 becomes bf16 on CPU).
-            max_memory: Caps per tier, e.g. ``{"device": "12GiB", "host": "48GiB"}``.
+            max_memory: Caps per tier, e.g. ``{"device": "12GiB", "host": "48GiB"}``. On a
+                CPU-only machine device and host are the same RAM: either key caps it.
+            workload: What ``offload_policy="auto"`` optimizes for (prompt and generation
+                lengths, block size, whether compression is allowed); default
+                ``Workload()``: prompts of 512 tokens, 32 new tokens, no compression.
 
         Returns:
             The model, ready for ``generate``.
+
+        Example:
+            >>> model = FlexOffloadOPTForCausalLM.from_pretrained(
+            ...     "path/to/opt", offload_policy="auto", max_memory={"host": "8GiB"},
+            ...     workload=Workload(prompt_len=128, gen_len=32))
+            >>> model.offload_policy, model.policy_estimate.tokens_per_second
         """
+        if workload is not None and not isinstance(workload, Workload):
+            raise TypeError(
+                f"workload must be a Workload (e.g. Workload(prompt_len=512, gen_len=32)), not "
+                f"{type(workload).__name__}."
+            )
         if "torch_dtype" in kwargs:
             dtype = kwargs.pop("torch_dtype")
         if "device_map" in kwargs:
@@ -132,7 +149,7 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
         if unknown:
             raise TypeError(
                 f"from_pretrained got unsupported arguments {sorted(unknown)}; supported: "
-                "offload_policy, offload_dir, device, dtype, max_memory, "
+                "offload_policy, offload_dir, device, dtype, max_memory, workload, "
                 + ", ".join(_FROM_PRETRAINED_KWARGS)
             )
         path = os.fspath(pretrained_model_name_or_path)
@@ -157,6 +174,7 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
             dtype=dtype,
             offload_dir=os.fspath(offload_dir) if offload_dir is not None else None,
             max_memory=max_memory,
+            workload=workload,
         )
         config.dtype = engine.dtype
         model = cls(config, engine)
@@ -188,6 +206,13 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
     def offload_policy(self) -> Policy:
         """The policy in use (the chosen one when loaded with ``"auto"``)."""
         return self.engine.policy
+
+    @property
+    def policy_estimate(self) -> Estimate:
+        """What the cost model predicts for ``offload_policy`` on the load-time workload:
+        throughput, prefill and decode time, peak bytes per tier (measures this machine's
+        profile on first use unless it is cached)."""
+        return self.engine.estimate
 
     @property
     def placement_report(self) -> PlacementReport:
@@ -332,9 +357,10 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
             length = prompt + effective.max_new_tokens
         else:
             length = max(effective.max_length or 0, prompt + 1)
-        self.engine.check_batch_fits(batch, length)
-        cache = self.engine.new_cache(capacity=length)
-        self.engine.begin_run()
+        policy = self.engine.plan_run(batch, prompt, length - prompt)
+        self.engine.check_batch_fits(batch, length, policy)
+        cache = self.engine.new_cache(capacity=length, policy=policy)
+        self.engine.begin_run(policy)
         try:
             return super().generate(
                 inputs, generation_config=generation_config, past_key_values=cache, **kwargs

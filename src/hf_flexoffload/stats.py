@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import asdict, dataclass, field
 
-from .policy import TIERS
+from .policy import TIERS, Policy
 
 LINKS = ("disk_to_host", "host_to_device", "device_to_host", "host_to_disk")
 
@@ -62,6 +62,7 @@ class GenerationStats:
         bytes_moved: Bytes per link: disk_to_host, host_to_device, device_to_host, host_to_disk.
         peak_bytes: Peak bytes held per tier by the model's own buffers (weights, KV cache,
             activations, staging).
+        policy: The policy the call ran under (re-optimized for the batch with ``"auto"``).
     """
 
     prefill_seconds: float
@@ -71,6 +72,7 @@ class GenerationStats:
     forwards: int
     bytes_moved: dict[str, int] = field(default_factory=dict)
     peak_bytes: dict[str, int] = field(default_factory=dict)
+    policy: Policy | None = None
 
     @property
     def total_seconds(self) -> float:

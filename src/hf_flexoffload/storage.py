@@ -67,6 +67,9 @@ class DiskFile:
             done += n
         return done
 
+    def fileno(self) -> int:
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -1,0 +1,66 @@
+"""Shared pieces of the benchmark scripts: one run per fresh process, RSS, doc markers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+
+
+def rss() -> int:
+    """Resident bytes of this process now."""
+    return _status("VmRSS:")
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process (since start or the last ``reset_peak_rss``)."""
+    return _status("VmHWM:")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(fn: Callable, args: tuple, queue) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException as err:  # report it to the parent instead of hanging it
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a spawned process, so its memory and caches are its own."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(fn, args, queue))
+    child.start()
+    status, value = queue.get()
+    child.join()
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
+
+
+def write_between_markers(path: str, start: str, end: str, text: str) -> None:
+    """Replace what lies between ``start`` and ``end`` in ``path`` (atomically)."""
+    with open(path) as f:
+        doc = f.read()
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+    os.replace(tmp, path)

@@ -1,0 +1,206 @@
+"""The cost model and the auto policy against measurements, on the OPT-1.3B shape.
+
+Builds (once) a random bf16 OPT-1.3B checkpoint and measures this machine's profile. Then, under
+one RAM budget (about a third of the weights), each policy runs in a fresh process: load, then
+``generate`` one block of random prompts. The hand-written policies are diverse on purpose (block
+size, micro-batching, weight split, cache and activations on disk, no overlap, compression); the
+auto policy is ``offload_policy="auto"`` with ``max_memory`` set to the budget. For each, the
+cost model's prediction is computed from the profile and compared with the measured throughput.
+
+Peak RSS is measured from just before loading to the end of generating, minus the process's RSS
+before loading (Python, torch and transformers themselves), and compared with the budget.
+
+Usage::
+
+    python benchmarks/policy.py                        # defaults below, ~15 minutes on 2 cores
+    python benchmarks/policy.py --repeats 1 --only auto --no-write    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+from _common import in_fresh_process, peak_rss, reset_peak_rss, rss, write_between_markers
+from transformers import OPTConfig
+
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, Workload
+from hf_flexoffload.budget import parse_size
+from hf_flexoffload.cli import OPT_1_3B, build_random_checkpoint
+from hf_flexoffload.cost_model import estimate
+from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
+from hf_flexoffload.layers import OPTShape
+from hf_flexoffload.stats import human_bytes
+
+Q4 = QuantConfig(bits=4, group_size=64)
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "policy.md")
+START, END = "<!-- benchmark:policy:start -->", "<!-- benchmark:policy:end -->"
+
+
+def hand_policies() -> dict[str, Policy]:
+    """Diverse fixed policies, each meant to fit a budget of about a third of fp32 weights."""
+    w20 = Split(device=0.2, disk=0.8)
+    return {
+        "batch 8, 20% weights in RAM": Policy(micro_batch_size=8, weights=w20),
+        "batch 32, 20% in RAM": Policy(micro_batch_size=32, weights=w20),
+        "2x16, 20% in RAM, no overlap": Policy(
+            micro_batch_size=16, num_micro_batches=2, weights=w20, overlap=False
+        ),
+        "4x16, 10% in RAM": Policy(
+            micro_batch_size=16, num_micro_batches=4, weights=Split(device=0.1, disk=0.9)
+        ),
+        "batch 32, cache+hidden on disk": Policy(
+            micro_batch_size=32, weights=w20, cache=Split(disk=1.0), activations=Split(disk=1.0)
+        ),
+        "batch 32, 4-bit weights 60% in RAM": Policy(
+            micro_batch_size=32, weights=Split(device=0.6, disk=0.4), compress_weights=Q4
+        ),
+        "batch 32, 4-bit weights+cache": Policy(
+            micro_batch_size=32,
+            weights=Split(device=0.6, disk=0.4),
+            compress_weights=Q4,
+            compress_cache=Q4,
+        ),
+    }
+
+
+def _measure(path: str, policy: Policy | str, args: argparse.Namespace) -> dict:
+    """One load + generate of one block (runs in a fresh process)."""
+    baseline = rss()
+    reset_peak_rss()
+    workload = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, max_batch_size=64)
+    auto = policy == "auto"
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path,
+        offload_policy=policy,
+        offload_dir=args.offload_dir,
+        dtype=args.dtype,
+        max_memory={"host": args.budget} if auto else None,
+        workload=workload if auto else None,
+    ) as model:
+        chosen = model.offload_policy
+        batch = chosen.block_size
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, 50000, (batch, args.prompt_len), generator=g)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
+        wall = time.perf_counter() - start
+        stats = model.generation_stats
+        peak = peak_rss()
+    return {
+        "policy": chosen.to_dict(),
+        "run_policy": stats.policy.to_dict() if stats.policy else chosen.to_dict(),
+        "tokens_per_s": stats.tokens_per_second,
+        "prefill_s": stats.prefill_seconds,
+        "decode_s": stats.decode_seconds,
+        "wall_s": wall,
+        "peak_rss_above_baseline": peak - baseline,
+        "baseline_rss": baseline,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="1750MiB", help="RAM budget (max_memory host)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--gen-len", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", default=None, help="run only policies whose name contains this")
+    parser.add_argument("--model-dir", default=os.path.join(default_cache_dir(), "opt-1.3b-bf16"))
+    parser.add_argument("--offload-dir", default=os.path.join(default_cache_dir(), "bench-policy"))
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    budget = parse_size(args.budget)
+
+    config = OPTConfig(**OPT_1_3B)
+    shape = OPTShape.from_config(config)
+    print(f"checkpoint: {args.model_dir} (building it once takes a few minutes)", flush=True)
+    build_random_checkpoint(args.model_dir, config, torch.bfloat16)
+    os.makedirs(args.offload_dir, exist_ok=True)
+    profile = HardwareProfile.measure(
+        "cpu", args.dtype, offload_dir=args.offload_dir, matrix=(shape.hidden, shape.ffn)
+    )
+    print(profile.describe(), flush=True)
+    compared: dict[str, Policy | str] = {**hand_policies(), "auto": "auto"}
+    if args.only:
+        compared = {n: p for n, p in compared.items() if args.only in n}
+    workload = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len)
+
+    results: dict[str, list[dict]] = {name: [] for name in compared}
+    for repeat in range(args.repeats):
+        for name, policy in compared.items():
+            out = in_fresh_process(_measure, args.model_dir, policy, args)
+            run = Policy.from_dict(out["run_policy"])
+            predicted = estimate(shape, args.dtype, profile, workload, run)
+            out["predicted"] = predicted.tokens_per_second
+            out["predicted_prefill"] = predicted.prefill_seconds
+            out["predicted_decode"] = predicted.decode_seconds
+            out["predicted_peak"] = predicted.peak_bytes["device"] + predicted.peak_bytes["host"]
+            results[name].append(out)
+            print(
+                f"[{repeat + 1}/{args.repeats}] {name:<36} {out['tokens_per_s']:6.2f} tok/s "
+                f"(predicted {out['predicted']:6.2f}; prefill {out['prefill_s']:.1f}s vs "
+                f"{out['predicted_prefill']:.1f}s, decode {out['decode_s']:.1f}s vs "
+                f"{out['predicted_decode']:.1f}s) "
+                f"peak +{human_bytes(out['peak_rss_above_baseline'])}",
+                flush=True,
+            )
+    text = report(results, args, budget, profile)
+    print(text)
+    if not args.no_write:
+        write_between_markers(DOC, START, END, text)
+        print(f"wrote {os.path.normpath(DOC)}")
+
+
+def _describe(policy: dict) -> str:
+    p = Policy.from_dict(policy)
+    parts = [f"{p.micro_batch_size}x{p.num_micro_batches}"]
+    for kind in ("weights", "cache", "activations"):
+        split = getattr(p, kind)
+        parts.append(f"{kind[0]} " + "/".join(f"{100 * f:.0f}" for f in split.fractions))
+    if p.compress_weights:
+        parts.append("4-bit w")
+    if p.compress_cache:
+        parts.append("4-bit kv")
+    if not p.overlap:
+        parts.append("no overlap")
+    return ", ".join(parts)
+
+
+def report(results: dict[str, list[dict]], args, budget: int, profile: HardwareProfile) -> str:
+    dtype = str(args.dtype).removeprefix("torch.")
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()} "
+        f"({profile.device_name}), torch {torch.__version__}; OPT-1.3B shape, random bf16 "
+        f"checkpoint computed in {dtype}; prompt {args.prompt_len}, {args.gen_len} new tokens; "
+        f"RAM budget {human_bytes(budget)}; medians of {args.repeats} alternating repeats, each "
+        "run in a fresh process. Placement fractions are device/host/disk percentages; on a "
+        "CPU machine device and host are the same RAM.",
+        "",
+        "| policy | block | placement | measured tok/s | predicted tok/s | error | "
+        "peak RSS above baseline | within budget |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best = max(statistics.median(r["tokens_per_s"] for r in runs) for runs in results.values())
+    for name, runs in results.items():
+        measured = statistics.median(r["tokens_per_s"] for r in runs)
+        predicted = statistics.median(r["predicted"] for r in runs)
+        peak = max(r["peak_rss_above_baseline"] for r in runs)
+        error = predicted / measured - 1
+        lines.append(
+            f"| {name} | {Policy.from_dict(runs[0]['run_policy']).block_size} | "
+            f"{_describe(runs[0]['run_policy'])} | {measured:.2f} ({measured / best:.0%} of best) "
+            f"| {predicted:.2f} | {error:+.0%} | {human_bytes(peak)} | "
+            f"{'yes' if peak <= budget else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

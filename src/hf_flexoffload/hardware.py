@@ -1,0 +1,440 @@
+"""What this machine can hold and how fast it moves and computes: the ``HardwareProfile``.
+
+The rates (bandwidths, matmul and attention throughput, dequantization speed, per-op overhead)
+take a few seconds to measure and do not change, so ``HardwareProfile.measure`` caches them in a
+JSON file keyed by the machine, the compute device, the dtype, the model's matrix shape and the
+filesystem of the offload directory. Capacities (free memory and disk) do change, so they are
+read again on every call and capped by ``max_memory``.
+
+Disk reads are measured twice: cold (the file's pages dropped from the page cache with
+``posix_fadvise(DONTNEED)`` after an ``fsync``) and cached (the same file read again). The cost
+model uses the cached rate only for disk bytes that fit in the RAM nobody has claimed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+from .budget import Capacities
+from .compression import QuantConfig, dequantize, quantize
+from .policy import TIERS
+from .storage import DiskFile, dtype_name
+
+logger = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+MATMUL_ROWS = (1, 4, 16, 64, 256, 1024)
+_DISK_PROBE_BYTES = 256 * 2**20
+
+
+def default_cache_dir() -> str:
+    """``$HF_FLEXOFFLOAD_CACHE``, else ``$XDG_CACHE_HOME/hf_flexoffload`` (``~/.cache``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.environ.get("HF_FLEXOFFLOAD_CACHE") or os.path.join(xdg, "hf_flexoffload")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardwareProfile:
+    """Capacities and measured rates of one machine, for one compute device and dtype.
+
+    Attributes:
+        device: The compute device, e.g. ``"cpu"`` or ``"cuda:0"``.
+        device_name: What it is (CPU model or GPU name).
+        dtype: Compute dtype the rates were measured in.
+        shared: The device *is* host memory (CPU-only): device + host share one budget and
+            host→device moves are free.
+        device_memory, host_memory, disk_space: Capacities in bytes (free now, capped by
+            ``max_memory``).
+        ram_available: RAM available to the OS now, never capped: bounds what the page cache
+            can keep of the disk tier.
+        host_to_device, device_to_host: Link bandwidths, bytes/s (memory copy speed on CPU).
+        disk_read, disk_write: Cold disk bandwidths under the offload directory, bytes/s.
+        cached_disk_read: Reading offload files that are in the page cache, bytes/s.
+        matmul_flops: ``{rows: FLOP/s}`` of ``F.linear`` on the model's matrix shape.
+        attention_bytes: Decode attention throughput on the host, bytes of KV history per s.
+        device_attention_bytes: The same on the compute device.
+        dequantize_bytes: 4-bit dequantization on the device, output bytes per s.
+        op_seconds: Time of one small torch op (Python and dispatch overhead).
+        matrix: The (in, out) shape the matmul rates were measured on.
+    """
+
+    device: str
+    device_name: str
+    dtype: str
+    shared: bool
+    device_memory: int
+    host_memory: int
+    disk_space: int
+    ram_available: int
+    host_to_device: float
+    device_to_host: float
+    disk_read: float
+    disk_write: float
+    cached_disk_read: float
+    matmul_flops: dict[int, float]
+    attention_bytes: float
+    device_attention_bytes: float
+    dequantize_bytes: float
+    op_seconds: float
+    matrix: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("device", "device_name", "dtype", "shared", "matrix", "matmul_flops"):
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Invalid HardwareProfile.{f.name}={value!r}: must be >= 0.")
+        if not self.matmul_flops or min(self.matmul_flops.values()) <= 0:
+            raise ValueError(
+                f"Invalid HardwareProfile.matmul_flops={self.matmul_flops!r}: needs at least one "
+                "positive {rows: FLOP/s} entry."
+            )
+        object.__setattr__(
+            self, "matmul_flops", {int(k): float(v) for k, v in sorted(self.matmul_flops.items())}
+        )
+        object.__setattr__(self, "matrix", tuple(self.matrix))
+
+    # -- use -----------------------------------------------------------------------------------
+
+    @property
+    def capacities(self) -> Capacities:
+        return Capacities(
+            device=self.device_memory,
+            host=self.host_memory,
+            disk=self.disk_space,
+            shared=self.shared,
+        )
+
+    def capacity(self, tier: str) -> int:
+        return {"device": self.device_memory, "host": self.host_memory, "disk": self.disk_space}[
+            tier
+        ]
+
+    def matmul_rate(self, rows: float) -> float:
+        """FLOP/s of a matmul with ``rows`` input rows, interpolated in log-log space."""
+        points = sorted(self.matmul_flops.items())
+        rows = max(1.0, rows)
+        if rows <= points[0][0]:
+            return points[0][1] * rows / points[0][0]
+        if rows >= points[-1][0]:
+            return points[-1][1]
+        for (r0, f0), (r1, f1) in itertools.pairwise(points):
+            if r0 <= rows <= r1:
+                t = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
+                return f0 ** (1 - t) * f1**t
+        return points[-1][1]
+
+    def with_caps(self, max_memory: dict[str, int | str] | None) -> HardwareProfile:
+        """This profile with capacities capped by ``max_memory`` (keys device, host, disk)."""
+        caps = self.capacities.capped(max_memory)
+        return replace(self, device_memory=caps.device, host_memory=caps.host, disk_space=caps.disk)
+
+    # -- measure -------------------------------------------------------------------------------
+
+    @classmethod
+    def measure(
+        cls,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        offload_dir: str | None = None,
+        matrix: tuple[int, int] = (2048, 8192),
+        max_memory: dict[str, int | str] | None = None,
+        cache_dir: str | None = None,
+        force: bool = False,
+    ) -> HardwareProfile:
+        """Measure this machine (or reuse the cached rates) and read its free capacities.
+
+        Args:
+            device: The compute device.
+            dtype: The compute dtype (matmul rates depend on it).
+            offload_dir: Where the disk tier will be (its filesystem is measured).
+            matrix: (in, out) features of the model's largest matmul, e.g. (hidden, ffn).
+            max_memory: Caps per tier, e.g. ``{"host": "8GiB"}``.
+            cache_dir: Where profiles are cached; default ``default_cache_dir()/profiles``.
+            force: Measure again even when a cached profile exists.
+
+        Returns:
+            The profile, capacities capped by ``max_memory``.
+
+        Example:
+            >>> profile = HardwareProfile.measure("cpu", torch.float32, max_memory={"host": "8GiB"})
+            >>> profile.matmul_rate(32) / 1e9  # GFLOP/s at 32 rows
+        """
+        device = torch.device(device)
+        probe_dir = offload_dir if offload_dir and os.path.isdir(offload_dir) else None
+        probe_dir = probe_dir or tempfile.gettempdir()
+        caps = Capacities.measure(device, probe_dir, None)
+        key = _machine_key(device, dtype, matrix, probe_dir)
+        path = os.path.join(cache_dir or os.path.join(default_cache_dir(), "profiles"), key)
+        rates = None if force else _read_cached(path)
+        if rates is None:
+            start = time.perf_counter()
+            rates = _measure_rates(device, dtype, matrix, probe_dir)
+            logger.info("Measured the hardware profile in %.1fs", time.perf_counter() - start)
+            _write_cached(path, rates)
+        profile = cls(
+            **rates,
+            device_memory=caps.device,
+            host_memory=caps.host,
+            disk_space=caps.disk,
+            ram_available=caps.host,
+            shared=caps.shared,
+        )
+        return profile.with_caps(max_memory)
+
+    # -- JSON ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["matmul_flops"] = {str(k): v for k, v in self.matmul_flops.items()}
+        data["matrix"] = list(self.matrix)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HardwareProfile:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"Unknown HardwareProfile fields {sorted(unknown)}.")
+        return cls(**data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> HardwareProfile:
+        return cls.from_dict(json.loads(text))
+
+    def describe(self) -> str:
+        """A human-readable summary (the CLI prints it)."""
+        gb = 1e9
+        rows = ", ".join(f"{r}: {f / gb:.0f}" for r, f in self.matmul_flops.items())
+        caps = ", ".join(f"{t} {self.capacity(t) / 2**30:.1f} GiB" for t in TIERS)
+        return "\n".join(
+            [
+                f"device         {self.device} ({self.device_name}), {self.dtype}"
+                + (", shares host RAM" if self.shared else ""),
+                f"capacity       {caps}",
+                f"matmul         GFLOP/s by rows {{{rows}}} on {self.matrix[0]}x{self.matrix[1]}",
+                f"links          host->device {self.host_to_device / gb:.1f} GB/s, "
+                f"device->host {self.device_to_host / gb:.1f} GB/s",
+                f"disk           read {self.disk_read / gb:.2f} GB/s cold, "
+                f"{self.cached_disk_read / gb:.2f} GB/s cached; "
+                f"write {self.disk_write / gb:.2f} GB/s",
+                f"attention      host {self.attention_bytes / gb:.1f} GB/s of KV, "
+                f"device {self.device_attention_bytes / gb:.1f} GB/s",
+                f"dequantize     {self.dequantize_bytes / gb:.1f} GB/s (output)",
+                f"op overhead    {self.op_seconds * 1e6:.1f} us",
+            ]
+        )
+
+
+# -- cache -------------------------------------------------------------------------------------
+
+
+def _machine_key(
+    device: torch.device, dtype: torch.dtype, matrix: tuple[int, int], probe_dir: str
+) -> str:
+    parts = {
+        "version": PROFILE_VERSION,
+        "node": platform.node(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "device": _device_name(device),
+        "dtype": dtype_name(dtype),
+        "matrix": list(matrix),
+        "filesystem": os.stat(probe_dir).st_dev,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{device.type}-{dtype_name(dtype)}-{digest}.json"
+
+
+def _read_cached(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if data.get("version") != PROFILE_VERSION:
+        return None
+    rates = data["rates"]
+    rates["matmul_flops"] = {int(k): v for k, v in rates["matmul_flops"].items()}
+    return rates
+
+
+def _write_cached(path: str, rates: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    data = {"version": PROFILE_VERSION, "rates": rates}
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=list)
+    os.replace(tmp, path)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of ``fn`` after one warm-up call."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure_rates(
+    device: torch.device, dtype: torch.dtype, matrix: tuple[int, int], probe_dir: str
+) -> dict:
+    torch.manual_seed(0)
+    rates: dict = {
+        "device": str(device),
+        "device_name": _device_name(device),
+        "dtype": dtype_name(dtype),
+        "matrix": list(matrix),
+    }
+    rates["matmul_flops"] = _matmul(device, dtype, matrix)
+    copy = _copy_bandwidth(device)
+    rates.update(copy)
+    rates["attention_bytes"] = _attention(torch.device("cpu"), dtype)
+    rates["device_attention_bytes"] = (
+        _attention(device, dtype) if device.type == "cuda" else rates["attention_bytes"]
+    )
+    rates["dequantize_bytes"] = _dequantize(device, dtype, matrix)
+    rates["op_seconds"] = _op_overhead(device)
+    rates.update(_disk(probe_dir))
+    return rates
+
+
+def _matmul(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -> dict[int, float]:
+    d_in, d_out = matrix
+    weight = torch.randn(d_out, d_in, device=device).to(dtype)  # (out, in)
+    out = {}
+    for rows in MATMUL_ROWS:
+        x = torch.randn(rows, d_in, device=device).to(dtype)
+        seconds = _timed(lambda x=x: F.linear(x, weight), device, repeats=3 if rows > 64 else 5)
+        out[rows] = 2 * rows * d_in * d_out / seconds
+    return out
+
+
+def _copy_bandwidth(device: torch.device) -> dict[str, float]:
+    nbytes = 128 * 2**20
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    host.random_(0, 255)
+    if device.type != "cuda":
+        target = torch.empty_like(host)
+        rate = nbytes / _timed(lambda: target.copy_(host), device)
+        return {"host_to_device": rate, "device_to_host": rate}
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    h2d = nbytes / _timed(lambda: dev.copy_(host, non_blocking=True), device)
+    d2h = nbytes / _timed(lambda: host.copy_(dev, non_blocking=True), device)
+    return {"host_to_device": h2d, "device_to_host": d2h}
+
+
+def _attention(device: torch.device, dtype: torch.dtype) -> float:
+    """Decode attention throughput in KV bytes/s: 8 sequences, 16 heads of 64, 1024 tokens."""
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # host attention upcasts fp16, as KVUnit.attend does
+    b, heads, d, length = 8, 16, 64, 1024
+    q = torch.randn(b, heads, 1, d, device=device).to(dtype)
+    kv = torch.randn(2, length, b, heads, d, device=device).to(dtype)
+    keys, values = kv[0].permute(1, 2, 0, 3), kv[1].permute(1, 2, 0, 3)  # (b, H, S, d) views
+    bias = torch.zeros(b, 1, 1, length, device=device, dtype=dtype)
+    seconds = _timed(
+        lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=bias), device
+    )
+    return kv.numel() * kv.element_size() / seconds
+
+
+def _dequantize(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -> float:
+    weight = torch.randn(matrix[1], matrix[0], device=device).to(dtype)
+    q = quantize(weight, QuantConfig(bits=4, group_size=64), default_dim=0)
+    out = torch.empty_like(weight)
+    return weight.numel() * weight.element_size() / _timed(lambda: dequantize(q, out=out), device)
+
+
+def _op_overhead(device: torch.device) -> float:
+    x = torch.zeros(8, 8, device=device)
+    n = 200
+
+    def ops() -> None:
+        y = x
+        for _ in range(n):
+            y = y + 1
+
+    return _timed(ops, device) / n
+
+
+def _disk(directory: str) -> dict[str, float]:
+    """Cold and cached read, and write (with fsync), of a 256 MiB file under ``directory``."""
+    path = os.path.join(directory, f".hf_flexoffload-disk-probe-{os.getpid()}")
+    data = torch.empty(_DISK_PROBE_BYTES, dtype=torch.uint8)
+    data.random_(0, 255)
+    out = torch.empty_like(data)
+    f = DiskFile(path, create=True)
+    try:
+        start = time.perf_counter()
+        f.write(0, data)
+        os.fsync(f.fileno())
+        write = _DISK_PROBE_BYTES / (time.perf_counter() - start)
+        cold_times = []
+        for _ in range(2):
+            _drop_cached(f.fileno())
+            start = time.perf_counter()
+            f.read_into(0, out)
+            cold_times.append(time.perf_counter() - start)
+        cached = _DISK_PROBE_BYTES / _timed(lambda: f.read_into(0, out), torch.device("cpu"), 3)
+    finally:
+        f.close()
+        os.remove(path)
+    cold = _DISK_PROBE_BYTES / min(cold_times)
+    return {"disk_read": min(cold, cached), "disk_write": write, "cached_disk_read": cached}
+
+
+def _drop_cached(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -1,0 +1,301 @@
+"""Choosing a policy: for each candidate block shape, a linear program over the placement.
+
+For every candidate (micro_batch_size, num_micro_batches, compression, host attention) a pulp LP
+picks the nine placement fractions (weights, KV cache and activations on device, host and disk)
+that minimize the cost model's time per sequence subject to every tier's capacity. A layer's
+time is the max of its concurrent terms, written as auxiliary variables bounded below by each
+term, so the LP is exact for the cost model. Candidates are visited best lower bound first (their
+time with everything in fast memory), and the search stops once no remaining candidate can beat
+the best solution found.
+
+On a CPU-only machine device and host are the same RAM, so the host fractions are fixed at 0
+and one capacity covers both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import pulp
+import torch
+
+from .budget import InsufficientMemoryError
+from .cost_model import (
+    KINDS,
+    VARIABLES,
+    Affine,
+    Estimate,
+    ModelSizes,
+    Rates,
+    estimate,
+    estimate_from_sizes,
+    memory_terms,
+    step_terms,
+)
+from .hardware import HardwareProfile
+from .layers import OPTShape
+from .policy import TIERS, Policy, QuantConfig, Split, Workload
+from .stats import human_bytes
+
+logger = logging.getLogger(__name__)
+
+Q4 = QuantConfig(bits=4, group_size=64)
+_MAX_MICRO_BATCHES = 16
+_TIE_BREAK = 1e-3
+_ALL_FAST = {v: 1.0 if v.endswith(".device") else 0.0 for v in VARIABLES}
+
+
+class InfeasiblePolicyError(InsufficientMemoryError):
+    """No policy fits the capacities; the message says the smallest memory that would."""
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    policy: Policy  # block shape, compression and flags; placement filled in by the LP
+    lower_bound: float  # seconds per sequence with everything in fast memory
+
+
+def optimize(
+    shape: OPTShape,
+    dtype: torch.dtype,
+    profile: HardwareProfile,
+    workload: Workload,
+    *,
+    fixed: Policy | None = None,
+    compression: tuple[QuantConfig | None, bool] | None = None,
+) -> tuple[Policy, Estimate]:
+    """The policy with the best predicted throughput that fits ``profile``'s capacities.
+
+    Args:
+        shape: The model.
+        dtype: The compute dtype.
+        profile: The machine, capacities capped by ``max_memory``.
+        workload: Prompt and generation lengths, and the block size if it is given.
+        fixed: A loaded model's policy: its weight split, compression and overlap are kept and
+            only micro-batching, cache, activations and host attention are chosen.
+        compression: ``(compress_weights, compress_embeddings)`` of a compressed checkpoint,
+            which every candidate must use.
+
+    Returns:
+        The chosen policy and its estimate.
+
+    Raises:
+        InfeasiblePolicyError: Nothing fits; the message says the smallest memory that would.
+    """
+    candidates = _candidates(shape, dtype, profile, workload, fixed, compression)
+    best: tuple[float, Policy, Estimate] | None = None
+    solved = 0
+    for cand in sorted(candidates, key=lambda c: c.lower_bound):
+        if best is not None and cand.lower_bound >= best[0]:
+            break
+        found = _solve(shape, dtype, profile, workload, cand.policy, fixed)
+        solved += 1
+        if found is None:
+            continue
+        policy, est = found
+        per_sequence = est.total_seconds / est.block_size
+        if best is None or per_sequence < best[0]:
+            best = (per_sequence, policy, est)
+    logger.info("Policy search: %d candidates, %d LPs solved", len(candidates), solved)
+    if best is None:
+        raise InfeasiblePolicyError(_infeasible_message(shape, dtype, profile, workload, fixed))
+    return best[1], best[2]
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+
+def _block_shapes(workload: Workload) -> list[tuple[int, int]]:
+    powers = [2**i for i in range(12)]
+    if workload.batch_size is not None:
+        b = workload.batch_size
+        sizes = sorted({m for m in powers if m < b} | {b})
+        return [(m, math.ceil(b / m)) for m in sizes if math.ceil(b / m) <= _MAX_MICRO_BATCHES]
+    cap = workload.max_batch_size
+    return [(m, k) for m in powers for k in powers if m * k <= cap and k <= _MAX_MICRO_BATCHES]
+
+
+def _candidates(
+    shape: OPTShape,
+    dtype: torch.dtype,
+    profile: HardwareProfile,
+    workload: Workload,
+    fixed: Policy | None,
+    compression: tuple[QuantConfig | None, bool] | None,
+) -> list[_Candidate]:
+    if fixed is not None:
+        kinds = [
+            dict(
+                compress_weights=fixed.compress_weights,
+                compress_cache=fixed.compress_cache,
+                compress_embeddings=fixed.compress_embeddings,
+                overlap=fixed.overlap,
+            )
+        ]
+    elif compression is not None:
+        kinds = [dict(compress_weights=compression[0], compress_embeddings=compression[1])]
+        if workload.allow_compression:
+            kinds.append({**kinds[0], "compress_cache": Q4})
+    else:
+        kinds = [{}]
+        if workload.allow_compression:
+            kinds += [dict(compress_weights=Q4), dict(compress_weights=Q4, compress_cache=Q4)]
+    host_attention = [True] if profile.shared else [True, False]
+    out = []
+    for kind in kinds:
+        for m, k in _block_shapes(workload):
+            for ha in host_attention:
+                policy = Policy(micro_batch_size=m, num_micro_batches=k, host_attention=ha, **kind)
+                sizes = ModelSizes.of(shape, dtype, policy)
+                est = estimate_from_sizes(sizes, profile, workload, policy, _ALL_FAST)
+                out.append(_Candidate(policy, est.total_seconds / policy.block_size))
+    return out
+
+
+# -- the LP ------------------------------------------------------------------------------------
+
+
+def _solve(
+    shape: OPTShape,
+    dtype: torch.dtype,
+    profile: HardwareProfile,
+    workload: Workload,
+    policy: Policy,
+    fixed: Policy | None,
+) -> tuple[Policy, Estimate] | None:
+    """Place ``policy``'s bytes by LP; None when no placement fits."""
+    sizes = ModelSizes.of(shape, dtype, policy)
+    caps = {t: float(profile.capacity(t)) for t in TIERS}
+    for _ in range(4):
+        values = _lp(sizes, profile, workload, policy, fixed, caps)
+        if values is None:
+            return None
+        placed = _with_fractions(policy, values, fixed)
+        est = estimate(shape, dtype, profile, workload, placed)
+        excess = _excess(est.peak_bytes, profile)
+        if not any(excess.values()):
+            return placed, est
+        # Whole rows and whole cache units round the fractions: tighten and solve again.
+        for t, over in excess.items():
+            caps[t] -= over * 1.05 + 2**20
+    return None
+
+
+def _lp(
+    sizes: ModelSizes,
+    profile: HardwareProfile,
+    workload: Workload,
+    policy: Policy,
+    fixed: Policy | None,
+    caps: dict[str, float],
+) -> dict[str, float] | None:
+    s, n = workload.prompt_len, workload.gen_len
+    kv_total = sizes.layers * policy.block_size * (s + n) * sizes.kv_token
+    rates = Rates.of(sizes, profile, kv_total)
+    prob = pulp.LpProblem("flexoffload_policy", pulp.LpMinimize)
+    x = {v: pulp.LpVariable(v.replace(".", "_"), 0, 1) for v in VARIABLES}
+
+    def expr(a: Affine):
+        return pulp.lpSum(c * x[v] for v, c in a.coef.items()) + a.const
+
+    for kind in KINDS:
+        prob += pulp.lpSum(x[f"{kind}.{t}"] for t in TIERS) == 1
+        if profile.shared:
+            prob += x[f"{kind}.host"] == 0
+    if fixed is not None:
+        for t in TIERS:
+            prob += x[f"weights.{t}"] == getattr(fixed.weights, t)
+
+    total = 0
+    phases = (("prefill", s, 0.0, 1), ("decode", 1, s + n / 2, n - 1))
+    for name, tokens, context, steps in phases:
+        layer, rest = step_terms(sizes, profile, rates, policy, tokens=tokens, context=context)
+        t = pulp.LpVariable(f"t_{name}", 0)
+        if policy.overlap:
+            for term in layer.values():
+                prob += t >= expr(term)
+        else:
+            prob += t == pulp.lpSum(expr(term) for term in layer.values())
+        total = total + steps * (sizes.layers * t + expr(rest))
+        # Ties (I/O hidden under compute) go to the placement that moves the fewest bytes.
+        slack = pulp.lpSum(expr(term) for term in layer.values())
+        total = total + _TIE_BREAK * steps * sizes.layers * slack
+    prob += total * (1.0 / policy.block_size)
+
+    mem = memory_terms(sizes, profile, policy, workload)
+    if profile.shared:
+        prob += expr(mem["device"]) + expr(mem["host"]) <= min(caps["device"], caps["host"])
+        prob += expr(mem["disk"]) <= caps["disk"]
+    else:
+        for t in TIERS:
+            prob += expr(mem[t]) <= caps[t]
+    prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    if pulp.LpStatus[prob.status] != "Optimal":
+        return None
+    return {v: min(1.0, max(0.0, var.value() or 0.0)) for v, var in x.items()}
+
+
+def _with_fractions(policy: Policy, values: dict[str, float], fixed: Policy | None) -> Policy:
+    def split(kind: str) -> Split:
+        raw = [round(values[f"{kind}.{t}"], 4) for t in TIERS]
+        raw[-1] = round(1.0 - raw[0] - raw[1], 4)  # keep the sum exactly 1
+        return Split(**dict(zip(TIERS, raw, strict=True)))
+
+    weights = fixed.weights if fixed is not None else split("weights")
+    return replace(policy, weights=weights, cache=split("cache"), activations=split("activations"))
+
+
+def _excess(peak: dict[str, int], profile: HardwareProfile) -> dict[str, float]:
+    if profile.shared:
+        ram = min(profile.device_memory, profile.host_memory)
+        over = peak["device"] + peak["host"] - ram
+        disk = max(0, peak["disk"] - profile.disk_space)
+        return {"device": max(0, over), "host": 0, "disk": disk}
+    return {t: max(0, peak[t] - profile.capacity(t)) for t in TIERS}
+
+
+# -- when nothing fits -------------------------------------------------------------------------
+
+
+def _infeasible_message(
+    shape: OPTShape,
+    dtype: torch.dtype,
+    profile: HardwareProfile,
+    workload: Workload,
+    fixed: Policy | None,
+) -> str:
+    """The smallest memory per tier that one sequence would need, everything offloaded."""
+    batch = workload.batch_size or 1
+    smallest = Policy(micro_batch_size=batch)
+    if fixed is not None:
+        smallest = replace(fixed, micro_batch_size=batch, num_micro_batches=1)
+    elif workload.allow_compression:
+        smallest = replace(smallest, compress_weights=Q4, compress_cache=Q4)
+    values = {v: 1.0 if v.endswith(".disk") else 0.0 for v in VARIABLES}
+    if fixed is not None:
+        values.update({f"weights.{t}": getattr(fixed.weights, t) for t in TIERS})
+    sizes = ModelSizes.of(shape, dtype, smallest)
+    mem = memory_terms(sizes, profile, smallest, workload)
+    need = {t: int(mem[t].at(values)) for t in TIERS}
+    what = f"{batch} sequence(s) of {workload.prompt_len} + {workload.gen_len} tokens" + (
+        ", compressed to 4 bits" if smallest.compress_weights else ""
+    )
+    if profile.shared:
+        ram = need["device"] + need["host"]
+        has = min(profile.device_memory, profile.host_memory)
+        memory = f"at least {human_bytes(ram)} of RAM (has {human_bytes(has)})"
+    else:
+        memory = (
+            f"at least {human_bytes(need['device'])} of device memory (has "
+            f"{human_bytes(profile.device_memory)}) and {human_bytes(need['host'])} of host RAM "
+            f"(has {human_bytes(profile.host_memory)})"
+        )
+    hint = "" if workload.allow_compression else ", or allow compression"
+    return (
+        f"No offload policy fits this machine: even with every weight, the KV cache and the "
+        f"hidden states on disk, {what} need {memory} for staging buffers and workspace, and "
+        f"{human_bytes(need['disk'])} of disk (has {human_bytes(profile.disk_space)}). Raise "
+        f"max_memory (or free memory), use a shorter prompt or fewer new tokens{hint}."
+    )
