@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import platform
 import statistics
@@ -27,12 +26,14 @@ import sys
 import time
 
 import torch
+from _common import in_fresh_process, peak_rss, write_between_markers
 from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
 from hf_flexoffload.budget import parse_size
-from hf_flexoffload.cli import OPT_1_3B, build_random_checkpoint, default_cache_dir
+from hf_flexoffload.cli import OPT_1_3B, build_random_checkpoint
 from hf_flexoffload.compression import dequantize, quantize
+from hf_flexoffload.hardware import default_cache_dir
 from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.stats import human_bytes
 from hf_flexoffload.weights import layout_for, placement_report
@@ -65,15 +66,7 @@ def policies(config: OPTConfig, budget: int, batch: int, dtype: torch.dtype) -> 
     }
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _measure(path: str, policy: Policy, offload_dir: str, args, queue) -> None:
+def _measure(path: str, policy: Policy, offload_dir: str, args) -> dict:
     """One load + generate, in a fresh process so its peak RSS is its own."""
     torch.manual_seed(0)
     ids = torch.randint(3, 50000, (args.batch, args.prompt_len))
@@ -81,34 +74,22 @@ def _measure(path: str, policy: Policy, offload_dir: str, args, queue) -> None:
         path, offload_policy=policy, offload_dir=offload_dir, dtype=args.dtype
     ) as model:
         report = model.placement_report
-        loaded = _peak_rss()
+        loaded = peak_rss()
         model.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
         stats = model.generation_stats
-        peak = _peak_rss()
+        peak = peak_rss()
     decode_tokens = args.batch * (args.gen_len - 1)
-    queue.put(
-        {
-            "tokens_per_s": stats.tokens_per_second,
-            "prefill_s": stats.prefill_seconds,
-            "decode_s_per_step": stats.decode_seconds / (args.gen_len - 1),
-            "decode_ms_per_token": 1000 * stats.decode_seconds / decode_tokens,
-            "disk_read_per_forward": stats.bytes_moved.get("disk_to_host", 0) / stats.forwards,
-            "peak_rss_load": loaded,
-            "peak_rss": peak,
-            "resident": report.bytes_per_tier["device"],
-            "disk": report.bytes_per_tier["disk"],
-        }
-    )
-
-
-def run_once(path: str, policy: Policy, offload_dir: str, args) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_measure, args=(path, policy, offload_dir, args, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    return {
+        "tokens_per_s": stats.tokens_per_second,
+        "prefill_s": stats.prefill_seconds,
+        "decode_s_per_step": stats.decode_seconds / (args.gen_len - 1),
+        "decode_ms_per_token": 1000 * stats.decode_seconds / decode_tokens,
+        "disk_read_per_forward": stats.bytes_moved.get("disk_to_host", 0) / stats.forwards,
+        "peak_rss_load": loaded,
+        "peak_rss": peak,
+        "resident": report.bytes_per_tier["device"],
+        "disk": report.bytes_per_tier["disk"],
+    }
 
 
 def dequant_per_layer(config: OPTConfig, dtype: torch.dtype, repeats: int) -> float:
@@ -154,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     for repeat in range(args.repeats):
         for name, policy in compared.items():
             slug = "".join(c if c.isalnum() else "-" for c in name)
-            out = run_once(args.model_dir, policy, os.path.join(args.offload_dir, slug), args)
+            out = in_fresh_process(
+                _measure, args.model_dir, policy, os.path.join(args.offload_dir, slug), args
+            )
             results[name].append(out)
             print(f"[{repeat + 1}/{args.repeats}] {name:<18} {out['tokens_per_s']:6.2f} tok/s")
     dequant = dequant_per_layer(config, args.dtype, repeats=5)
@@ -202,20 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if not args.no_write:
         for doc in DOCS:
-            _write_between_markers(doc, text)
+            write_between_markers(doc, START, END, text)
             print(f"wrote {os.path.normpath(doc)}")
-
-
-def _write_between_markers(path: str, text: str) -> None:
-    """Replace what lies between START and END in ``path`` (atomically)."""
-    with open(path) as f:
-        doc = f.read()
-    head, rest = doc.split(START, 1)
-    _, tail = rest.split(END, 1)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{head}{START}\n{text}\n{END}{tail}")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Command line: ``hf-flexoffload demo``. The only module that prints."""
+"""Command line: ``hf-flexoffload demo | profile | plan``. The only module that prints.
+
+Exit codes: 0 success; 1 the demo's tokens differ from transformers'; 2 bad arguments (a missing
+model, an unparsable size); 3 no policy fits the memory given to ``plan``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,25 @@ import sys
 import time
 
 import torch
-from transformers import OPTConfig, OPTForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoConfig,
+    OPTConfig,
+    OPTForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
+from .budget import parse_size
+from .engine import plan_policy
+from .hardware import HardwareProfile, default_cache_dir
+from .layers import OPTShape
 from .modeling import FlexOffloadOPTForCausalLM
-from .policy import Policy, Split
+from .optimizer import InfeasiblePolicyError
+from .policy import TIERS, Policy, Split, Workload
 from .stats import human_bytes
+from .transfer import resolve_device
+
+EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE = 1, 2, 3
 
 # The public facebook/opt-125m shape.
 OPT_125M = dict(
@@ -32,12 +50,6 @@ OPT_125M = dict(
 # The public facebook/opt-1.3b shape (benchmarks).
 OPT_1_3B = {**OPT_125M, "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32}
 OPT_1_3B.update(ffn_dim=8192, word_embed_proj_dim=2048)
-
-
-def default_cache_dir() -> str:
-    """``$HF_FLEXOFFLOAD_CACHE``, else ``$XDG_CACHE_HOME/hf_flexoffload`` (``~/.cache``)."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.environ.get("HF_FLEXOFFLOAD_CACHE") or os.path.join(xdg, "hf_flexoffload")
 
 
 def build_random_checkpoint(path: str, config: OPTConfig, dtype: torch.dtype, seed: int = 0) -> str:
@@ -130,7 +142,99 @@ def demo(args: argparse.Namespace) -> int:
         f"{human_bytes(stats.peak_bytes['device'] + stats.peak_bytes['host'])}"
     )
     print(f"Same tokens as transformers: {'yes' if same else 'NO'}")
-    return 0 if same else 1
+    return 0 if same else EXIT_MISMATCH
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Measure (or show the cached) hardware profile of this machine."""
+    matrix = (2048, 8192)
+    if args.model:
+        shape = OPTShape.from_config(_opt_config(args.model))
+        matrix = (shape.hidden, shape.ffn)
+    measured = HardwareProfile.measure(
+        resolve_device(args.device),
+        getattr(torch, args.dtype),
+        offload_dir=args.offload_dir,
+        matrix=matrix,
+        force=args.force,
+    )
+    print(measured.describe())
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(measured.to_json())
+        print(f"wrote {args.output}")
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    """Print the policy ``offload_policy="auto"`` would choose for a model, and its estimate."""
+    config = _opt_config(args.model)
+    workload = Workload(
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        batch_size=args.batch_size,
+        allow_compression=args.allow_compression,
+    )
+    try:
+        policy, est, hw = plan_policy(
+            args.model,
+            config=config,
+            device=resolve_device(args.device),
+            dtype=args.dtype,
+            offload_dir=args.offload_dir,
+            max_memory=args.max_memory,
+            workload=workload,
+        )
+    except InfeasiblePolicyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    print(f"Policy ({workload.prompt_len}-token prompts, {workload.gen_len} new tokens):")
+    print("  " + policy.to_json(indent=None))
+    print(
+        f"Predicted: {est.tokens_per_second:.1f} tok/s for a block of {est.block_size} "
+        f"sequences; prefill {est.prefill_seconds:.2f}s, decode {est.decode_seconds:.2f}s; "
+        f"bottleneck: {est.bottleneck}"
+        + (" (disk reads from the page cache)" if est.page_cached else "")
+    )
+    print(f"{'tier':<8}{'needs':>12}{'has':>12}")
+    for tier in TIERS:
+        note = " (same RAM as device)" if hw.shared and tier == "host" else ""
+        print(
+            f"{tier:<8}{human_bytes(est.peak_bytes[tier]):>12}"
+            f"{human_bytes(hw.capacity(tier)):>12}{note}"
+        )
+    if args.output:
+        policy.save(args.output)
+        print(f"wrote {args.output} (load it with offload_policy={args.output!r})")
+    return 0
+
+
+def _opt_config(path: str):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise _UsageError(f"--model {path!r} is not a checkpoint directory with a config.json.")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "opt":
+        raise _UsageError(
+            f"--model {path!r} is a {config.model_type!r} model; only OPT is supported."
+        )
+    return config
+
+
+class _UsageError(Exception):
+    """Bad command-line input: printed with exit code 2."""
+
+
+def _max_memory(items: list[str]) -> dict[str, int]:
+    caps = {}
+    for item in items:
+        tier, sep, size = item.partition("=")
+        if not sep or tier not in TIERS:
+            raise _UsageError(f"--max-memory {item!r}: use TIER=SIZE with TIER in {list(TIERS)}.")
+        try:
+            caps[tier] = parse_size(size, f"--max-memory {tier}")
+        except ValueError as err:
+            raise _UsageError(str(err)) from err
+    return caps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,11 +247,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--cache-dir", default=default_cache_dir())
     p.set_defaults(run=demo)
+
+    def machine_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default=None, help="compute device (default: cuda:0 or cpu)")
+        p.add_argument("--offload-dir", default=None, help="where the disk tier will be")
+
+    p = sub.add_parser("profile", help="measure and cache this machine's hardware profile")
+    machine_options(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model", default=None, help="measure matmuls at this model's shape")
+    p.add_argument("--force", action="store_true", help="measure again, ignoring the cache")
+    p.add_argument("--output", default=None, help="also write the profile as JSON here")
+    p.set_defaults(run=profile)
+
+    p = sub.add_parser("plan", help="the policy offload_policy='auto' would choose, and why")
+    machine_options(p)
+    p.add_argument("--model", required=True, help="checkpoint directory (config + safetensors)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="fix the block size")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument(
+        "--max-memory",
+        action="append",
+        default=[],
+        metavar="TIER=SIZE",
+        help="cap a tier, e.g. host=8GiB (repeatable)",
+    )
+    p.add_argument("--allow-compression", action="store_true", help="consider 4-bit weights/KV")
+    p.add_argument("--output", default=None, help="write the chosen policy as JSON here")
+    p.set_defaults(run=plan)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.command == "demo" and args.batch_size < 2:
         parser.error("--batch-size must be at least 2 (two micro-batches)")
-    return args.run(args)
+    if args.command == "demo":
+        return args.run(args)
+    try:  # profile and plan: bad input is a usage error, reported without a traceback
+        if args.command == "plan":
+            args.max_memory = _max_memory(args.max_memory)
+            Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=args.batch_size)
+        return args.run(args)
+    except (_UsageError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

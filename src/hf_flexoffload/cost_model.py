@@ -90,7 +90,7 @@ class ModelSizes:
     itemsize: int
     layer_stored: int  # one decoder layer as stored (compressed when it is)
     layer_plain: int  # ... in the compute dtype
-    largest_tensor: int  # plain bytes of a layer's largest matrix
+    largest_stored: int  # stored bytes of a layer's largest matrix
     layer_flops: int  # matmul FLOPs per token of one decoder layer
     embed_stored: int  # stage 0
     head_stored: int  # what the head stage fetches (its own tensors and the tied embedding)
@@ -123,7 +123,7 @@ class ModelSizes:
             itemsize=dtype.itemsize,
             layer_stored=per_stage[1]["device"],
             layer_plain=sum(math.prod(d) for _, d in stage_tensors[1]) * dtype.itemsize,
-            largest_tensor=max(matrices) * dtype.itemsize,
+            largest_stored=max(s.nbytes for s in layouts[1].specs),
             layer_flops=2 * sum(matrices),
             embed_stored=per_stage[0]["device"],
             head_stored=head_own + (tied if shape.tied_head else 0),
@@ -266,19 +266,33 @@ def step_terms(
     return per_layer, outside
 
 
-def combine(terms: dict[str, Affine], values: dict[str, float], overlap: bool) -> float:
-    """A layer's seconds: the slowest concurrent thread, or all of them in turn."""
+def combine(
+    terms: dict[str, Affine], values: dict[str, float], overlap: bool, penalty: float
+) -> float:
+    """A layer's seconds: all threads in turn without overlap; with it, the slowest thread plus
+    ``penalty`` times the rest (``penalty = 0``: perfect overlap)."""
     times = [t.at(values) for t in terms.values()]
-    return max(times) if overlap else sum(times)
+    if not overlap:
+        return sum(times)
+    return (1 - penalty) * max(times) + penalty * sum(times)
 
 
 # -- memory ------------------------------------------------------------------------------------
 
 
 def memory_terms(
-    sizes: ModelSizes, profile: HardwareProfile, policy: Policy, workload: Workload
+    sizes: ModelSizes,
+    profile: HardwareProfile,
+    policy: Policy,
+    workload: Workload,
+    offloaded: bool,
 ) -> dict[str, Affine]:
-    """Peak bytes per tier: weights, KV cache, hidden states, staging buffers and workspace."""
+    """Peak bytes per tier: weights, KV cache, hidden states, staging buffers and workspace.
+
+    Args:
+        offloaded: Some weights are outside compute memory, so fetching gathers them into
+            staging buffers (a tensor with any rows elsewhere is gathered whole).
+    """
     m, k = policy.micro_batch_size, policy.num_micro_batches
     b, e = m * k, sizes.itemsize
     s, total = workload.prompt_len, workload.prompt_len + workload.gen_len
@@ -290,12 +304,14 @@ def memory_terms(
         mem[t] += kv * frac("cache", t) + hidden * frac("activations", t)
 
     # Two sets of layer buffers (one computing, one prefetching) hold gathered and dequantized
-    # weights; the embedding stage gathers into fresh buffers.
+    # weights; the embedding stage gathers its matrices whole into fresh buffers.
     gathered = ("host", "disk") if cuda else ("disk",)
-    staging = 2 * sizes.layer_plain * frac("weights", *gathered)
+    staging = Affine()
+    if offloaded:
+        staging = 2 * sizes.layer_stored * frac("weights", *gathered)
+        staging += 2 * sizes.largest_stored + sizes.embed_stored  # tensors cut by the split
     if sizes.compressed_weights:
-        staging = 2 * sizes.layer_stored * frac("weights", *gathered) + 2 * sizes.layer_plain
-    staging += sizes.embed_stored * frac("weights", *gathered)
+        staging += 2 * sizes.layer_plain
     # Prefill workspace of one micro-batch (q, k, v, attention output, fc1 in and out, masks and
     # scores), the history copies of decode, and the block's logits as generate keeps them.
     workspace = m * s * (6 * sizes.hidden + 2 * sizes.ffn) * e
@@ -367,6 +383,13 @@ def realized_fractions(shape: OPTShape, dtype: torch.dtype, policy: Policy) -> d
     return values
 
 
+def is_offloaded(profile: HardwareProfile, values: dict[str, float]) -> bool:
+    """Whether some weights live outside compute memory at these fractions."""
+    if profile.shared:
+        return values["weights.disk"] > 0
+    return values["weights.device"] < 1
+
+
 def estimate_from_sizes(
     sizes: ModelSizes,
     profile: HardwareProfile,
@@ -377,16 +400,17 @@ def estimate_from_sizes(
     """The estimate at given fraction ``values`` (realized or requested)."""
     s, n = workload.prompt_len, workload.gen_len
     b = policy.block_size
-    mem = memory_terms(sizes, profile, policy, workload)
+    mem = memory_terms(sizes, profile, policy, workload, is_offloaded(profile, values))
     kv_total = sizes.layers * b * (s + n) * sizes.kv_token
     rates = Rates.of(sizes, profile, kv_total)
     prefill_layer, prefill_rest = step_terms(sizes, profile, rates, policy, tokens=s, context=0)
     decode_layer, decode_rest = step_terms(
         sizes, profile, rates, policy, tokens=1, context=s + n / 2
     )
-    prefill = sizes.layers * combine(prefill_layer, values, policy.overlap)
+    penalty = profile.overlap_penalty
+    prefill = sizes.layers * combine(prefill_layer, values, policy.overlap, penalty)
     prefill += prefill_rest.at(values)
-    decode_step = sizes.layers * combine(decode_layer, values, policy.overlap)
+    decode_step = sizes.layers * combine(decode_layer, values, policy.overlap, penalty)
     decode_step += decode_rest.at(values)
     decode = (n - 1) * decode_step
     return Estimate(

@@ -70,6 +70,56 @@ def resolve_dtype(
     return checkpoint
 
 
+def plan_policy(
+    path: str,
+    *,
+    config,
+    device: torch.device,
+    dtype: torch.dtype | str | None = None,
+    offload_dir: str | None = None,
+    max_memory: dict | None = None,
+    workload: Workload | None = None,
+) -> tuple[Policy, Estimate, HardwareProfile]:
+    """What ``offload_policy="auto"`` would choose for the checkpoint at ``path``, without
+    loading it (only its config and tensor headers are read).
+
+    Returns:
+        The policy, its estimate and the hardware profile it was planned for.
+    """
+    shape = OPTShape.from_config(config)
+    ckpt = SafetensorsCheckpoint(path)
+    saved = ckpt.compression
+    dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
+    workload = workload or default_workload(shape)
+    return _auto_policy(shape, saved, dtype, device, offload_dir, max_memory, workload)
+
+
+def _auto_policy(
+    shape: OPTShape,
+    saved: SavedCompression | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    offload_dir: str | None,
+    max_memory: dict | None,
+    workload: Workload,
+) -> tuple[Policy, Estimate, HardwareProfile]:
+    profile = HardwareProfile.measure(
+        device,
+        dtype,
+        offload_dir=offload_dir,
+        matrix=(shape.hidden, shape.ffn),
+        max_memory=max_memory,
+    )
+    compression = (saved.config, saved.embeddings) if saved is not None else None
+    policy, chosen = optimize(shape, dtype, profile, workload, compression=compression)
+    logger.info(
+        "offload_policy='auto' chose %s (predicted %.1f tok/s)",
+        policy.to_json(indent=None),
+        chosen.tokens_per_second,
+    )
+    return policy, chosen, profile
+
+
 def default_workload(shape: OPTShape) -> Workload:
     """FlexGen's benchmark workload (512-token prompts, 32 new tokens), shortened to fit models
     with fewer positions."""
@@ -166,20 +216,9 @@ class OffloadEngine:
         caps = Capacities.measure(device, offload_dir, max_memory)
         auto, chosen = policy == "auto", None
         if auto:
-            compression = (saved.config, saved.embeddings) if saved is not None else None
-            profile = HardwareProfile.measure(
-                device,
-                dtype,
-                offload_dir=offload_dir,
-                matrix=(shape.hidden, shape.ffn),
-                max_memory=max_memory,
-            )
             workload = workload or default_workload(shape)
-            policy, chosen = optimize(shape, dtype, profile, workload, compression=compression)
-            logger.info(
-                "offload_policy='auto' chose %s (predicted %.1f tok/s)",
-                policy.to_json(indent=None),
-                chosen.tokens_per_second,
+            policy, chosen, _ = _auto_policy(
+                shape, saved, dtype, device, offload_dir, max_memory, workload
             )
         layouts = layout_for(shape, policy, dtype)
         check_tensors(ckpt, layouts, layouts[-1].aliases.values(), compressed=saved is not None)

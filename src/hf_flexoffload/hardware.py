@@ -20,8 +20,8 @@ import logging
 import math
 import os
 import platform
-import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -36,7 +36,7 @@ from .storage import DiskFile, dtype_name
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 MATMUL_ROWS = (1, 4, 16, 64, 256, 1024)
 _DISK_PROBE_BYTES = 256 * 2**20
 
@@ -69,6 +69,9 @@ class HardwareProfile:
         device_attention_bytes: The same on the compute device.
         dequantize_bytes: 4-bit dequantization on the device, output bytes per s.
         op_seconds: Time of one small torch op (Python and dispatch overhead).
+        overlap_penalty: How much of the shorter of two concurrent tasks (a matmul and a read
+            of a cached offload file) still adds to their time: 0 for perfect overlap, 1 for
+            none (e.g. two cores shared by compute and page-cache copies).
         matrix: The (in, out) shape the matmul rates were measured on.
     """
 
@@ -90,6 +93,7 @@ class HardwareProfile:
     device_attention_bytes: float
     dequantize_bytes: float
     op_seconds: float
+    overlap_penalty: float
     matrix: tuple[int, int]
 
     def __post_init__(self) -> None:
@@ -99,6 +103,11 @@ class HardwareProfile:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Invalid HardwareProfile.{f.name}={value!r}: must be >= 0.")
+        if not 0.0 <= self.overlap_penalty <= 1.0:
+            raise ValueError(
+                f"Invalid HardwareProfile.overlap_penalty={self.overlap_penalty!r}: must be "
+                "between 0 and 1."
+            )
         if not self.matmul_flops or min(self.matmul_flops.values()) <= 0:
             raise ValueError(
                 f"Invalid HardwareProfile.matmul_flops={self.matmul_flops!r}: needs at least one "
@@ -241,6 +250,8 @@ class HardwareProfile:
                 f"device {self.device_attention_bytes / gb:.1f} GB/s",
                 f"dequantize     {self.dequantize_bytes / gb:.1f} GB/s (output)",
                 f"op overhead    {self.op_seconds * 1e6:.1f} us",
+                f"overlap        {self.overlap_penalty:.0%} of the shorter task still adds "
+                "(compute next to a cached read)",
             ]
         )
 
@@ -310,7 +321,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    """Median seconds of ``fn`` after one warm-up call."""
+    """Best seconds of ``fn`` over ``repeats`` after one warm-up call (on a shared machine,
+    noise only ever makes a run slower)."""
 
     def sync() -> None:
         if device.type == "cuda":
@@ -324,7 +336,7 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> 
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _measure_rates(
@@ -346,7 +358,7 @@ def _measure_rates(
     )
     rates["dequantize_bytes"] = _dequantize(device, dtype, matrix)
     rates["op_seconds"] = _op_overhead(device)
-    rates.update(_disk(probe_dir))
+    rates.update(_disk(probe_dir, device, dtype, matrix))
     return rates
 
 
@@ -356,7 +368,7 @@ def _matmul(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -
     out = {}
     for rows in MATMUL_ROWS:
         x = torch.randn(rows, d_in, device=device).to(dtype)
-        seconds = _timed(lambda x=x: F.linear(x, weight), device, repeats=3 if rows > 64 else 5)
+        seconds = _timed(lambda x=x: F.linear(x, weight), device, repeats=3 if rows > 64 else 9)
         out[rows] = 2 * rows * d_in * d_out / seconds
     return out
 
@@ -409,8 +421,11 @@ def _op_overhead(device: torch.device) -> float:
     return _timed(ops, device) / n
 
 
-def _disk(directory: str) -> dict[str, float]:
-    """Cold and cached read, and write (with fsync), of a 256 MiB file under ``directory``."""
+def _disk(
+    directory: str, device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]
+) -> dict[str, float]:
+    """Cold and cached read, and write (with fsync), of a 256 MiB file under ``directory``; and
+    how well a cached read overlaps with a matmul."""
     path = os.path.join(directory, f".hf_flexoffload-disk-probe-{os.getpid()}")
     data = torch.empty(_DISK_PROBE_BYTES, dtype=torch.uint8)
     data.random_(0, 255)
@@ -428,11 +443,47 @@ def _disk(directory: str) -> dict[str, float]:
             f.read_into(0, out)
             cold_times.append(time.perf_counter() - start)
         cached = _DISK_PROBE_BYTES / _timed(lambda: f.read_into(0, out), torch.device("cpu"), 3)
+        penalty = _overlap_penalty(lambda: f.read_into(0, out), device, dtype, matrix)
     finally:
         f.close()
         os.remove(path)
     cold = _DISK_PROBE_BYTES / min(cold_times)
-    return {"disk_read": min(cold, cached), "disk_write": write, "cached_disk_read": cached}
+    return {
+        "disk_read": min(cold, cached),
+        "disk_write": write,
+        "cached_disk_read": cached,
+        "overlap_penalty": penalty,
+    }
+
+
+def _overlap_penalty(
+    read: Callable[[], object], device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]
+) -> float:
+    """Run matmuls and file reads of about equal length alone, then together in two threads
+    (as the schedule does): the extra time over the longer one, relative to the shorter."""
+    weight = torch.randn(matrix[1], matrix[0], device=device).to(dtype)
+    x = torch.randn(64, matrix[0], device=device).to(dtype)
+    one = _timed(lambda: F.linear(x, weight), device)
+    io = _timed(read, torch.device("cpu"), 3)
+    count = max(1, round(io / one))
+
+    def compute() -> None:
+        for _ in range(count):
+            F.linear(x, weight)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    alone = _timed(compute, device, 3)
+    together = []
+    for _ in range(3):
+        start = time.perf_counter()
+        reader = threading.Thread(target=read)
+        reader.start()
+        compute()
+        reader.join()
+        together.append(time.perf_counter() - start)
+    extra = min(together) - max(alone, io)
+    return min(1.0, max(0.0, extra / min(alone, io)))
 
 
 def _drop_cached(fd: int) -> None:

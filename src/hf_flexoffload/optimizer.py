@@ -44,11 +44,21 @@ logger = logging.getLogger(__name__)
 Q4 = QuantConfig(bits=4, group_size=64)
 _MAX_MICRO_BATCHES = 16
 _TIE_BREAK = 1e-3
+HEADROOM = 0.9
 _ALL_FAST = {v: 1.0 if v.endswith(".device") else 0.0 for v in VARIABLES}
 
 
 class InfeasiblePolicyError(InsufficientMemoryError):
-    """No policy fits the capacities; the message says the smallest memory that would."""
+    """No policy fits the capacities; the message says the smallest memory that would.
+
+    Attributes:
+        needed: That smallest memory in bytes: ``{"ram", "disk"}`` on a CPU-only machine,
+            ``{"device", "host", "disk"}`` otherwise.
+    """
+
+    def __init__(self, message: str, needed: dict[str, int]) -> None:
+        super().__init__(message)
+        self.needed = needed
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ def optimize(
             best = (per_sequence, policy, est)
     logger.info("Policy search: %d candidates, %d LPs solved", len(candidates), solved)
     if best is None:
-        raise InfeasiblePolicyError(_infeasible_message(shape, dtype, profile, workload, fixed))
+        raise InfeasiblePolicyError(*_infeasible(shape, dtype, profile, workload, fixed))
     return best[1], best[2]
 
 
@@ -167,9 +177,27 @@ def _solve(
 ) -> tuple[Policy, Estimate] | None:
     """Place ``policy``'s bytes by LP; None when no placement fits."""
     sizes = ModelSizes.of(shape, dtype, policy)
-    caps = {t: float(profile.capacity(t)) for t in TIERS}
+    best = None
+    for offloaded in (False, True):
+        found = _solve_variant(shape, dtype, profile, workload, policy, fixed, sizes, offloaded)
+        if found is not None and (best is None or found[1].total_seconds < best[1].total_seconds):
+            best = found
+    return best
+
+
+def _solve_variant(
+    shape: OPTShape,
+    dtype: torch.dtype,
+    profile: HardwareProfile,
+    workload: Workload,
+    policy: Policy,
+    fixed: Policy | None,
+    sizes: ModelSizes,
+    offloaded: bool,
+) -> tuple[Policy, Estimate] | None:
+    caps = planning_capacities(profile)
     for _ in range(4):
-        values = _lp(sizes, profile, workload, policy, fixed, caps)
+        values = _lp(sizes, profile, workload, policy, fixed, caps, offloaded)
         if values is None:
             return None
         placed = _with_fractions(policy, values, fixed)
@@ -183,6 +211,15 @@ def _solve(
     return None
 
 
+def planning_capacities(profile: HardwareProfile) -> dict[str, float]:
+    """What the plan may fill: memory tiers keep ``HEADROOM`` free for what the model does not
+    count (allocator fragmentation, transformers' own tensors during ``generate``)."""
+    caps = {t: float(profile.capacity(t)) for t in TIERS}
+    for t in ("device", "host"):
+        caps[t] *= HEADROOM
+    return caps
+
+
 def _lp(
     sizes: ModelSizes,
     profile: HardwareProfile,
@@ -190,6 +227,7 @@ def _lp(
     policy: Policy,
     fixed: Policy | None,
     caps: dict[str, float],
+    offloaded: bool,
 ) -> dict[str, float] | None:
     s, n = workload.prompt_len, workload.gen_len
     kv_total = sizes.layers * policy.block_size * (s + n) * sizes.kv_token
@@ -207,24 +245,29 @@ def _lp(
     if fixed is not None:
         for t in TIERS:
             prob += x[f"weights.{t}"] == getattr(fixed.weights, t)
+    if not offloaded:
+        prob += x["weights.disk"] == 0
+        if not profile.shared:
+            prob += x["weights.device"] == 1
 
     total = 0
     phases = (("prefill", s, 0.0, 1), ("decode", 1, s + n / 2, n - 1))
     for name, tokens, context, steps in phases:
         layer, rest = step_terms(sizes, profile, rates, policy, tokens=tokens, context=context)
+        # A layer takes (1 - penalty) * (its slowest thread) + penalty * (all threads), as in
+        # cost_model.combine; the slowest thread is t, bounded below by every thread's term.
+        every = pulp.lpSum(expr(term) for term in layer.values())
+        penalty = profile.overlap_penalty if policy.overlap else 1.0
         t = pulp.LpVariable(f"t_{name}", 0)
-        if policy.overlap:
-            for term in layer.values():
-                prob += t >= expr(term)
-        else:
-            prob += t == pulp.lpSum(expr(term) for term in layer.values())
-        total = total + steps * (sizes.layers * t + expr(rest))
+        for term in layer.values():
+            prob += t >= expr(term)
+        layer_time = (1 - penalty) * t + penalty * every
         # Ties (I/O hidden under compute) go to the placement that moves the fewest bytes.
-        slack = pulp.lpSum(expr(term) for term in layer.values())
-        total = total + _TIE_BREAK * steps * sizes.layers * slack
+        layer_time = layer_time + _TIE_BREAK * every
+        total = total + steps * (sizes.layers * layer_time + expr(rest))
     prob += total * (1.0 / policy.block_size)
 
-    mem = memory_terms(sizes, profile, policy, workload)
+    mem = memory_terms(sizes, profile, policy, workload, offloaded)
     if profile.shared:
         prob += expr(mem["device"]) + expr(mem["host"]) <= min(caps["device"], caps["host"])
         prob += expr(mem["disk"]) <= caps["disk"]
@@ -248,24 +291,24 @@ def _with_fractions(policy: Policy, values: dict[str, float], fixed: Policy | No
 
 
 def _excess(peak: dict[str, int], profile: HardwareProfile) -> dict[str, float]:
+    caps = planning_capacities(profile)
     if profile.shared:
-        ram = min(profile.device_memory, profile.host_memory)
-        over = peak["device"] + peak["host"] - ram
-        disk = max(0, peak["disk"] - profile.disk_space)
+        over = peak["device"] + peak["host"] - min(caps["device"], caps["host"])
+        disk = max(0, peak["disk"] - caps["disk"])
         return {"device": max(0, over), "host": 0, "disk": disk}
-    return {t: max(0, peak[t] - profile.capacity(t)) for t in TIERS}
+    return {t: max(0, peak[t] - caps[t]) for t in TIERS}
 
 
 # -- when nothing fits -------------------------------------------------------------------------
 
 
-def _infeasible_message(
+def _infeasible(
     shape: OPTShape,
     dtype: torch.dtype,
     profile: HardwareProfile,
     workload: Workload,
     fixed: Policy | None,
-) -> str:
+) -> tuple[str, dict[str, int]]:
     """The smallest memory per tier that one sequence would need, everything offloaded."""
     batch = workload.batch_size or 1
     smallest = Policy(micro_batch_size=batch)
@@ -277,16 +320,18 @@ def _infeasible_message(
     if fixed is not None:
         values.update({f"weights.{t}": getattr(fixed.weights, t) for t in TIERS})
     sizes = ModelSizes.of(shape, dtype, smallest)
-    mem = memory_terms(sizes, profile, smallest, workload)
-    need = {t: int(mem[t].at(values)) for t in TIERS}
+    mem = memory_terms(sizes, profile, smallest, workload, offloaded=True)
+    need = {t: int(mem[t].at(values) / (HEADROOM if t != "disk" else 1.0)) + 1 for t in TIERS}
     what = f"{batch} sequence(s) of {workload.prompt_len} + {workload.gen_len} tokens" + (
         ", compressed to 4 bits" if smallest.compress_weights else ""
     )
     if profile.shared:
         ram = need["device"] + need["host"]
+        needed = {"ram": ram, "disk": need["disk"]}
         has = min(profile.device_memory, profile.host_memory)
         memory = f"at least {human_bytes(ram)} of RAM (has {human_bytes(has)})"
     else:
+        needed = dict(need)
         memory = (
             f"at least {human_bytes(need['device'])} of device memory (has "
             f"{human_bytes(profile.device_memory)}) and {human_bytes(need['host'])} of host RAM "
@@ -298,4 +343,4 @@ def _infeasible_message(
         f"hidden states on disk, {what} need {memory} for staging buffers and workspace, and "
         f"{human_bytes(need['disk'])} of disk (has {human_bytes(profile.disk_space)}). Raise "
         f"max_memory (or free memory), use a shorter prompt or fewer new tokens{hint}."
-    )
+    ), needed

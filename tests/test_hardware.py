@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from hf_flexoffload import HardwareProfile
+
+
+def make_profile(**overrides) -> HardwareProfile:
+    """A synthetic profile: rates of a small CPU machine, capacities in bytes."""
+    values = dict(
+        device="cpu",
+        device_name="test cpu",
+        dtype="float32",
+        shared=True,
+        device_memory=8 * 2**30,
+        host_memory=8 * 2**30,
+        disk_space=100 * 2**30,
+        ram_available=8 * 2**30,
+        host_to_device=10e9,
+        device_to_host=10e9,
+        disk_read=1e9,
+        disk_write=1e9,
+        cached_disk_read=8e9,
+        matmul_flops={1: 10e9, 16: 50e9, 256: 100e9},
+        attention_bytes=10e9,
+        device_attention_bytes=10e9,
+        dequantize_bytes=2e9,
+        op_seconds=5e-6,
+        overlap_penalty=0.5,
+        matrix=(64, 128),
+    )
+    values.update(overrides)
+    return HardwareProfile(**values)
+
+
+def test_json_round_trip():
+    profile = make_profile()
+    again = HardwareProfile.from_json(profile.to_json())
+    assert again == profile
+    assert json.loads(profile.to_json())["matmul_flops"] == {"1": 10e9, "16": 50e9, "256": 100e9}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("disk_read", -1.0), ("matmul_flops", {}), ("overlap_penalty", 1.5)],
+    ids=["negative", "no-matmul", "penalty-above-1"],
+)
+def test_invalid_fields_are_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        make_profile(**{field: value})
+
+
+def test_unknown_json_fields_are_rejected():
+    data = make_profile().to_dict()
+    data["bogus"] = 1
+    with pytest.raises(ValueError, match="bogus"):
+        HardwareProfile.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [(1, 10e9), (16, 50e9), (256, 100e9), (4096, 100e9), (4, (10e9**0.5) * (50e9**0.5))],
+    ids=["first", "middle", "last", "beyond", "interpolated"],
+)
+def test_matmul_rate_interpolates_in_log_space(rows, expected):
+    assert make_profile().matmul_rate(rows) == pytest.approx(expected)
+
+
+def test_max_memory_caps_shared_ram_and_disk():
+    capped = make_profile().with_caps({"host": "1GiB", "disk": "2GiB"})
+    assert (capped.device_memory, capped.host_memory, capped.disk_space) == (
+        2**30,
+        2**30,
+        2 * 2**30,
+    )
+    assert capped.ram_available == 8 * 2**30  # the page cache is the OS's, not capped
+
+
+def test_measure_caches_rates_but_reads_capacities_again(tmp_path):
+    kwargs = dict(offload_dir=str(tmp_path), matrix=(64, 128), cache_dir=str(tmp_path / "c"))
+    first = HardwareProfile.measure("cpu", torch.float32, **kwargs)
+    files = os.listdir(tmp_path / "c")
+    assert len(files) == 1 and files[0].startswith("cpu-float32-")
+    assert all(rate > 0 for rate in first.matmul_flops.values())
+    assert first.disk_read > 0 and first.cached_disk_read > 0 and first.dequantize_bytes > 0
+    assert 0.0 <= first.overlap_penalty <= 1.0
+    again = HardwareProfile.measure("cpu", torch.float32, max_memory={"host": 10**9}, **kwargs)
+    assert again.matmul_flops == first.matmul_flops  # from the cache
+    assert again.host_memory == again.device_memory == 10**9
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".hf_flexoffload-disk-probe")]
