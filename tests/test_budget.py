@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_flexoffload import FlexOffloadOPTForCausalLM
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Workload
 from hf_flexoffload.budget import Capacities, InsufficientMemoryError, parse_size
 
 
@@ -43,3 +43,35 @@ def test_auto_policy_loads_and_generates(pre_ln_checkpoint):
         assert model.offload_policy.weights.disk > 0
         got = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, stock.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+def test_auto_reoptimizes_for_the_real_batch(pre_ln_checkpoint):
+    path, stock = pre_ln_checkpoint
+    ids = torch.randint(3, 90, (5, 6))
+    workload = Workload(prompt_len=8, gen_len=4, batch_size=2)
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy="auto", max_memory={"host": "2MB"}, workload=workload
+    ) as model:
+        loaded = model.offload_policy
+        assert model.policy_estimate.tokens_per_second > 0
+        assert model.policy_estimate.block_size == loaded.block_size
+        got = model.generate(ids, max_new_tokens=3, do_sample=False)
+        run = model.generation_stats.policy
+        assert model.offload_policy == loaded
+    assert torch.equal(got, stock.generate(ids, max_new_tokens=3, do_sample=False))
+    assert run.weights == loaded.weights  # placed at load, kept
+    assert run.block_size >= 5 and run.block_size - run.micro_batch_size < 5
+
+
+def test_fixed_policy_runs_as_given(pre_ln_checkpoint):
+    path, _ = pre_ln_checkpoint
+    policy = Policy(micro_batch_size=2, num_micro_batches=2)
+    with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+        model.generate(torch.randint(3, 90, (3, 4)), max_new_tokens=2, do_sample=False)
+        assert model.generation_stats.policy == policy
+        assert model.policy_estimate.block_size == 4
+
+
+def test_workload_must_be_a_workload(pre_ln_checkpoint):
+    with pytest.raises(TypeError, match="Workload"):
+        FlexOffloadOPTForCausalLM.from_pretrained(pre_ln_checkpoint[0], workload={"gen_len": 4})

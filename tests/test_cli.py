@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from hf_flexoffload import cli
+from hf_flexoffload import HardwareProfile, Policy, cli
 
 
 def run_demo(cache_dir, new_tokens: int) -> int:
@@ -37,3 +37,65 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
 def test_demo_rejects_tiny_batch():
     with pytest.raises(SystemExit):
         cli.main(["demo", "--batch-size", "1"])
+
+
+def plan(*args: str) -> int:
+    return cli.main(["plan", *args])
+
+
+def test_plan_prints_the_policy_and_writes_it(pre_ln_checkpoint, tmp_path, capsys):
+    path, _ = pre_ln_checkpoint
+    out_file = tmp_path / "policy.json"
+    code = plan(
+        "--model",
+        path,
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "8",
+        "--max-memory",
+        "host=2MiB",
+        "--output",
+        str(out_file),
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Predicted:" in out and "tok/s" in out and "bottleneck" in out
+    assert all(tier in out for tier in ("device", "host", "disk"))
+    policy = Policy.load(out_file)  # loadable as offload_policy=
+    assert policy.block_size >= 1
+
+
+@pytest.mark.parametrize(
+    "extra, code",
+    [
+        (["--max-memory", "host=1KB"], cli.EXIT_INFEASIBLE),
+        (["--max-memory", "gpu=1GiB"], cli.EXIT_USAGE),
+        (["--max-memory", "host=lots"], cli.EXIT_USAGE),
+        (["--prompt-len", "0"], cli.EXIT_USAGE),
+    ],
+    ids=["infeasible", "unknown-tier", "bad-size", "bad-length"],
+)
+def test_plan_exit_codes(pre_ln_checkpoint, capsys, extra, code):
+    path, _ = pre_ln_checkpoint
+    assert plan("--model", path, "--prompt-len", "16", "--gen-len", "8", *extra) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error:")
+    if code == cli.EXIT_INFEASIBLE:
+        assert "at least" in err
+
+
+def test_plan_without_a_checkpoint_is_a_usage_error(tmp_path, capsys):
+    assert plan("--model", str(tmp_path / "missing")) == cli.EXIT_USAGE
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_profile_prints_and_writes_json(tmp_path, pre_ln_checkpoint, capsys):
+    path, _ = pre_ln_checkpoint
+    out_file = tmp_path / "profile.json"
+    code = cli.main(
+        ["profile", "--model", path, "--offload-dir", str(tmp_path), "--output", str(out_file)]
+    )
+    assert code == 0
+    assert "matmul" in capsys.readouterr().out
+    assert HardwareProfile.from_json(out_file.read_text()).matrix == (64, 128)

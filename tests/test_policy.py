@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from hf_flexoffload import Policy, QuantConfig, Split
+from hf_flexoffload import Policy, QuantConfig, Split, Workload
 from hf_flexoffload.modeling import resolve_policy
 
 
@@ -75,3 +75,13 @@ def test_from_flexgen():
     assert policy.host_attention is False
     with pytest.raises(ValueError, match="6 numbers"):
         Policy.from_flexgen([100, 0], gpu_batch_size=1, num_gpu_batches=1)
+
+
+def test_workload_round_trip_and_validation():
+    w = Workload(prompt_len=128, gen_len=8, batch_size=4, allow_compression=True)
+    assert Workload.from_dict(w.to_dict()) == w
+    for field, value in [("prompt_len", 0), ("gen_len", 1.5), ("batch_size", 0)]:
+        with pytest.raises(ValueError, match=f"Workload.{field}"):
+            Workload(**{field: value})
+    with pytest.raises(ValueError, match="bogus"):
+        Workload.from_dict({"bogus": 1})

@@ -36,8 +36,8 @@ from .storage import DiskFile, dtype_name
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 2
-MATMUL_ROWS = (1, 4, 16, 64, 256, 1024)
+PROFILE_VERSION = 3
+MATMUL_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 _DISK_PROBE_BYTES = 256 * 2**20
 
 
