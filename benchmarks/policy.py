@@ -65,12 +65,6 @@ def hand_policies() -> dict[str, Policy]:
         "batch 32, 4-bit weights half in RAM": Policy(
             micro_batch_size=32, weights=Split(device=0.5, disk=0.5), compress_weights=Q4
         ),
-        "batch 16, 4-bit weights+cache": Policy(
-            micro_batch_size=16,
-            weights=Split(device=0.4, disk=0.6),
-            compress_weights=Q4,
-            compress_cache=Q4,
-        ),
     }
 
 
