@@ -1,0 +1,225 @@
+"""Measuring this machine: the timed probes behind ``HardwareProfile.measure``.
+
+Each probe runs the operation the runtime runs (streamed matmuls at the model's shape, strided
+decode attention, 4-bit dequantization, positional reads of offload files) and reports the best
+of a few runs, since on a shared machine noise only ever makes a run slower.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .compression import QuantConfig, dequantize, quantize
+from .storage import DiskFile, dtype_name
+
+MATMUL_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+_DISK_PROBE_BYTES = 256 * 2**20
+_STREAM_BYTES = 512 * 2**20
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.getdevice_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Best seconds of ``fn`` over ``repeats`` after one warm-up call (on a shared machine,
+    noise only ever makes a run slower)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_rates(
+    device: torch.device, dtype: torch.dtype, matrix: tuple[int, int], probe_dir: str
+) -> dict:
+    torch.manual_seed(0)
+    rates: dict = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "dtype": dtype_name(dtype),
+        "matrix": list(matrix),
+    }
+    rates["matmul_flops"] = _matmul(device, dtype, matrix)
+    copy = _copy_bandwidth(device)
+    rates.update(copy)
+    rates["attention_bytes"] = _attention(torch.device("cpu"), dtype)
+    rates["device_attention_bytes"] = (
+        _attention(device, dtype) if device.type == "cuda" else rates["attention_bytes"]
+    )
+    rates["dequantize_bytes"] = _dequantize(device, dtype, matrix)
+    rates["op_seconds"] = _op_overhead(device)
+    rates.update(_disk(probe_dir, device, dtype, matrix))
+    return rates
+
+
+def _matmul(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -> dict[int, float]:
+    """FLOP/s by row count. The runtime streams every layer's weights from memory once per
+    step, so the weights rotate over more bytes than any cache holds (a single matrix re-used
+    would be served from a large L3 and look faster than a real layer)."""
+    d_in, d_out = matrix
+    nbytes = d_in * d_out * dtype.itemsize
+    count = max(2, min(64, -(-_STREAM_BYTES // nbytes)))
+    weights = [torch.randn(d_out, d_in, device=device).to(dtype) for _ in range(count)]
+
+    def run(x: torch.Tensor) -> None:
+        for w in weights:  # (out, in)
+            F.linear(x, w)
+
+    out = {}
+    for rows in MATMUL_ROWS:
+        x = torch.randn(rows, d_in, device=device).to(dtype)
+        seconds = _timed(lambda x=x: run(x), device, repeats=2 if rows > 64 else 3) / count
+        out[rows] = 2 * rows * d_in * d_out / seconds
+    return out
+
+
+def _copy_bandwidth(device: torch.device) -> dict[str, float]:
+    nbytes = 128 * 2**20
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    host.random_(0, 255)
+    if device.type != "cuda":
+        target = torch.empty_like(host)
+        rate = nbytes / _timed(lambda: target.copy_(host), device)
+        return {"host_to_device": rate, "device_to_host": rate}
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    h2d = nbytes / _timed(lambda: dev.copy_(host, non_blocking=True), device)
+    d2h = nbytes / _timed(lambda: host.copy_(dev, non_blocking=True), device)
+    return {"host_to_device": h2d, "device_to_host": d2h}
+
+
+def _attention(device: torch.device, dtype: torch.dtype) -> float:
+    """Decode attention throughput in KV bytes/s: 8 sequences, 16 heads of 64, 1024 tokens."""
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # host attention upcasts fp16, as KVUnit.attend does
+    b, heads, d, length = 8, 16, 64, 1024
+    q = torch.randn(b, heads, 1, d, device=device).to(dtype)
+    kv = torch.randn(2, length, b, heads, d, device=device).to(dtype)
+    keys, values = kv[0].permute(1, 2, 0, 3), kv[1].permute(1, 2, 0, 3)  # (b, H, S, d) views
+    bias = torch.zeros(b, 1, 1, length, device=device, dtype=dtype)
+    seconds = _timed(
+        lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=bias), device
+    )
+    return kv.numel() * kv.element_size() / seconds
+
+
+def _dequantize(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -> float:
+    weight = torch.randn(matrix[1], matrix[0], device=device).to(dtype)
+    q = quantize(weight, QuantConfig(bits=4, group_size=64), default_dim=0)
+    out = torch.empty_like(weight)
+    return weight.numel() * weight.element_size() / _timed(lambda: dequantize(q, out=out), device)
+
+
+def _op_overhead(device: torch.device) -> float:
+    x = torch.zeros(8, 8, device=device)
+    n = 200
+
+    def ops() -> None:
+        y = x
+        for _ in range(n):
+            y = y + 1
+
+    return _timed(ops, device) / n
+
+
+def _disk(
+    directory: str, device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]
+) -> dict[str, float]:
+    """Cold and cached read, and write (with fsync), of a 256 MiB file under ``directory``; and
+    how well a cached read overlaps with a matmul."""
+    path = os.path.join(directory, f".hf_flexoffload-disk-probe-{os.getpid()}")
+    data = torch.empty(_DISK_PROBE_BYTES, dtype=torch.uint8)
+    data.random_(0, 255)
+    out = torch.empty_like(data)
+    f = DiskFile(path, create=True)
+    try:
+        start = time.perf_counter()
+        f.write(0, data)
+        os.fsync(f.fileno())
+        write = _DISK_PROBE_BYTES / (time.perf_counter() - start)
+        cold_times = []
+        for _ in range(2):
+            _drop_cached(f.fileno())
+            start = time.perf_counter()
+            f.read_into(0, out)
+            cold_times.append(time.perf_counter() - start)
+        cached = _DISK_PROBE_BYTES / _timed(lambda: f.read_into(0, out), torch.device("cpu"), 3)
+        penalty = _overlap_penalty(lambda: f.read_into(0, out), device, dtype, matrix)
+    finally:
+        f.close()
+        os.remove(path)
+    cold = _DISK_PROBE_BYTES / min(cold_times)
+    return {
+        "disk_read": min(cold, cached),
+        "disk_write": write,
+        "cached_disk_read": cached,
+        "overlap_penalty": penalty,
+    }
+
+
+def _overlap_penalty(
+    read: Callable[[], object], device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]
+) -> float:
+    """Run matmuls and file reads of about equal length alone, then together in two threads
+    (as the schedule does): the extra time over the longer one, relative to the shorter."""
+    weight = torch.randn(matrix[1], matrix[0], device=device).to(dtype)
+    x = torch.randn(64, matrix[0], device=device).to(dtype)
+    one = _timed(lambda: F.linear(x, weight), device)
+    io = _timed(read, torch.device("cpu"), 3)
+    count = max(1, round(io / one))
+
+    def compute() -> None:
+        for _ in range(count):
+            F.linear(x, weight)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    alone = _timed(compute, device, 3)
+    together = []
+    for _ in range(3):
+        start = time.perf_counter()
+        reader = threading.Thread(target=read)
+        reader.start()
+        compute()
+        reader.join()
+        together.append(time.perf_counter() - start)
+    extra = min(together) - max(alone, io)
+    return min(1.0, max(0.0, extra / min(alone, io)))
+
+
+def _drop_cached(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
