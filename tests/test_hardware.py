@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_flexoffload import HardwareProfile
+from hf_flexoffload.probes import MAX_OVERLAP_PENALTY
 
 
 def make_profile(**overrides) -> HardwareProfile:
@@ -46,8 +47,8 @@ def test_json_round_trip():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("disk_read", -1.0), ("matmul_flops", {}), ("overlap_penalty", 1.5)],
-    ids=["negative", "no-matmul", "penalty-above-1"],
+    [("disk_read", -1.0), ("matmul_flops", {}), ("overlap_penalty", 2.5)],
+    ids=["negative", "no-matmul", "penalty-above-2"],
 )
 def test_invalid_fields_are_named(field, value):
     with pytest.raises(ValueError, match=field):
@@ -87,7 +88,7 @@ def test_measure_caches_rates_but_reads_capacities_again(tmp_path):
     assert len(files) == 1 and files[0].startswith("cpu-float32-")
     assert all(rate > 0 for rate in first.matmul_flops.values())
     assert first.disk_read > 0 and first.cached_disk_read > 0 and first.dequantize_bytes > 0
-    assert 0.0 <= first.overlap_penalty <= 1.0
+    assert 0.0 <= first.overlap_penalty <= MAX_OVERLAP_PENALTY
     again = HardwareProfile.measure("cpu", torch.float32, max_memory={"host": 10**9}, **kwargs)
     assert again.matmul_flops == first.matmul_flops  # from the cache
     assert again.host_memory == again.device_memory == 10**9

@@ -8,7 +8,8 @@ The model follows *our* implementation, stage by stage (see schedule.py):
   write thread), and their sum when not;
 * compute is the layer's matmuls at the measured rate for its row count, attention at the
   measured KV-bytes rate (dequantizing compressed history first), plus a per-op overhead;
-* the embedding stage's fetch is never overlapped; the head's is overlapped with the last layer;
+* the embedding and head stages keep their gathered weights (weights.py), so only the first
+  forward pass fetches them;
 * a forward pass adds a fixed per-step cost (transformers' generate loop and our set-up).
 
 Every term is an ``Affine`` function of the nine placement fractions (weights, cache and
@@ -93,7 +94,7 @@ class ModelSizes:
     largest_stored: int  # stored bytes of a layer's largest matrix
     layer_flops: int  # matmul FLOPs per token of one decoder layer
     embed_stored: int  # stage 0
-    head_stored: int  # what the head stage fetches (its own tensors and the tied embedding)
+    head_stored: int  # the head stage's own tensors (a tied head borrows the embedding's copy)
     head_plain: int
     head_flops: int  # per token
     weights_stored: int  # every stage, the tied embedding once
@@ -109,10 +110,7 @@ class ModelSizes:
         per_stage = placement_report(layouts, Split(device=1.0)).per_stage
         stage_tensors = layers.stage_tensors(shape)
         matrices = [math.prod(d) for _, d in stage_tensors[1] if len(d) == 2]
-        head_formats = {n: f for n, f in layouts[0].formats.items() if "embed_tokens" in n}
         embed_tokens = shape.vocab * shape.embed_dim
-        tied = sum(f.nbytes for f in head_formats.values()) or embed_tokens * dtype.itemsize
-        head_own = per_stage[-1]["device"]
         codec = TokenCodec((2, 1, shape.heads, shape.head_dim), dtype, policy.compress_cache)
         return cls(
             layers=shape.layers,
@@ -126,7 +124,7 @@ class ModelSizes:
             largest_stored=max(s.nbytes for s in layouts[1].specs),
             layer_flops=2 * sum(matrices),
             embed_stored=per_stage[0]["device"],
-            head_stored=head_own + (tied if shape.tied_head else 0),
+            head_stored=per_stage[-1]["device"],
             head_plain=embed_tokens * dtype.itemsize,
             head_flops=2 * embed_tokens + (2 * shape.hidden * shape.embed_dim),
             weights_stored=sum(s["device"] for s in per_stage),
@@ -237,32 +235,34 @@ def step_terms(
     *,
     tokens: int,
     context: float,
+    first: bool,
 ) -> tuple[dict[str, Affine], Affine]:
     """One forward pass: the per-layer terms and the time outside the layers.
 
+    Args:
+        first: The model's first forward pass, which fetches the embedding and head stages'
+            weights (later passes reuse the copies the fetcher keeps).
+
     Returns:
         (per-layer terms as ``layer_terms``, seconds of the embedding, head and per-step
-        overhead, with the head's fetch counted as overlapped when ``policy.overlap``).
+        overhead).
     """
     m, k = policy.micro_batch_size, policy.num_micro_batches
     b = m * k
     cuda = not profile.shared
     per_layer = layer_terms(sizes, profile, rates, policy, tokens=tokens, context=context)
 
-    def fetch(nbytes: int) -> Affine:
-        t = frac("weights", "disk") * (nbytes / rates.disk_read)
-        if cuda:
-            t += frac("weights", "host", "disk") * (nbytes / profile.host_to_device)
-        return t
-
     head = Affine(const=b * sizes.head_flops / profile.matmul_rate(m))
     if sizes.compressed_head:  # the head dequantizes its matrix chunk by chunk, per micro-batch
         head += k * sizes.head_plain / profile.dequantize_bytes
     logits = b * sizes.vocab * 4
     fixed = Affine(const=OPS_PER_STEP * profile.op_seconds + 4 * logits / profile.host_to_device)
-    outside = fetch(sizes.embed_stored) + fixed + head
-    if not policy.overlap:
-        outside += fetch(sizes.head_stored)
+    outside = fixed + head
+    if first:
+        outer = sizes.embed_stored + sizes.head_stored
+        outside += frac("weights", "disk") * (outer / rates.disk_read)
+        if cuda:
+            outside += frac("weights", "host", "disk") * (outer / profile.host_to_device)
     return per_layer, outside
 
 
@@ -304,12 +304,13 @@ def memory_terms(
         mem[t] += kv * frac("cache", t) + hidden * frac("activations", t)
 
     # Two sets of layer buffers (one computing, one prefetching) hold gathered and dequantized
-    # weights; the embedding stage gathers its matrices whole into fresh buffers.
+    # weights; the embedding and head stages keep their gathered tensors whole.
     gathered = ("host", "disk") if cuda else ("disk",)
     staging = Affine()
     if offloaded:
         staging = 2 * sizes.layer_stored * frac("weights", *gathered)
-        staging += 2 * sizes.largest_stored + sizes.embed_stored  # tensors cut by the split
+        staging += 2 * sizes.largest_stored  # tensors cut by the split are gathered whole
+        staging += sizes.embed_stored + sizes.head_stored
     if sizes.compressed_weights:
         staging += 2 * sizes.layer_plain
     # Prefill workspace of one micro-batch (q, k, v, attention output, fc1 in and out, masks and
@@ -403,9 +404,11 @@ def estimate_from_sizes(
     mem = memory_terms(sizes, profile, policy, workload, is_offloaded(profile, values))
     kv_total = sizes.layers * b * (s + n) * sizes.kv_token
     rates = Rates.of(sizes, profile, kv_total)
-    prefill_layer, prefill_rest = step_terms(sizes, profile, rates, policy, tokens=s, context=0)
+    prefill_layer, prefill_rest = step_terms(
+        sizes, profile, rates, policy, tokens=s, context=0, first=True
+    )
     decode_layer, decode_rest = step_terms(
-        sizes, profile, rates, policy, tokens=1, context=s + n / 2
+        sizes, profile, rates, policy, tokens=1, context=s + n / 2, first=False
     )
     penalty = profile.overlap_penalty
     prefill = sizes.layers * combine(prefill_layer, values, policy.overlap, penalty)

@@ -28,12 +28,12 @@ import torch
 
 from .budget import Capacities
 from .policy import TIERS
-from .probes import cpu_name, device_name, measure_rates
+from .probes import MAX_OVERLAP_PENALTY, cpu_name, device_name, measure_rates
 from .storage import dtype_name
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 
 
 def default_cache_dir() -> str:
@@ -64,9 +64,11 @@ class HardwareProfile:
         device_attention_bytes: The same on the compute device.
         dequantize_bytes: 4-bit dequantization on the device, output bytes per s.
         op_seconds: Time of one small torch op (Python and dispatch overhead).
-        overlap_penalty: How much of the shorter of two concurrent tasks (a matmul and a read
-            of a cached offload file) still adds to their time: 0 for perfect overlap, 1 for
-            none (e.g. two cores shared by compute and page-cache copies).
+        overlap_penalty: How much of the shorter of two concurrent tasks (matmuls on one
+            staging buffer while a thread reads the next weights into the other) still adds to
+            the longer one's time: 0 for perfect overlap, 1 for none, up to 2 when the tasks
+            slow each other (more busy threads than cores: overlapping is then slower than
+            running in turn).
         matrix: The (in, out) shape the matmul rates were measured on.
     """
 
@@ -98,10 +100,10 @@ class HardwareProfile:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Invalid HardwareProfile.{f.name}={value!r}: must be >= 0.")
-        if not 0.0 <= self.overlap_penalty <= 1.0:
+        if not 0.0 <= self.overlap_penalty <= MAX_OVERLAP_PENALTY:
             raise ValueError(
                 f"Invalid HardwareProfile.overlap_penalty={self.overlap_penalty!r}: must be "
-                "between 0 and 1."
+                f"between 0 and {MAX_OVERLAP_PENALTY}."
             )
         if not self.matmul_flops or min(self.matmul_flops.values()) <= 0:
             raise ValueError(
@@ -228,6 +230,7 @@ class HardwareProfile:
     def describe(self) -> str:
         """A human-readable summary (the CLI prints it)."""
         gb = 1e9
+        slower = ": overlapping is slower than running in turn"
         rows = ", ".join(f"{r}: {f / gb:.0f}" for r, f in self.matmul_flops.items())
         caps = ", ".join(f"{t} {self.capacity(t) / 2**30:.1f} GiB" for t in TIERS)
         return "\n".join(
@@ -246,7 +249,7 @@ class HardwareProfile:
                 f"dequantize     {self.dequantize_bytes / gb:.1f} GB/s (output)",
                 f"op overhead    {self.op_seconds * 1e6:.1f} us",
                 f"overlap        {self.overlap_penalty:.0%} of the shorter task still adds "
-                "(compute next to a cached read)",
+                "(compute next to a cached read)" + (slower if self.overlap_penalty > 1 else ""),
             ]
         )
 

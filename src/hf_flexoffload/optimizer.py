@@ -152,6 +152,11 @@ def _candidates(
         kinds = [{}]
         if workload.allow_compression:
             kinds += [dict(compress_weights=Q4), dict(compress_weights=Q4, compress_cache=Q4)]
+    if fixed is None:
+        # Overlap changes no memory, and the model prices an overlapped layer at
+        # max + penalty * (sum - max): better than running in turn exactly when penalty < 1
+        # (on few cores the I/O thread's copies can slow compute more than they hide).
+        kinds = [{**kind, "overlap": profile.overlap_penalty < 1.0} for kind in kinds]
     host_attention = [True] if profile.shared else [True, False]
     out = []
     for kind in kinds:
@@ -253,11 +258,15 @@ def _lp(
     total = 0
     phases = (("prefill", s, 0.0, 1), ("decode", 1, s + n / 2, n - 1))
     for name, tokens, context, steps in phases:
-        layer, rest = step_terms(sizes, profile, rates, policy, tokens=tokens, context=context)
+        layer, rest = step_terms(
+            sizes, profile, rates, policy, tokens=tokens, context=context, first=name == "prefill"
+        )
         # A layer takes (1 - penalty) * (its slowest thread) + penalty * (all threads), as in
         # cost_model.combine; the slowest thread is t, bounded below by every thread's term.
+        # A penalty above 1 (threads that slow each other) is not convex in t: the LP prices
+        # such a fixed overlapped policy as the sum, and its estimate applies the real penalty.
         every = pulp.lpSum(expr(term) for term in layer.values())
-        penalty = profile.overlap_penalty if policy.overlap else 1.0
+        penalty = min(1.0, profile.overlap_penalty) if policy.overlap else 1.0
         t = pulp.LpVariable(f"t_{name}", 0)
         for term in layer.values():
             prob += t >= expr(term)

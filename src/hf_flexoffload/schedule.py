@@ -73,8 +73,6 @@ def run_block(
     logits = []
     for i, (j, k) in enumerate(order):
         if k == 0:
-            if j > 0:
-                fetcher.done(j - 1)
             w = weights.pop(j).wait()
             if j + 1 < num_stages:
                 weights[j + 1] = mover.read_weights(fetcher.fetch, j + 1)
@@ -94,8 +92,6 @@ def run_block(
         else:
             keep = x if logits_to_keep == 0 else x[:, -logits_to_keep:]
             logits.append(layers.head(shape, w, keep))
-            if k == len(micro_batches) - 1:
-                fetcher.done(j)
             continue
         activations.put(j, k, out)
         if following is not None and not early:

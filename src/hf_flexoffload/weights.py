@@ -155,8 +155,13 @@ class WeightFetcher:
     Decoder layers all have the same tensors, so their gathered copies go into two reusable
     sets of staging buffers (even and odd layers: one being computed, one being prefetched)
     instead of fresh allocations per layer and step, which would fragment the heap and push the
-    resident set far above the resident share. The embedding and head stages, used once per
-    forward, get fresh buffers.
+    resident set far above the resident share.
+
+    The embedding and head stages gather into buffers of their own, keyed by checkpoint name, and
+    keep the copies: weights never change, so later steps (and a tied head, which borrows the
+    embedding) reuse them instead of reading them again. Holding them costs no peak memory, since
+    every step's embedding and head stages need them anyway, and it saves the re-read and the page
+    faults of a fresh multi-hundred-MB allocation per stage and step.
 
     Compressed weights are dequantized into buffers of the same kind, except those whose local
     name is in ``keep_quantized`` (the embedding matrices): they are handed to the math as
@@ -186,7 +191,7 @@ class WeightFetcher:
             name: layout.segments_of(name) for layout in layouts for name in layout.local
         }
         self._pools: tuple[dict[str, torch.Tensor], ...] = ({}, {})
-        self._staged: dict[int, int] = {}
+        self._kept: dict[str, torch.Tensor] = {}  # outer stages' gathered copies, by name
 
     def fetch(self, stage: int) -> dict[str, torch.Tensor]:
         """The stage's weights as local name -> tensor on the compute device.
@@ -194,51 +199,43 @@ class WeightFetcher:
         Runs in the weight-read thread when overlapping. Counts one load of the stage.
         """
         layout = self.layouts[stage]
-        pool = self._pools[stage % 2] if stage in self.pooled_stages else None
-        fresh = [0]  # bytes of buffers allocated for this fetch only
+        pooled = stage in self.pooled_stages
+        pool = self._pools[stage % 2] if pooled else self._kept
 
         def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            if pool is not None and key in pool:
-                return pool[key]
-            tensor = torch.empty(shape, dtype=dtype, device=self.device)
-            nbytes = tensor.numel() * tensor.element_size()
-            if pool is None:
-                fresh[0] += nbytes
-            else:
-                pool[key] = tensor
-                self.counters.alloc("device", nbytes)
-            return tensor
+            if key not in pool:
+                pool[key] = torch.empty(shape, dtype=dtype, device=self.device)
+                self.counters.alloc("device", pool[key].numel() * pool[key].element_size())
+            return pool[key]
 
         out = {}
         names = [(local, name) for name, local in layout.local.items()]
         for local, name in names + list(layout.aliases.items()):
             spec = self._specs[name]
+            key = local if pooled else name  # kept copies are shared by name (tied heads)
+            kept = not pooled and f"{key}#stored" in pool  # gathered by an earlier fetch
             if self._in_place(name):
                 stored = self._segment_tensor(self._segments[name][0], spec)
+            elif kept:
+                stored = pool[f"{key}#stored"]
             else:
-                stored = self._gather(
-                    name, buffer(f"{local}#stored", spec.shape, self._dtypes[name])
-                )
+                stored = self._gather(name, buffer(f"{key}#stored", spec.shape, self._dtypes[name]))
             fmt = self._formats.get(name)
             if fmt is None:
                 out[local] = stored
             elif local in self.keep_quantized:
                 out[local] = from_bytes(stored, fmt)
+            elif kept and key in pool:
+                out[local] = pool[key]
             else:
                 out[local] = dequantize(
-                    from_bytes(stored, fmt), out=buffer(local, fmt.shape, fmt.dtype)
+                    from_bytes(stored, fmt), out=buffer(key, fmt.shape, fmt.dtype)
                 )
         self.counters.count_stage_load(stage)
-        self.counters.alloc("device", fresh[0])
-        self._staged[stage] = fresh[0]
         return out
 
-    def done(self, stage: int) -> None:
-        """The schedule no longer uses the stage's fetched weights."""
-        self.counters.free("device", self._staged.pop(stage, 0))
-
     def close(self) -> None:
-        for pool in self._pools:
+        for pool in (*self._pools, self._kept):
             for t in pool.values():
                 self.counters.free("device", t.numel() * t.element_size())
             pool.clear()
