@@ -31,11 +31,11 @@ from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
 from hf_flexoffload.budget import parse_size
-from hf_flexoffload.cli import OPT_1_3B, build_random_checkpoint
 from hf_flexoffload.compression import dequantize, quantize
 from hf_flexoffload.hardware import default_cache_dir
 from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
 from hf_flexoffload.weights import layout_for, placement_report
 
 Q4 = QuantConfig(bits=4, group_size=64)

@@ -30,11 +30,11 @@ from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, Workload
 from hf_flexoffload.budget import parse_size
-from hf_flexoffload.cli import OPT_1_3B, build_random_checkpoint
 from hf_flexoffload.cost_model import estimate
 from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
 from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
 
 Q4 = QuantConfig(bits=4, group_size=64)
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "policy.md")

@@ -7,9 +7,9 @@ import pytest
 from hf_flexoffload import HardwareProfile, Policy, cli
 
 
-def run_demo(cache_dir, new_tokens: int) -> int:
+def run_demo(cache_dir, new_tokens: int, eval_instances: int = 0) -> int:
     args = f"demo --batch-size 4 --prompt-len 8 --new-tokens {new_tokens} --cache-dir {cache_dir}"
-    return cli.main(args.split())
+    return cli.main([*args.split(), "--eval-instances", str(eval_instances)])
 
 
 def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
@@ -20,14 +20,17 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
         num_attention_heads=4,
         ffn_dim=128,
         vocab_size=512,
-        max_position_embeddings=64,
+        max_position_embeddings=512,  # the evaluation's one-shot prompts are ~300 characters
         word_embed_proj_dim=64,
     )
     monkeypatch.setattr(cli, "OPT_125M", tiny)
-    assert run_demo(tmp_path, 3) == 0
+    assert run_demo(tmp_path, 3, eval_instances=2) == 0
     out = capsys.readouterr().out
     assert "Same tokens as transformers: yes" in out
     assert "disk" in out and "tok/s" in out
+    assert "synthetic_reasoning-pattern_match: 2 instances" in out and "exact_match" in out
+    run = tmp_path / "demo-runs" / "synthetic_reasoning-pattern_match"
+    assert (run / "stats.json").exists()
     checkpoint = tmp_path / "demo-opt-125m-bf16" / "model.safetensors"
     built = os.stat(checkpoint).st_mtime_ns
     assert run_demo(tmp_path, 2) == 0

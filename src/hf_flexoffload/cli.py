@@ -1,7 +1,9 @@
-"""Command line: ``hf-flexoffload demo | profile | plan``. The only module that prints.
+"""Command line: ``hf-flexoffload demo | profile | plan | eval``. Printing happens here and in
+the evaluation's command and progress bar, nowhere else.
 
 Exit codes: 0 success; 1 the demo's tokens differ from transformers'; 2 bad arguments (a missing
-model, an unparsable size); 3 no policy fits the memory given to ``plan``.
+model, an unparsable size, bad evaluation data or output directory); 3 no policy fits the memory
+given to ``plan`` or ``eval``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -29,43 +32,10 @@ from .modeling import FlexOffloadOPTForCausalLM
 from .optimizer import InfeasiblePolicyError
 from .policy import TIERS, Policy, Split, Workload
 from .stats import human_bytes
+from .toy import OPT_125M, build_random_checkpoint, char_tokenizer
 from .transfer import resolve_device
 
 EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE = 1, 2, 3
-
-# The public facebook/opt-125m shape.
-OPT_125M = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    ffn_dim=3072,
-    vocab_size=50272,
-    max_position_embeddings=2048,
-    word_embed_proj_dim=768,
-    do_layer_norm_before=True,
-    pad_token_id=1,
-    bos_token_id=2,
-    eos_token_id=2,
-)
-# The public facebook/opt-1.3b shape (benchmarks).
-OPT_1_3B = {**OPT_125M, "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32}
-OPT_1_3B.update(ffn_dim=8192, word_embed_proj_dim=2048)
-
-
-def build_random_checkpoint(path: str, config: OPTConfig, dtype: torch.dtype, seed: int = 0) -> str:
-    """Save a random-weight OPT checkpoint at ``path`` once; later calls reuse it.
-
-    Written to a temporary directory first and renamed, so an interrupted build is never reused.
-    """
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    torch.manual_seed(seed)
-    model = OPTForCausalLM(config).to(dtype).eval()
-    tmp = f"{path}.partial-{os.getpid()}"
-    model.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    os.replace(tmp, path)
-    return path
 
 
 class Progress(StoppingCriteria):
@@ -142,7 +112,40 @@ def demo(args: argparse.Namespace) -> int:
         f"{human_bytes(stats.peak_bytes['device'] + stats.peak_bytes['host'])}"
     )
     print(f"Same tokens as transformers: {'yes' if same else 'NO'}")
-    return 0 if same else EXIT_MISMATCH
+    if not same:
+        return EXIT_MISMATCH
+    if args.eval_instances:
+        _demo_eval(args, policy)
+    return 0
+
+
+def _demo_eval(args: argparse.Namespace, policy: Policy) -> None:
+    """A small built-in HELM scenario through the offloaded model, with the progress bar."""
+    from .eval import builtin_scenario, evaluate
+    from .eval.command import summary
+
+    tokenizer = char_tokenizer()
+    path = os.path.join(args.cache_dir, "demo-opt-125m-chars-bf16")
+    config = OPTConfig(**{**OPT_125M, "vocab_size": len(tokenizer)})
+    build_random_checkpoint(path, config, torch.bfloat16, tokenizer=tokenizer)
+    scenario = builtin_scenario(
+        "synthetic_reasoning:pattern_match",
+        num_shots=1,
+        max_new_tokens=16,
+        max_instances=args.eval_instances,
+    )
+    output = os.path.join(args.cache_dir, "demo-runs")
+    shutil.rmtree(os.path.join(output, scenario.name), ignore_errors=True)  # the demo's own
+    print()
+    print(
+        f"Evaluating {scenario.source} ({args.eval_instances} instances, 1 shot) through the "
+        "offloaded model (random weights and a character tokenizer: expect scores near 0):"
+    )
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, dtype=torch.float32
+    ) as model:
+        result = evaluate(model, tokenizer, scenario, output_dir=output)
+    print(summary(result.stats, result.run_dir))
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -246,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--cache-dir", default=default_cache_dir())
+    p.add_argument(
+        "--eval-instances", type=int, default=16, help="then evaluate this many (0: skip)"
+    )
     p.set_defaults(run=demo)
 
     def machine_options(p: argparse.ArgumentParser) -> None:
@@ -278,18 +284,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="write the chosen policy as JSON here")
     p.set_defaults(run=plan)
 
+    from .eval import command as eval_command  # loads datasets: only when the CLI runs
+
+    eval_command.add_parser(sub, machine_options, _max_memory)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.command == "demo" and args.batch_size < 2:
         parser.error("--batch-size must be at least 2 (two micro-batches)")
     if args.command == "demo":
         return args.run(args)
-    try:  # profile and plan: bad input is a usage error, reported without a traceback
+    try:  # bad input is a usage error, reported without a traceback
         if args.command == "plan":
             args.max_memory = _max_memory(args.max_memory)
             Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=args.batch_size)
         return args.run(args)
-    except (_UsageError, ValueError, FileNotFoundError) as err:
+    except InfeasiblePolicyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    except (_UsageError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -209,8 +209,6 @@ def layer_terms(
     if sizes.compressed_cache:
         compute += history_plain / profile.dequantize_bytes
         compute += history_plain / profile.host_to_device  # cat with the new token
-    elif not cuda:  # disk units are read into a buffer and concatenated with the new token
-        compute += frac("cache", "disk") * (history_plain / profile.host_to_device)
 
     hidden = b * tokens * sizes.hidden * e
     new_kv = b * tokens * sizes.kv_token

@@ -78,6 +78,39 @@ class TokenCodec:
         return dequantize(from_bytes(records, fmt))
 
 
+class HistoryBuffers:
+    """Two host buffers that disk units read their history into, in turn: one is attended over
+    while the next unit's history is prefetched into the other. Each has room for the new token,
+    so attention needs no concatenated copy either. (Fresh buffers of tens of MB would be
+    page-faulted in on every layer of every step, at a fraction of memory bandwidth.)
+    """
+
+    def __init__(self, device: torch.device, counters: Counters) -> None:
+        self.device = device
+        self.counters = counters
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+
+    def take(self, tokens: int, record_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next buffer as (tokens, *record_shape); called by fetches, in order."""
+        i, self._turn = self._turn, 1 - self._turn
+        need = tokens * math.prod(record_shape) * dtype.itemsize
+        buf = self._buffers[i]
+        if buf is None or buf.numel() < need:
+            if buf is not None:
+                self.counters.free("host", buf.numel())
+            buf = host_empty((need,), torch.uint8, self.device)
+            self.counters.alloc("host", need)
+            self._buffers[i] = buf
+        return buf[:need].view(dtype).view(tokens, *record_shape)
+
+    def close(self) -> None:
+        for buf in self._buffers:
+            if buf is not None:
+                self.counters.free("host", buf.numel())
+        self._buffers = [None, None]
+
+
 class KVUnit:
     """Keys and values of one layer for one micro-batch, stored token-major: (S, 2, b, H, d), or
     (S, record_bytes) when compressed."""
@@ -96,6 +129,7 @@ class KVUnit:
         counters: Counters,
         capacity: int,
         compress: QuantConfig | None = None,
+        scratch: HistoryBuffers | None = None,
     ) -> None:
         self.tier = tier
         self.token_shape = (2, batch, heads, head_dim)
@@ -110,6 +144,8 @@ class KVUnit:
         self._file = DiskFile(path, create=True) if tier == "disk" else None
         self._path = path
         self._pending: Pending | None = None
+        self._scratch = scratch
+        self._room: torch.Tensor | None = None  # the fetched history's buffer, one token longer
 
     @property
     def token_bytes(self) -> int:
@@ -164,7 +200,14 @@ class KVUnit:
             history = self._buffer[: self.length]
         else:
             shape = (self.length, *self.codec.record_shape)
-            history = host_empty(shape, self.codec.storage_dtype, self.device)
+            if self._scratch is not None and on_host and self.codec.config is None:
+                # Read into a reused buffer with a row to spare for the new token.
+                room = self._scratch.take(
+                    self.length + 1, self.codec.record_shape, self.codec.storage_dtype
+                )
+                self._room, history = room, room[: self.length]
+            else:
+                history = host_empty(shape, self.codec.storage_dtype, self.device)
             self.counters.add_moved("disk_to_host", self._file.read_into(0, history))
         if on_host:
             return history
@@ -207,10 +250,14 @@ class KVUnit:
             history = self._buffer[:start]
         else:
             self._pending = mover.write(self._store, start, stored)
+        room, self._room = self._room, None
         if in_memory and self.codec.config is None:
             full = self._buffer[: start + s]  # attend over the buffer itself: no copy
         elif history is None or start == 0:
             full = new.to(where)
+        elif room is not None and room.shape[0] >= start + s:
+            room[start : start + s].copy_(new)  # the history was read into room[:start]
+            full = room[: start + s]
         else:
             full = torch.cat([self.codec.decode(history), new.to(where)])
         self.length = start + s
@@ -294,6 +341,7 @@ class FlexOffloadCache(Cache):
         self.capacity = capacity
         self.units: list[list[KVUnit]] = []
         self.micro_batch_sizes: tuple[int, ...] = ()
+        self._scratch = HistoryBuffers(device, counters)
 
     def allocate(self, micro_batch_sizes: tuple[int, ...]) -> None:
         """Create the units for these micro-batches (first forward), or check they match."""
@@ -322,6 +370,7 @@ class FlexOffloadCache(Cache):
                     counters=self.counters,
                     capacity=self.capacity,
                     compress=self.compress,
+                    scratch=self._scratch,
                 )
                 for m, size in enumerate(micro_batch_sizes)
             ]
@@ -372,3 +421,4 @@ class FlexOffloadCache(Cache):
             for unit in row:
                 unit.close()
         self.units = []
+        self._scratch.close()

@@ -1,0 +1,201 @@
+"""``hf-flexoffload eval``: the command-line face of ``evaluate``.
+
+Everything that can be wrong with the input (scenario, dataset, columns, template, output
+directory) is checked before the model is loaded; such errors exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from transformers import AutoTokenizer
+
+from ..budget import available_ram
+from ..modeling import FlexOffloadOPTForCausalLM
+from ..policy import Workload
+from ..transfer import resolve_device
+from .distributed import Ranks
+from .metrics import ALL_METRICS
+from .runner import evaluate, make_run_spec, run_directory
+from .scenario import (
+    BUILTIN_PREFIX,
+    Instance,
+    ScenarioSpec,
+    build_instances,
+    builtin_scenario,
+    continuation,
+)
+from .synthetic import MODES
+
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
+
+
+def add_parser(sub, machine_options, parse_max_memory) -> None:
+    """Register ``eval`` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "eval",
+        help="HELM-style evaluation of a model on a scenario or a local dataset",
+        description=__doc__.splitlines()[0],
+    )
+    machine_options(p)
+    p.add_argument("--model", required=True, help="checkpoint directory (config + safetensors)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--scenario",
+        help=f"built in: {', '.join(BUILTIN_PREFIX + m for m in MODES)}",
+    )
+    what.add_argument("--dataset", help="json, jsonl, csv, parquet or a saved datasets directory")
+    p.add_argument("--split", default=None, help="split to evaluate (default: test)")
+    p.add_argument("--train-split", default=None, help="split the k-shot examples come from")
+    p.add_argument("--prompt-template", default=None, help='e.g. "Q: {question}\\nA:"')
+    p.add_argument("--instructions", default=None)
+    p.add_argument("--reference-column", default=None)
+    p.add_argument("--choices-column", default=None, help="multiple choice: list of options")
+    p.add_argument("--answer-column", default=None, help="multiple choice: index or text")
+    p.add_argument("--id-column", default=None)
+    p.add_argument("--num-shots", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--stop", action="append", default=None, help='stop sequence, e.g. "\\n" (repeatable)'
+    )
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--metrics", default=None, help=f"comma-separated, of {','.join(ALL_METRICS)}")
+    p.add_argument("--max-instances", type=int, default=None)
+    p.add_argument("--run-name", default=None, help="directory name under --output")
+    p.add_argument("--output", default="runs", help="runs are written to OUTPUT/RUN_NAME/")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument(
+        "--offload-policy", default="auto", help="'auto' or a policy JSON file (see plan)"
+    )
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument(
+        "--max-memory", action="append", default=[], metavar="TIER=SIZE", help="cap a tier"
+    )
+    p.add_argument("--block-size", type=int, default=None, help="default: the policy's block")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run, parse_max_memory=parse_max_memory)
+
+
+def scenario_from_args(args: argparse.Namespace) -> ScenarioSpec:
+    """The spec the options describe: a built-in with overrides, or a local dataset."""
+    overrides = {
+        "name": args.run_name,
+        "split": args.split,
+        "train_split": args.train_split,
+        "prompt_template": _unescape(args.prompt_template),
+        "instructions": _unescape(args.instructions),
+        "reference_column": args.reference_column,
+        "choices_column": args.choices_column,
+        "answer_column": args.answer_column,
+        "id_column": args.id_column,
+        "num_shots": args.num_shots,
+        "seed": args.seed,
+        "stop": tuple(_unescape(s) for s in args.stop) if args.stop is not None else None,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "metrics": tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None,
+        "max_instances": args.max_instances,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if args.scenario:
+        return builtin_scenario(args.scenario, **given)
+    if args.choices_column and "metrics" not in given:
+        given["metrics"] = ("accuracy",)
+    return ScenarioSpec(source=args.dataset, **given)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = scenario_from_args(args)
+    instances = build_instances(spec)  # bad data fails here, before the model is loaded
+    ranks = Ranks.from_env()
+    run_dir = run_directory(args.output, spec)
+    run_dir.check(make_run_spec(spec, args.model), args.resume)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    workload = _workload(spec, instances, tokenizer)
+    max_memory = args.parse_max_memory(args.max_memory) or None
+    device = resolve_device(args.device)
+    offload_dir = args.offload_dir
+    if ranks.world_size > 1:
+        # One model per rank: its own device, its own offload files and a share of the RAM.
+        if device.type == "cuda":
+            device = torch.device("cuda", ranks.local_rank)
+        if offload_dir is not None:
+            offload_dir = os.path.join(offload_dir, f"rank-{ranks.rank}")
+        if max_memory is None and ranks.local_world_size > 1:
+            max_memory = {"host": available_ram() // ranks.local_world_size}
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        args.model,
+        offload_policy=args.offload_policy,
+        offload_dir=offload_dir,
+        device=device,
+        dtype=args.dtype,
+        max_memory=max_memory,
+        workload=workload,
+    ) as model:
+        result = evaluate(
+            model,
+            tokenizer,
+            spec,
+            output_dir=args.output,
+            resume=args.resume,
+            block_size=args.block_size,
+            model_name=args.model,
+            progress=not args.no_progress,
+            ranks=ranks,
+        )
+    if ranks.is_main:
+        print(summary(result.stats, result.run_dir))
+    return 0
+
+
+def _workload(spec: ScenarioSpec, instances: list[Instance], tokenizer) -> Workload:
+    """What "auto" places the weights for: the longest prompt (blocks run longest first) and
+    the generation length; every block is then re-planned for its real lengths."""
+    if spec.multiple_choice:
+        texts = [i.prompt + continuation(i.prompt, c) for i in instances for c in i.choices]
+        gen_len = 1
+    else:
+        texts, gen_len = [i.prompt for i in instances], spec.max_new_tokens
+    longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
+    return Workload(prompt_len=longest, gen_len=gen_len)
+
+
+def summary(stats: dict, run_dir: str | None) -> str:
+    """A few lines of what ``stats.json`` holds."""
+    lines = [f"{stats['scenario']}: {stats['num_instances']} instances"]
+    lines += [f"  {name:<20} {value:.4f}" for name, value in stats["metrics"].items()]
+    lines.append(
+        f"  {stats['generated_tokens']} tokens generated in {stats['model_seconds']:.1f}s of "
+        f"model time ({stats['generated_tokens_per_second']:.1f} tok/s, "
+        f"{stats['instances_per_second']:.2f} instances/s), {stats['processes']} process(es)"
+    )
+    if stats.get("policy"):
+        policy = {k: v for k, v in stats["policy"].items() if k in _POLICY_SUMMARY}
+        lines.append(f"  policy {json.dumps(policy)}")
+    if run_dir:
+        lines.append(f"  wrote {run_dir}/")
+    return "\n".join(lines)
+
+
+_POLICY_SUMMARY = ("micro_batch_size", "num_micro_batches", "weights", "cache", "overlap")
+
+
+def _unescape(text: str | None) -> str | None:
+    """Shell-friendly ``\\n`` and ``\\t`` in stop sequences and templates."""
+    if text is None:
+        return None
+    out, i = [], 0
+    while i < len(text):
+        pair = text[i : i + 2]
+        if pair in _ESCAPES:
+            out.append(_ESCAPES[pair])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from hf_flexoffload import cli
+from tests.eval.conftest import POLICY
+
+
+@pytest.fixture
+def policy_file(tmp_path):
+    path = tmp_path / "policy.json"
+    POLICY.save(str(path))
+    return str(path)
+
+
+def _eval(checkpoint: str, output, *extra: str) -> int:
+    args = ["eval", "--model", checkpoint, "--output", str(output), "--no-progress"]
+    return cli.main([*args, *extra])
+
+
+def test_eval_dataset_writes_a_run_and_prints_stats(eval_checkpoint, policy_file, tmp_path,
+                                                    capsys):  # fmt: skip
+    path, _, _ = eval_checkpoint
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in
+                            [("2+2", "4"), ("3+3", "6"), ("1+1", "2")]))  # fmt: skip
+    code = _eval(
+        path, tmp_path / "runs",
+        "--dataset", str(data), "--prompt-template", "Q: {question}\\nA:",
+        "--reference-column", "answer", "--metrics", "exact_match,f1,rouge_l",
+        "--stop", "\\n", "--max-new-tokens", "5", "--offload-policy", policy_file,
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "qa: 3 instances" in out and "rouge_l" in out and "tok/s" in out
+    stats = json.loads((tmp_path / "runs" / "qa" / "stats.json").read_text())
+    assert set(stats["metrics"]) == {"exact_match", "f1", "rouge_l"}
+    spec = json.loads((tmp_path / "runs" / "qa" / "run_spec.json").read_text())["scenario"]
+    assert spec["stop"] == ["\n"] and spec["prompt_template"] == "Q: {question}\nA:"
+    for line in (tmp_path / "runs" / "qa" / "instances.jsonl").read_text().splitlines():
+        assert "\n" not in json.loads(line)["completion"]
+
+
+def test_builtin_scenario_and_resume(eval_checkpoint, policy_file, tmp_path, capsys):
+    path, _, _ = eval_checkpoint
+    args = ["--scenario", "synthetic_reasoning:induction", "--num-shots", "0",
+            "--max-instances", "3", "--max-new-tokens", "3",
+            "--offload-policy", policy_file]  # fmt: skip
+    assert _eval(path, tmp_path / "runs", *args) == 0
+    assert _eval(path, tmp_path / "runs", *args) == cli.EXIT_USAGE  # finished: needs --resume
+    assert "--resume" in capsys.readouterr().err
+    assert _eval(path, tmp_path / "runs", *args, "--resume") == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "{data}", "--prompt-template", "{nope}"], "no column 'nope'"),
+        (["--dataset", "{data}", "--reference-column", "label"], "--reference-column"),
+        (["--dataset", "{missing}"], "does not exist"),
+        (["--scenario", "synthetic_reasoning:x"], "built in"),
+        (["--dataset", "{data}", "--metrics", "bleu"], "ScenarioSpec.metrics"),
+        (["--dataset", "{empty}"], "empty"),
+    ],
+    ids=["template-field", "missing-column", "missing-file", "unknown-scenario", "bad-metric",
+         "empty-dataset"],
+)  # fmt: skip
+def test_bad_input_exits_2_before_loading(eval_checkpoint, tmp_path, capsys, monkeypatch,
+                                          extra, message):  # fmt: skip
+    path, _, _ = eval_checkpoint
+    (tmp_path / "d.jsonl").write_text('{"input": "x", "reference": "y"}\n')
+    (tmp_path / "e.jsonl").write_text("")
+    files = {"data": tmp_path / "d.jsonl", "missing": tmp_path / "no.jsonl"}
+    files["empty"] = tmp_path / "e.jsonl"
+    extra = [str(files.get(a.strip("{}"), a)) for a in extra]
+    monkeypatch.setattr(
+        cli.FlexOffloadOPTForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded")
+    )
+    assert _eval(path, tmp_path / "runs", *extra) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_other_run_in_output_exits_2(eval_checkpoint, tmp_path, capsys):
+    path, _, _ = eval_checkpoint
+    run = tmp_path / "runs" / "synthetic_reasoning-induction"
+    run.mkdir(parents=True)
+    (run / "run_spec.json").write_text(json.dumps({"scenario": {}, "model": "other"}))
+    assert _eval(path, tmp_path / "runs", "--scenario", "synthetic_reasoning:induction") == 2
+    assert "different run" in capsys.readouterr().err
