@@ -6,8 +6,9 @@ import string
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models
-from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+from transformers import OPTConfig, OPTForCausalLM
+
+from hf_flexoffload.toy import CHAR_SPECIALS, char_tokenizer
 
 VOCAB = 96
 
@@ -73,23 +74,10 @@ def pre_ln_checkpoint(tmp_path_factory):
     return str(path), model
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer():
     """A character-level tokenizer over the tiny vocabulary (3 specials + 93 characters)."""
-    specials = ["<unk>", "<pad>", "</s>"]
-    chars = list(" " + string.ascii_lowercase + string.ascii_uppercase + string.digits)
-    chars += list(string.punctuation)
-    vocab = {t: i for i, t in enumerate((specials + chars)[:VOCAB])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        eos_token="</s>",
-        bos_token="</s>",
-    )
-    out.padding_side = "left"
-    return out
+    chars = " " + string.ascii_lowercase + string.ascii_uppercase + string.digits
+    return char_tokenizer((chars + string.punctuation)[: VOCAB - len(CHAR_SPECIALS)])
 
 
 @pytest.fixture(scope="session")

@@ -36,13 +36,13 @@ CHAR_SPECIALS = ("<unk>", "<pad>", "</s>")
 CHARS = " \n" + string.ascii_letters + string.digits + string.punctuation
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A tokenizer with one token per printable ASCII character (and newline), 3 specials
-    first: ``len(char_tokenizer())`` is 99, and a model with that ``vocab_size`` can read and
-    write any ASCII text."""
+def char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per character of ``chars`` (default: printable ASCII and
+    newline), 3 specials first: ``len(char_tokenizer())`` is 99, and a model with that
+    ``vocab_size`` can read and write any ASCII text."""
     from tokenizers import Tokenizer, decoders, models
 
-    vocab = {t: i for i, t in enumerate((*CHAR_SPECIALS, *CHARS))}
+    vocab = {t: i for i, t in enumerate((*CHAR_SPECIALS, *chars))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
     out = PreTrainedTokenizerFast(
