@@ -73,6 +73,30 @@ def test_cold_disk_when_the_page_cache_cannot_hold_the_offloaded_bytes():
     assert cold.total_seconds > warm.total_seconds
 
 
+@pytest.mark.parametrize(
+    ("direct_penalty", "faster"), [(0.0, True), (2.0, False)], ids=["overlaps", "contends"]
+)
+def test_direct_io_reads_cold_with_its_own_overlap_penalty(direct_penalty, faster):
+    profile = make_profile(overlap_penalty=1.0, direct_overlap_penalty=direct_penalty)
+    slow_cold = replace(profile, disk_read=2e8)
+    cached = estimate(SHAPE, F32, slow_cold, WORKLOAD, OFFLOADED)
+    direct = estimate(SHAPE, F32, slow_cold, WORKLOAD, replace(OFFLOADED, direct_io=True))
+    assert cached.page_cached and not direct.page_cached, "direct reads skip the page cache"
+    assert direct.total_seconds > cached.total_seconds  # cold reads at 0.2 GB/s vs 8 GB/s
+    # Where the page cache cannot hold the files anyway, only the overlap differs.
+    cold = replace(profile, ram_available=2**20)
+    cold_cached = estimate(SHAPE, F32, cold, WORKLOAD, OFFLOADED)
+    cold_direct = estimate(SHAPE, F32, cold, WORKLOAD, replace(OFFLOADED, direct_io=True))
+    assert (cold_direct.total_seconds < cold_cached.total_seconds) == faster
+
+
+def test_direct_io_without_a_measured_direct_penalty_is_priced_as_cached():
+    profile = make_profile()  # a filesystem without O_DIRECT: the runtime falls back
+    a = estimate(SHAPE, F32, profile, WORKLOAD, OFFLOADED)
+    b = estimate(SHAPE, F32, profile, WORKLOAD, replace(OFFLOADED, direct_io=True))
+    assert a.total_seconds == pytest.approx(b.total_seconds)
+
+
 def test_realized_fractions_round_to_whole_units():
     policy = Policy(micro_batch_size=2, num_micro_batches=3, cache=Split(device=0.5, disk=0.5))
     values = realized_fractions(SHAPE, F32, policy)

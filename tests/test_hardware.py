@@ -8,6 +8,7 @@ import torch
 
 from hf_flexoffload import HardwareProfile
 from hf_flexoffload.probes import MAX_OVERLAP_PENALTY
+from hf_flexoffload.storage import direct_io_supported
 
 
 def make_profile(**overrides) -> HardwareProfile:
@@ -47,12 +48,24 @@ def test_json_round_trip():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("disk_read", -1.0), ("matmul_flops", {}), ("overlap_penalty", 2.5)],
-    ids=["negative", "no-matmul", "penalty-above-2"],
+    [
+        ("disk_read", -1.0),
+        ("matmul_flops", {}),
+        ("overlap_penalty", 2.5),
+        ("direct_overlap_penalty", -0.1),
+    ],
+    ids=["negative", "no-matmul", "penalty-above-2", "negative-direct-penalty"],
 )
 def test_invalid_fields_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         make_profile(**{field: value})
+
+
+def test_direct_penalty_round_trips_and_applies_to_direct_policies():
+    profile = make_profile(direct_overlap_penalty=0.25)
+    assert HardwareProfile.from_json(profile.to_json()) == profile
+    assert profile.penalty_for(True) == 0.25 and profile.penalty_for(False) == 0.5
+    assert make_profile().penalty_for(True) == 0.5, "no O_DIRECT measured: the cached one"
 
 
 def test_unknown_json_fields_are_rejected():
@@ -89,6 +102,9 @@ def test_measure_caches_rates_but_reads_capacities_again(tmp_path):
     assert all(rate > 0 for rate in first.matmul_flops.values())
     assert first.disk_read > 0 and first.cached_disk_read > 0 and first.dequantize_bytes > 0
     assert 0.0 <= first.overlap_penalty <= MAX_OVERLAP_PENALTY
+    if direct_io_supported(str(tmp_path)):
+        assert 0.0 <= first.direct_overlap_penalty <= MAX_OVERLAP_PENALTY
+    assert first.penalty_for(False) == first.overlap_penalty
     again = HardwareProfile.measure("cpu", torch.float32, max_memory={"host": 10**9}, **kwargs)
     assert again.matmul_flops == first.matmul_flops  # from the cache
     assert again.host_memory == again.device_memory == 10**9

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ PLACEMENTS = {
     "weights_host": Policy(weights=Split(host=1.0)),
     "weights_disk": Policy(weights=Split(disk=1.0)),
     "weights_mixed": Policy(weights=Split(device=0.2, host=0.5, disk=0.3)),
+    "weights_disk_direct_io": Policy(weights=Split(host=0.4, disk=0.6), direct_io=True),
     "cache_host_host_attention": Policy(cache=Split(host=1.0), host_attention=True),
     "cache_host_device_attention": Policy(cache=Split(host=1.0), host_attention=False),
     "cache_disk": Policy(cache=Split(disk=1.0)),
@@ -264,3 +266,22 @@ def test_fp16_checkpoint_computes_in_bf16_on_cpu(pre_ln_checkpoint, tmp_path, ca
     with load(str(tmp_path), Policy(), dtype=torch.float32) as model:
         assert model.dtype == torch.float32
         assert model.engine.store.entry("decoder.layers.0.fc1.weight").dtype == torch.float32
+
+
+def test_direct_io_without_filesystem_support_warns_and_still_matches(
+    pre_ln_checkpoint, monkeypatch, caplog
+):
+    import hf_flexoffload.storage as storage
+
+    monkeypatch.setattr(storage, "direct_io_supported", lambda directory: False)
+    path, stock = pre_ln_checkpoint
+    ids, mask = batch()
+    expected = stock.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with (
+        caplog.at_level(logging.WARNING),
+        load(path, Policy(weights=Split(disk=1.0), direct_io=True)) as model,
+    ):
+        assert not model.engine.store.direct_io
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+    assert "does not support O_DIRECT" in caplog.text

@@ -152,10 +152,14 @@ class Rates:
     page_cached: bool
 
     @classmethod
-    def of(cls, sizes: ModelSizes, profile: HardwareProfile, kv_total: int) -> Rates:
+    def of(
+        cls, sizes: ModelSizes, profile: HardwareProfile, kv_total: int, direct_io: bool = False
+    ) -> Rates:
         footprint = sizes.weights_stored + kv_total
         cached = footprint + _PAGE_CACHE_MARGIN <= profile.ram_available
-        if cached:
+        # Direct reads skip the page cache even when it could hold everything.
+        direct = direct_io and profile.direct_overlap_penalty is not None
+        if cached and not direct:
             return cls(profile.cached_disk_read, profile.cached_disk_read, True)
         return cls(profile.disk_read, profile.disk_write, False)
 
@@ -401,14 +405,14 @@ def estimate_from_sizes(
     b = policy.block_size
     mem = memory_terms(sizes, profile, policy, workload, is_offloaded(profile, values))
     kv_total = sizes.layers * b * (s + n) * sizes.kv_token
-    rates = Rates.of(sizes, profile, kv_total)
+    rates = Rates.of(sizes, profile, kv_total, policy.direct_io)
     prefill_layer, prefill_rest = step_terms(
         sizes, profile, rates, policy, tokens=s, context=0, first=True
     )
     decode_layer, decode_rest = step_terms(
         sizes, profile, rates, policy, tokens=1, context=s + n / 2, first=False
     )
-    penalty = profile.overlap_penalty
+    penalty = profile.penalty_for(policy.direct_io)
     prefill = sizes.layers * combine(prefill_layer, values, policy.overlap, penalty)
     prefill += prefill_rest.at(values)
     decode_step = sizes.layers * combine(decode_layer, values, policy.overlap, penalty)

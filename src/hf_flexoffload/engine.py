@@ -94,6 +94,19 @@ def plan_policy(
     return _auto_policy(shape, saved, dtype, device, offload_dir, max_memory, workload)
 
 
+def _direct_io(policy: Policy, store: TierStore) -> bool:
+    """Whether disk weights are read with O_DIRECT: as the policy asks, where the filesystem
+    allows it."""
+    if not policy.direct_io or store.supports_direct_io():
+        return policy.direct_io
+    logger.warning(
+        "direct_io=True but %s does not support O_DIRECT (tmpfs?); reading through the page "
+        "cache instead. Put offload_dir on a disk filesystem to bypass it.",
+        store.directory,
+    )
+    return False
+
+
 def _auto_policy(
     shape: OPTShape,
     saved: SavedCompression | None,
@@ -232,6 +245,7 @@ class OffloadEngine:
         store = TierStore(device, os.path.join(directory, "weights"), counters)
         try:
             check_writable(store.directory, report.bytes_per_tier["disk"])
+            store.direct_io = _direct_io(policy, store)
             fingerprint = {
                 "format": FORMAT_VERSION,
                 "checkpoint": ckpt.fingerprint(),
@@ -393,6 +407,7 @@ class OffloadEngine:
     def begin_run(self, policy: Policy | None = None) -> None:
         self.counters.reset_run()
         self._run = _Run(policy or self.policy)
+        self.store.direct_io = _direct_io(self._run.policy, self.store)
 
     def end_run(self, batch: int) -> GenerationStats:
         run = self._run

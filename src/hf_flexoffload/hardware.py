@@ -33,7 +33,7 @@ from .storage import dtype_name
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6
 
 
 def default_cache_dir() -> str:
@@ -69,6 +69,8 @@ class HardwareProfile:
             the longer one's time: 0 for perfect overlap, 1 for none, up to 2 when the tasks
             slow each other (more busy threads than cores: overlapping is then slower than
             running in turn).
+        direct_overlap_penalty: The same with ``O_DIRECT`` reads (``None`` where the offload
+            directory's filesystem has no O_DIRECT): policies with ``direct_io`` use it.
         matrix: The (in, out) shape the matmul rates were measured on.
     """
 
@@ -92,19 +94,24 @@ class HardwareProfile:
     op_seconds: float
     overlap_penalty: float
     matrix: tuple[int, int]
+    direct_overlap_penalty: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("device", "device_name", "dtype", "shared", "matrix", "matmul_flops"):
                 continue
+            if f.name == "direct_overlap_penalty" and value is None:
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Invalid HardwareProfile.{f.name}={value!r}: must be >= 0.")
-        if not 0.0 <= self.overlap_penalty <= MAX_OVERLAP_PENALTY:
-            raise ValueError(
-                f"Invalid HardwareProfile.overlap_penalty={self.overlap_penalty!r}: must be "
-                f"between 0 and {MAX_OVERLAP_PENALTY}."
-            )
+        for name in ("overlap_penalty", "direct_overlap_penalty"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= MAX_OVERLAP_PENALTY:
+                raise ValueError(
+                    f"Invalid HardwareProfile.{name}={value!r}: must be between 0 and "
+                    f"{MAX_OVERLAP_PENALTY}."
+                )
         if not self.matmul_flops or min(self.matmul_flops.values()) <= 0:
             raise ValueError(
                 f"Invalid HardwareProfile.matmul_flops={self.matmul_flops!r}: needs at least one "
@@ -251,7 +258,21 @@ class HardwareProfile:
                 f"overlap        {self.overlap_penalty:.0%} of the shorter task still adds "
                 "(compute next to a cached read)" + (slower if self.overlap_penalty > 1 else ""),
             ]
+            + (
+                []
+                if self.direct_overlap_penalty is None
+                else [
+                    f"               {self.direct_overlap_penalty:.0%} next to a direct (O_DIRECT) "
+                    "read" + (slower if self.direct_overlap_penalty > 1 else "")
+                ]
+            )
         )
+
+    def penalty_for(self, direct_io: bool) -> float:
+        """The overlap penalty a policy sees: direct reads' where it reads directly."""
+        if direct_io and self.direct_overlap_penalty is not None:
+            return self.direct_overlap_penalty
+        return self.overlap_penalty
 
 
 # -- cache -------------------------------------------------------------------------------------

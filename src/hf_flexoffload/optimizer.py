@@ -142,6 +142,7 @@ def _candidates(
                 compress_cache=fixed.compress_cache,
                 compress_embeddings=fixed.compress_embeddings,
                 overlap=fixed.overlap,
+                direct_io=fixed.direct_io,
             )
         ]
     elif compression is not None:
@@ -157,6 +158,13 @@ def _candidates(
         # max + penalty * (sum - max): better than running in turn exactly when penalty < 1
         # (on few cores the I/O thread's copies can slow compute more than they hide).
         kinds = [{**kind, "overlap": profile.overlap_penalty < 1.0} for kind in kinds]
+        if profile.direct_overlap_penalty is not None:
+            # Reading weights directly (no page cache) can be the better trade when the disk
+            # tier will not stay cached anyway: same cold rate, reads that overlap better.
+            kinds += [
+                {**kind, "direct_io": True, "overlap": profile.direct_overlap_penalty < 1.0}
+                for kind in kinds
+            ]
     host_attention = [True] if profile.shared else [True, False]
     out = []
     for kind in kinds:
@@ -236,7 +244,7 @@ def _lp(
 ) -> dict[str, float] | None:
     s, n = workload.prompt_len, workload.gen_len
     kv_total = sizes.layers * policy.block_size * (s + n) * sizes.kv_token
-    rates = Rates.of(sizes, profile, kv_total)
+    rates = Rates.of(sizes, profile, kv_total, policy.direct_io)
     prob = pulp.LpProblem("flexoffload_policy", pulp.LpMinimize)
     x = {v: pulp.LpVariable(v.replace(".", "_"), 0, 1) for v in VARIABLES}
 
@@ -266,7 +274,7 @@ def _lp(
         # A penalty above 1 (threads that slow each other) is not convex in t: the LP prices
         # such a fixed overlapped policy as the sum, and its estimate applies the real penalty.
         every = pulp.lpSum(expr(term) for term in layer.values())
-        penalty = min(1.0, profile.overlap_penalty) if policy.overlap else 1.0
+        penalty = min(1.0, profile.penalty_for(policy.direct_io)) if policy.overlap else 1.0
         t = pulp.LpVariable(f"t_{name}", 0)
         for term in layer.values():
             prob += t >= expr(term)

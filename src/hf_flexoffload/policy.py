@@ -130,6 +130,11 @@ class Policy:
         compress_embeddings: With ``compress_weights``, also quantize the token and position
             embeddings and the LM head (as FlexGen does); ``False`` keeps them in the compute
             dtype. 1-D weights (biases, layer norms) are never quantized.
+        direct_io: Read disk-tier weights with ``O_DIRECT``, bypassing the page cache: disk
+            reads then take the disk's time every step but no CPU time, so they overlap with
+            compute even on few cores, and the weights do not crowd the page cache. Worth it
+            when the disk tier does not fit in free RAM anyway. Falls back to cached reads
+            (with a warning) where the filesystem has no ``O_DIRECT`` (e.g. tmpfs).
 
     Example:
         >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
@@ -148,6 +153,7 @@ class Policy:
     compress_weights: QuantConfig | None = None
     compress_cache: QuantConfig | None = None
     compress_embeddings: bool = True
+    direct_io: bool = False
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "num_micro_batches"):
@@ -161,7 +167,7 @@ class Policy:
         for name in ("weights", "cache", "activations"):
             value = getattr(self, name)
             _require(isinstance(value, Split), f"Policy.{name}", value, "must be a Split")
-        for name in ("overlap", "host_attention", "compress_embeddings"):
+        for name in ("overlap", "host_attention", "compress_embeddings", "direct_io"):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"Policy.{name}", value, "must be True or False")
         for name in ("compress_weights", "compress_cache"):

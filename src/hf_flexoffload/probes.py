@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .compression import QuantConfig, dequantize, quantize
 from .storage import DiskFile, dtype_name
+from .transfer import aligned_empty
 
 MATMUL_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 _DISK_PROBE_BYTES = 256 * 2**20
@@ -192,6 +193,16 @@ def _disk(
             cold_times.append(time.perf_counter() - start)
         cached = _DISK_PROBE_BYTES / _timed(lambda: f.read_into(0, out), torch.device("cpu"), 3)
         penalty = _overlap_penalty(f, device, dtype, matrix)
+        direct = DiskFile(path, direct=True)
+        try:
+            # Direct reads are DMA into the buffer: they may overlap where cached copies do not.
+            direct_penalty = (
+                _overlap_penalty(direct, device, dtype, matrix, max_steps=8)
+                if direct.direct
+                else None
+            )
+        finally:
+            direct.close()
     finally:
         f.close()
         os.remove(path)
@@ -201,14 +212,20 @@ def _disk(
         "disk_write": write,
         "cached_disk_read": cached,
         "overlap_penalty": penalty,
+        "direct_overlap_penalty": direct_penalty,
     }
 
 
 def _overlap_penalty(
-    f: DiskFile, device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]
+    f: DiskFile,
+    device: torch.device,
+    dtype: torch.dtype,
+    matrix: tuple[int, int],
+    max_steps: int | None = None,
 ) -> float:
-    """The schedule's pattern: a thread reads the next weight matrix from a cached offload file
-    into one staging buffer while matmuls run on the other. Compute and reads are timed alone,
+    """The schedule's pattern: a thread reads the next weight matrix from an offload file (cached,
+    or direct when ``f`` reads with O_DIRECT) into one staging buffer while matmuls run on the
+    other. Compute and reads are timed alone,
     then together: the extra time over the longer, relative to the shorter."""
     cols = matrix[0]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -216,10 +233,10 @@ def _overlap_penalty(
     # tensor, and tiny reads would time thread hand-offs), at most half the file.
     rows = max(matrix[1], -(-16 * 2**20 // (cols * itemsize)))
     rows = max(1, min(rows, _DISK_PROBE_BYTES // 2 // (cols * itemsize)))
-    staging = [torch.zeros(rows, cols, dtype=dtype) for _ in range(2)]  # (out, in) host buffers
+    staging = [aligned_empty((rows, cols), dtype).zero_() for _ in range(2)]  # (out, in) host
     nbytes = rows * cols * itemsize
     chunks = _DISK_PROBE_BYTES // nbytes
-    steps = 2 * chunks
+    steps = 2 * chunks if max_steps is None else min(2 * chunks, max_steps)
     x = torch.randn(64, cols, device=device).to(dtype)
     on_device = [t.to(device) for t in staging]  # CUDA computes on its own copies
 

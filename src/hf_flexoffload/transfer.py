@@ -37,9 +37,41 @@ def shares_host_memory(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+# Direct (page-cache-bypassing) disk reads need buffers aligned to the block size; a page covers
+# every block size Linux filesystems use.
+PAGE = 4096
+# Below this, alignment padding is not worth it: such reads go through a bounce buffer anyway.
+_ALIGN_FROM = 1 << 20
+
+
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialized host tensor, pinned when ``device`` is CUDA (for async copies)."""
-    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+    """An uninitialized host tensor, pinned when ``device`` is CUDA (for async copies).
+
+    Large CPU buffers start on a page boundary so direct disk reads can fill them in place.
+    """
+    if device.type == "cuda":
+        return torch.empty(shape, dtype=dtype, pin_memory=True)  # pinned pages are aligned
+    return (
+        aligned_empty(shape, dtype)
+        if _nbytes(shape, dtype) >= _ALIGN_FROM
+        else torch.empty(shape, dtype=dtype)
+    )
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor whose data starts on a ``PAGE`` boundary."""
+    nbytes = _nbytes(shape, dtype)
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % PAGE
+    # The view keeps ``raw``'s storage alive; the padding is at most one page.
+    return raw[skip : skip + nbytes].view(dtype).view(shape)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
 
 
 def to_host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

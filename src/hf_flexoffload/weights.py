@@ -204,7 +204,11 @@ class WeightFetcher:
 
         def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             if key not in pool:
-                pool[key] = torch.empty(shape, dtype=dtype, device=self.device)
+                pool[key] = (
+                    host_empty(shape, dtype, self.device)  # page-aligned for direct reads
+                    if shares_host_memory(self.device)
+                    else torch.empty(shape, dtype=dtype, device=self.device)
+                )
                 self.counters.alloc("device", pool[key].numel() * pool[key].element_size())
             return pool[key]
 
