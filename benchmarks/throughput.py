@@ -34,7 +34,7 @@ import shutil
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from _common import in_fresh_process, write_between_markers
@@ -43,6 +43,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split, Workload
 from hf_flexoffload.budget import parse_size
+from hf_flexoffload.cost_model import estimate
 from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
 from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.stats import human_bytes
@@ -91,40 +92,51 @@ class Result:
         return self.run.budget is None or max(self.peak) <= self.run.budget
 
 
+def _fitting(
+    policy: Policy,
+    shape: OPTShape,
+    profile: HardwareProfile,
+    args: argparse.Namespace,
+    budget: int,
+) -> Policy:
+    """``policy`` with as much of the KV cache in RAM as the cost model says fits the budget
+    (the rest on disk), in steps of 5%."""
+    dtype = getattr(torch, args.compute_dtype)
+    workload = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len)
+    for percent in range(100, -1, -5):
+        in_ram = percent / 100
+        candidate = replace(policy, cache=Split(device=in_ram, disk=round(1 - in_ram, 2)))
+        peak = estimate(shape, dtype, profile, workload, candidate).peak_bytes
+        if peak["device"] + peak["host"] <= budget:
+            return candidate
+    return replace(policy, cache=Split(disk=1.0))
+
+
 def plan_runs(
     args: argparse.Namespace, profile: HardwareProfile, shape: OPTShape, weight_bytes: int
 ) -> list[Run]:
-    itemsize = getattr(torch, args.compute_dtype).itemsize
     share = int(args.weights_in_ram * weight_bytes)
     budget = share + args.working_memory
     offloaded = Split(device=args.weights_in_ram, disk=1 - args.weights_in_ram)
     runs = []
     for b in args.resident_batches:
         runs.append(Run("resident", "stock transformers", "stock", b))
+    for b in args.ours_resident_batches:
         runs.append(Run("resident", "ours, all resident", "ours", b, Policy(micro_batch_size=b)))
     for b in args.offload_batches:
         runs.append(Run("offload", "accelerate device_map", "accelerate", b, None, budget))
     for b in args.ours_batches:
-        # The KV cache takes what the working memory leaves (3/4 of it); the rest goes to disk.
-        kv = 2 * shape.layers * shape.hidden * b * (args.prompt_len + args.gen_len) * itemsize
-        in_ram = min(1.0, round(0.75 * args.working_memory / kv, 2))
-        cache = Split(device=in_ram, disk=round(1 - in_ram, 2))
-        cached = Policy(
-            micro_batch_size=b,
-            weights=offloaded,
-            cache=cache,
-            overlap=profile.penalty_for(False) < 1,
+        cached = _fitting(
+            Policy(micro_batch_size=b, weights=offloaded, overlap=profile.penalty_for(False) < 1),
+            shape,
+            profile,
+            args,
+            budget,
         )
-        direct = Policy(
-            micro_batch_size=b,
-            weights=offloaded,
-            cache=cache,
-            direct_io=True,
-            overlap=profile.penalty_for(True) < 1,
-        )
+        direct = replace(cached, direct_io=True, overlap=profile.penalty_for(True) < 1)
         runs.append(Run("offload", "ours, fixed split", "ours", b, cached, budget))
         runs.append(Run("cold disk", "ours, O_DIRECT", "ours", b, direct, budget))
-    runs.append(Run("offload", "ours, auto", "ours", max(args.ours_batches), "auto", budget))
+    runs.append(Run("offload", "ours, auto", "ours", args.auto_max_batch, "auto", budget))
     if args.only:
         runs = [r for r in runs if args.only in f"{r.config} {r.system}"]
     return [
@@ -419,9 +431,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-len", type=int, default=32)
-    parser.add_argument("--resident-batches", type=_ints, default=[32])
+    parser.add_argument("--resident-batches", type=_ints, default=[32, 64], help="stock")
+    parser.add_argument("--ours-resident-batches", type=_ints, default=[32])
     parser.add_argument("--offload-batches", type=_ints, default=[8, 32], help="accelerate")
     parser.add_argument("--ours-batches", type=_ints, default=[64], help="ours offloaded")
+    parser.add_argument("--auto-max-batch", type=int, default=128)
     parser.add_argument("--weights-in-ram", type=float, default=0.25)
     parser.add_argument("--working-memory", type=parse_size, default=parse_size("2GiB"))
     parser.add_argument("--repeats", type=int, default=2)

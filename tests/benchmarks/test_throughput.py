@@ -35,6 +35,8 @@ def test_suite_runs_and_writes_its_table_and_plot(throughput, tmp_path, capsys):
             "--prompt-len=4",
             "--gen-len=3",
             "--resident-batches=2",
+            "--ours-resident-batches=2",
+            "--auto-max-batch=2",
             "--offload-batches=2",
             "--ours-batches=2",
             "--repeats=1",
