@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from transformers.models.opt.modeling_opt import OPTPreTrainedModel
 
 from .cost_model import Estimate
@@ -391,3 +392,21 @@ class FlexOffloadOPTForCausalLM(FlexOffloadCausalLMMixin, OPTPreTrainedModel, Ge
 
     supported_model_type = "opt"
 
+
+class FlexOffloadLlamaForCausalLM(FlexOffloadCausalLMMixin, LlamaPreTrainedModel, GenerationMixin):
+    """Llama for causal LM (RMS norm, rotary embeddings, grouped-query attention, SwiGLU, tied or
+    untied embeddings) with weights, KV cache and activations spread over device, host and disk.
+
+    The KV cache holds ``num_key_value_heads`` heads per token, so grouped-query models store
+    (and move) only their own, smaller cache. Use it as ``LlamaForCausalLM``: ``generate``,
+    ``forward``, ``transformers.pipeline``.
+
+    Example:
+        >>> from hf_flexoffload import FlexOffloadLlamaForCausalLM, Policy, Split
+        >>> policy = Policy(micro_batch_size=16, weights=Split(host=0.5, disk=0.5))
+        >>> model = FlexOffloadLlamaForCausalLM.from_pretrained("path/to/llama",
+        ...                                                     offload_policy=policy)
+        >>> out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+    """
+
+    supported_model_type = "llama"

@@ -10,10 +10,12 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from .base import Architecture, Attend, TensorList, Weights
+from .llama import LlamaShape
 from .opt import OPTShape
+from .rope import Rope
 
 ARCHITECTURES: MappingProxyType[str, type[Architecture]] = MappingProxyType(
-    {"opt": OPTShape}
+    {"opt": OPTShape, "llama": LlamaShape}
 )
 
 
@@ -30,8 +32,8 @@ def architecture_for(config) -> Architecture:
     """The architecture of a transformers config.
 
     Example:
-        >>> from transformers import OPTConfig
-        >>> architecture_for(OPTConfig(num_attention_heads=8)).kv_heads
+        >>> from transformers import LlamaConfig
+        >>> architecture_for(LlamaConfig(num_key_value_heads=8)).kv_heads
         8
     """
     model_type = getattr(config, "model_type", None)
@@ -43,7 +45,9 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "Attend",
+    "LlamaShape",
     "OPTShape",
+    "Rope",
     "TensorList",
     "Weights",
     "architecture_for",
