@@ -17,7 +17,10 @@ from .modeling import (
 )
 
 MODEL_CLASSES: MappingProxyType[str, type[FlexOffloadCausalLMMixin]] = MappingProxyType(
-    {"opt": FlexOffloadOPTForCausalLM, "llama": FlexOffloadLlamaForCausalLM}
+    {
+        cls.supported_model_type: cls
+        for cls in (FlexOffloadOPTForCausalLM, FlexOffloadLlamaForCausalLM)
+    }
 )
 assert set(MODEL_CLASSES) == set(ARCHITECTURES), "every architecture needs its model class"
 

@@ -15,7 +15,7 @@ from .opt import OPTShape
 from .rope import Rope
 
 ARCHITECTURES: MappingProxyType[str, type[Architecture]] = MappingProxyType(
-    {"opt": OPTShape, "llama": LlamaShape}
+    {cls.model_type: cls for cls in (OPTShape, LlamaShape)}
 )
 
 
