@@ -30,10 +30,10 @@ from _common import in_fresh_process, peak_rss, write_between_markers
 from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
+from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
 from hf_flexoffload.compression import dequantize, quantize
 from hf_flexoffload.hardware import default_cache_dir
-from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.stats import human_bytes
 from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
 from hf_flexoffload.weights import layout_for, placement_report

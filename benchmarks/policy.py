@@ -29,10 +29,10 @@ from _common import in_fresh_process, peak_rss, reset_peak_rss, rss, write_betwe
 from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, Workload
+from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
 from hf_flexoffload.cost_model import estimate
 from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
-from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.stats import human_bytes
 from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
 

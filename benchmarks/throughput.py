@@ -42,10 +42,10 @@ from checkpoints import opt_config, write_random_checkpoint
 from transformers import LogitsProcessor, LogitsProcessorList, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split, Workload
+from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
 from hf_flexoffload.cost_model import estimate
 from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
-from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.stats import human_bytes
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")

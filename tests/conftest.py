@@ -1,4 +1,4 @@
-"""Tiny OPT checkpoints built in code (no hub), shared by the tests."""
+"""Tiny OPT and Llama checkpoints built in code (no hub), shared by the tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import string
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from hf_flexoffload.toy import CHAR_SPECIALS, char_tokenizer
 
@@ -96,3 +96,66 @@ def batch(seed: int = 0, rows: int = 5, length: int = 7, pad: bool = True):
                 mask[row, :n] = 0
                 ids[row, :n] = 1
     return ids, mask
+
+
+# -- tiny Llama checkpoints --------------------------------------------------------------------
+
+# (num_key_value_heads, tie_word_embeddings) of the Llama variants: 4 query heads each.
+LLAMA_VARIANTS = {
+    "mha_untied": (4, False),
+    "gqa_tied": (2, True),
+    "mqa_untied": (1, False),
+}
+
+
+def tiny_llama_config(kv_heads: int = 2, tied: bool = True, **overrides) -> LlamaConfig:
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def build_llama(
+    config: LlamaConfig, seed: int = 0, dtype=torch.float32, scale: float = 32
+) -> LlamaForCausalLM:
+    """Random Llama whose 2-D weights are scaled up (x32 by default: Llama's init is narrower
+    than OPT's) so greedy top-1/top-2 gaps are large."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return model.to(dtype)
+
+
+@pytest.fixture(scope="session", params=list(LLAMA_VARIANTS), ids=list(LLAMA_VARIANTS))
+def llama_checkpoint(request, tmp_path_factory):
+    """(path, stock model) for each Llama variant, saved as safetensors."""
+    kv_heads, tied = LLAMA_VARIANTS[request.param]
+    model = build_llama(tiny_llama_config(kv_heads, tied))
+    path = tmp_path_factory.mktemp(f"llama-{request.param}")
+    model.save_pretrained(path)
+    return str(path), model
+
+
+@pytest.fixture(scope="session")
+def gqa_checkpoint(tmp_path_factory):
+    """(path, stock model): the grouped-query, tied-embedding Llama (SmolLM2's layout)."""
+    model = build_llama(tiny_llama_config(2, True))
+    path = tmp_path_factory.mktemp("llama-gqa")
+    model.save_pretrained(path)
+    return str(path), model

@@ -102,3 +102,14 @@ def test_profile_prints_and_writes_json(tmp_path, pre_ln_checkpoint, capsys):
     assert code == 0
     assert "matmul" in capsys.readouterr().out
     assert HardwareProfile.from_json(out_file.read_text()).matrix == (64, 128)
+
+
+def test_plan_a_llama_checkpoint_and_refuse_other_types(gqa_checkpoint, tmp_path, capsys):
+    path, _ = gqa_checkpoint
+    assert plan("--model", path, "--prompt-len", "16", "--gen-len", "8") == 0
+    assert "Predicted:" in capsys.readouterr().out
+    from transformers import GPT2Config
+
+    GPT2Config().save_pretrained(tmp_path)
+    assert plan("--model", str(tmp_path)) == cli.EXIT_USAGE
+    assert "'gpt2' model; supported model types: opt, llama" in capsys.readouterr().err

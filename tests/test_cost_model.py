@@ -7,8 +7,8 @@ import torch
 from transformers import OPTConfig
 
 from hf_flexoffload import Policy, QuantConfig, Split, Workload
+from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.cost_model import ModelSizes, estimate, fractions_of, realized_fractions
-from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.toy import OPT_125M
 from hf_flexoffload.weights import layout_for, placement_report
 

@@ -5,8 +5,8 @@ import torch
 from transformers import OPTConfig
 
 from hf_flexoffload import InfeasiblePolicyError, Policy, QuantConfig, Split, Workload
+from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.cost_model import estimate
-from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.optimizer import optimize
 from hf_flexoffload.toy import OPT_125M
 

@@ -9,8 +9,8 @@ import torch
 from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
+from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.compression import dequantize, quantize
-from hf_flexoffload.layers import OPTShape
 from hf_flexoffload.weights import layout_for, placement_report
 
 from .conftest import batch, build_model, tiny_config

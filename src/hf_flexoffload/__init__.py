@@ -1,24 +1,29 @@
 """hf_flexoffload: FlexGen-style high-throughput offloaded inference for transformers.
 
+Supported architectures: OPT and Llama (``config.model_type`` "opt" and "llama").
+
 Example:
-    >>> from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
-    >>> model = FlexOffloadOPTForCausalLM.from_pretrained(
-    ...     "path/to/opt", offload_policy=Policy(weights=Split(host=0.5, disk=0.5)))
+    >>> from hf_flexoffload import AutoFlexOffloadModelForCausalLM, Policy, Split
+    >>> model = AutoFlexOffloadModelForCausalLM.from_pretrained(
+    ...     "path/to/model", offload_policy=Policy(weights=Split(host=0.5, disk=0.5)))
 """
 
+from .auto import AutoFlexOffloadModelForCausalLM
 from .budget import InsufficientMemoryError
 from .cost_model import Estimate
 from .hardware import HardwareProfile
 from .kv_cache import FlexOffloadCache
-from .modeling import FlexOffloadOPTForCausalLM
+from .modeling import FlexOffloadLlamaForCausalLM, FlexOffloadOPTForCausalLM
 from .optimizer import InfeasiblePolicyError
 from .placement import PlacementReport
 from .policy import Policy, QuantConfig, Split, Workload
 from .stats import GenerationStats
 
 __all__ = [
+    "AutoFlexOffloadModelForCausalLM",
     "Estimate",
     "FlexOffloadCache",
+    "FlexOffloadLlamaForCausalLM",
     "FlexOffloadOPTForCausalLM",
     "GenerationStats",
     "HardwareProfile",

@@ -24,10 +24,10 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from .architectures import ARCHITECTURES, architecture_for
 from .budget import parse_size
 from .engine import plan_policy
 from .hardware import HardwareProfile, default_cache_dir
-from .layers import OPTShape
 from .modeling import FlexOffloadOPTForCausalLM
 from .optimizer import InfeasiblePolicyError
 from .policy import TIERS, Policy, Split, Workload
@@ -152,8 +152,8 @@ def profile(args: argparse.Namespace) -> int:
     """Measure (or show the cached) hardware profile of this machine."""
     matrix = (2048, 8192)
     if args.model:
-        shape = OPTShape.from_config(_opt_config(args.model))
-        matrix = (shape.hidden, shape.ffn)
+        arch = architecture_for(_model_config(args.model))
+        matrix = (arch.hidden, arch.ffn)
     measured = HardwareProfile.measure(
         resolve_device(args.device),
         getattr(torch, args.dtype),
@@ -171,7 +171,7 @@ def profile(args: argparse.Namespace) -> int:
 
 def plan(args: argparse.Namespace) -> int:
     """Print the policy ``offload_policy="auto"`` would choose for a model, and its estimate."""
-    config = _opt_config(args.model)
+    config = _model_config(args.model)
     workload = Workload(
         prompt_len=args.prompt_len,
         gen_len=args.gen_len,
@@ -212,13 +212,14 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _opt_config(path: str):
+def _model_config(path: str):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise _UsageError(f"--model {path!r} is not a checkpoint directory with a config.json.")
     config = AutoConfig.from_pretrained(path)
-    if config.model_type != "opt":
+    if config.model_type not in ARCHITECTURES:
         raise _UsageError(
-            f"--model {path!r} is a {config.model_type!r} model; only OPT is supported."
+            f"--model {path!r} is a {config.model_type!r} model; supported model types: "
+            f"{', '.join(ARCHITECTURES)}."
         )
     return config
 

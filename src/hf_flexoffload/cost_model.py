@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import layers
+from .architectures import Architecture
 from .hardware import HardwareProfile
 from .kv_cache import TokenCodec
-from .layers import OPTShape
 from .placement import assign_units
 from .policy import TIERS, Policy, Split, Workload
 from .weights import layout_for, placement_report
@@ -87,6 +86,8 @@ class ModelSizes:
     hidden: int
     ffn: int
     heads: int
+    attention_dim: int  # query heads x head dim: the width attention scores are computed over
+    workspace_width: int  # elements per token of a layer's live intermediates
     vocab: int
     itemsize: int
     layer_stored: int  # one decoder layer as stored (compressed when it is)
@@ -105,19 +106,21 @@ class ModelSizes:
     compressed_head: bool
 
     @classmethod
-    def of(cls, shape: OPTShape, dtype: torch.dtype, policy: Policy) -> ModelSizes:
-        layouts = layout_for(shape, _sizing_policy(policy), dtype)
+    def of(cls, arch: Architecture, dtype: torch.dtype, policy: Policy) -> ModelSizes:
+        layouts = layout_for(arch, _sizing_policy(policy), dtype)
         per_stage = placement_report(layouts, Split(device=1.0)).per_stage
-        stage_tensors = layers.stage_tensors(shape)
+        stage_tensors = arch.stage_tensors()
         matrices = [math.prod(d) for _, d in stage_tensors[1] if len(d) == 2]
-        embed_tokens = shape.vocab * shape.embed_dim
-        codec = TokenCodec((2, 1, shape.heads, shape.head_dim), dtype, policy.compress_cache)
+        kv_width = arch.kv_heads * arch.head_dim
+        codec = TokenCodec((2, 1, arch.kv_heads, arch.head_dim), dtype, policy.compress_cache)
         return cls(
-            layers=shape.layers,
-            hidden=shape.hidden,
-            ffn=shape.ffn,
-            heads=shape.heads,
-            vocab=shape.vocab,
+            layers=arch.layers,
+            hidden=arch.hidden,
+            ffn=arch.ffn,
+            heads=arch.heads,
+            attention_dim=arch.heads * arch.head_dim,
+            workspace_width=arch.workspace_width,
+            vocab=arch.vocab,
             itemsize=dtype.itemsize,
             layer_stored=per_stage[1]["device"],
             layer_plain=sum(math.prod(d) for _, d in stage_tensors[1]) * dtype.itemsize,
@@ -125,11 +128,11 @@ class ModelSizes:
             layer_flops=2 * sum(matrices),
             embed_stored=per_stage[0]["device"],
             head_stored=per_stage[-1]["device"],
-            head_plain=embed_tokens * dtype.itemsize,
-            head_flops=2 * embed_tokens + (2 * shape.hidden * shape.embed_dim),
+            head_plain=arch.vocab * arch.embed_dim * dtype.itemsize,
+            head_flops=arch.head_flops,
             weights_stored=sum(s["device"] for s in per_stage),
             kv_token=codec.record_bytes,
-            kv_token_plain=2 * shape.hidden * dtype.itemsize,
+            kv_token_plain=2 * kv_width * dtype.itemsize,
             compressed_weights=policy.compress_weights is not None,
             compressed_cache=policy.compress_cache is not None,
             compressed_head=policy.compress_weights is not None and policy.compress_embeddings,
@@ -199,7 +202,7 @@ def layer_terms(
     compute = Affine(const=b * tokens * sizes.layer_flops / profile.matmul_rate(rows))
     compute += k * OPS_PER_LAYER * profile.op_seconds
     if context == 0:  # prefill: scores and weighted sum over the prompt (materialized mask)
-        compute += 4 * b * tokens * tokens * sizes.hidden / profile.matmul_rate(rows)
+        compute += 4 * b * tokens * tokens * sizes.attention_dim / profile.matmul_rate(rows)
     history_plain = b * context * sizes.kv_token_plain  # bytes attended over
     history = b * context * sizes.kv_token  # bytes as stored
     host_attends = not cuda or policy.host_attention
@@ -317,7 +320,7 @@ def memory_terms(
         staging += 2 * sizes.layer_plain
     # Prefill workspace of one micro-batch (q, k, v, attention output, fc1 in and out, masks and
     # scores), the history copies of decode, and the block's logits as generate keeps them.
-    workspace = m * s * (6 * sizes.hidden + 2 * sizes.ffn) * e
+    workspace = m * s * sizes.workspace_width * e
     workspace += 2 * m * sizes.heads * s * s * 4
     workspace += 3 * m * total * sizes.kv_token_plain
     workspace += 3 * b * sizes.vocab * 4
@@ -372,13 +375,13 @@ class Estimate:
         }
 
 
-def realized_fractions(shape: OPTShape, dtype: torch.dtype, policy: Policy) -> dict[str, float]:
+def realized_fractions(arch: Architecture, dtype: torch.dtype, policy: Policy) -> dict[str, float]:
     """The fractions the runtime will realize (whole rows and whole units), not the requested."""
-    layouts = layout_for(shape, policy, dtype)
+    layouts = layout_for(arch, policy, dtype)
     weights = placement_report(layouts, policy.weights).realized
     values = {f"weights.{t}": weights[t] for t in TIERS}
     k = policy.num_micro_batches
-    for kind, units in (("cache", shape.layers * k), ("activations", (shape.layers + 1) * k)):
+    for kind, units in (("cache", arch.layers * k), ("activations", (arch.layers + 1) * k)):
         split = getattr(policy, kind)
         tiers = assign_units(units, split)
         for t in TIERS:
@@ -430,7 +433,7 @@ def estimate_from_sizes(
 
 
 def estimate(
-    shape: OPTShape,
+    arch: Architecture,
     dtype: torch.dtype,
     profile: HardwareProfile,
     workload: Workload,
@@ -442,9 +445,9 @@ def estimate(
     units of cache and activations), so peak bytes match what loading and generating will hold.
 
     Example:
-        >>> est = estimate(shape, torch.float32, HardwareProfile.measure(), Workload(), policy)
+        >>> est = estimate(arch, torch.float32, HardwareProfile.measure(), Workload(), policy)
         >>> est.tokens_per_second, est.peak_bytes["device"]
     """
-    sizes = ModelSizes.of(shape, dtype, policy)
-    values = realized_fractions(shape, dtype, policy)
+    sizes = ModelSizes.of(arch, dtype, policy)
+    values = realized_fractions(arch, dtype, policy)
     return estimate_from_sizes(sizes, profile, workload, policy, values)

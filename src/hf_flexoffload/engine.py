@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import layers
 from .activations import ActivationStore
+from .architectures import Architecture, architecture_for
 from .budget import Capacities, parse_size
 from .checkpoint import (
     INDEX_FILE,
@@ -32,7 +32,6 @@ from .checkpoint import (
 from .cost_model import Estimate, estimate
 from .hardware import HardwareProfile
 from .kv_cache import FlexOffloadCache, TokenCodec
-from .layers import OPTShape
 from .optimizer import optimize
 from .placement import PlacementReport
 from .policy import TIERS, Policy, Workload
@@ -86,12 +85,12 @@ def plan_policy(
     Returns:
         The policy, its estimate and the hardware profile it was planned for.
     """
-    shape = OPTShape.from_config(config)
+    arch = architecture_for(config)
     ckpt = SafetensorsCheckpoint(path)
     saved = ckpt.compression
     dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
-    workload = workload or default_workload(shape)
-    return _auto_policy(shape, saved, dtype, device, offload_dir, max_memory, workload)
+    workload = workload or default_workload(arch)
+    return _auto_policy(arch, saved, dtype, device, offload_dir, max_memory, workload)
 
 
 def _direct_io(policy: Policy, store: TierStore) -> bool:
@@ -108,7 +107,7 @@ def _direct_io(policy: Policy, store: TierStore) -> bool:
 
 
 def _auto_policy(
-    shape: OPTShape,
+    arch: Architecture,
     saved: SavedCompression | None,
     dtype: torch.dtype,
     device: torch.device,
@@ -120,11 +119,11 @@ def _auto_policy(
         device,
         dtype,
         offload_dir=offload_dir,
-        matrix=(shape.hidden, shape.ffn),
+        matrix=(arch.hidden, arch.ffn),
         max_memory=max_memory,
     )
     compression = (saved.config, saved.embeddings) if saved is not None else None
-    policy, chosen = optimize(shape, dtype, profile, workload, compression=compression)
+    policy, chosen = optimize(arch, dtype, profile, workload, compression=compression)
     logger.info(
         "offload_policy='auto' chose %s (predicted %.1f tok/s)",
         policy.to_json(indent=None),
@@ -133,11 +132,11 @@ def _auto_policy(
     return policy, chosen, profile
 
 
-def default_workload(shape: OPTShape) -> Workload:
+def default_workload(arch: Architecture) -> Workload:
     """FlexGen's benchmark workload (512-token prompts, 32 new tokens), shortened to fit models
     with fewer positions."""
-    prompt = min(512, max(1, shape.max_positions // 2))
-    return Workload(prompt_len=prompt, gen_len=min(32, max(1, shape.max_positions - prompt)))
+    prompt = min(512, max(1, arch.max_positions // 2))
+    return Workload(prompt_len=prompt, gen_len=min(32, max(1, arch.max_positions - prompt)))
 
 
 @dataclass
@@ -157,7 +156,7 @@ class OffloadEngine:
     def __init__(
         self,
         *,
-        shape: OPTShape,
+        arch: Architecture,
         policy: Policy,
         layouts: list[StageLayout],
         store: TierStore,
@@ -171,7 +170,7 @@ class OffloadEngine:
         auto: bool = False,
         estimate: Estimate | None = None,
     ) -> None:
-        self.shape = shape
+        self.arch = arch
         self.policy = policy
         self.layouts = layouts
         self.store = store
@@ -180,12 +179,12 @@ class OffloadEngine:
         self.offload_dir = offload_dir
         self.counters = counters
         self.max_memory = max_memory
-        self.workload = workload or default_workload(shape)
+        self.workload = workload or default_workload(arch)
         self.auto = auto
         self._estimate = estimate
         self.report: PlacementReport = placement_report(layouts, policy.weights)
         self.fetcher = WeightFetcher(
-            layouts, store, counters, range(1, shape.layers + 1), layers.EMBEDDINGS
+            layouts, store, counters, range(1, arch.layers + 1), arch.embeddings
         )
         self.mover = Mover(device, policy.overlap)
         self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")
@@ -215,7 +214,7 @@ class OffloadEngine:
         max_memory: dict | None = None,
         workload: Workload | None = None,
     ) -> OffloadEngine:
-        shape = OPTShape.from_config(config)
+        arch = architecture_for(config)
         ckpt = SafetensorsCheckpoint(path)
         saved = ckpt.compression
         dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
@@ -229,11 +228,11 @@ class OffloadEngine:
         caps = Capacities.measure(device, offload_dir, max_memory)
         auto, chosen = policy == "auto", None
         if auto:
-            workload = workload or default_workload(shape)
+            workload = workload or default_workload(arch)
             policy, chosen, _ = _auto_policy(
-                shape, saved, dtype, device, offload_dir, max_memory, workload
+                arch, saved, dtype, device, offload_dir, max_memory, workload
             )
-        layouts = layout_for(shape, policy, dtype)
+        layouts = layout_for(arch, policy, dtype)
         check_tensors(ckpt, layouts, layouts[-1].aliases.values(), compressed=saved is not None)
         report = placement_report(layouts, policy.weights)
         warn_if_inflated(report)
@@ -266,7 +265,7 @@ class OffloadEngine:
                 shutil.rmtree(directory, ignore_errors=True)
             raise
         return cls(
-            shape=shape,
+            arch=arch,
             policy=policy,
             layouts=layouts,
             store=store,
@@ -290,7 +289,7 @@ class OffloadEngine:
             self.device,
             self.dtype,
             offload_dir=self.offload_dir,
-            matrix=(self.shape.hidden, self.shape.ffn),
+            matrix=(self.arch.hidden, self.arch.ffn),
         )
         held = self.store.bytes_per_tier()
         if profile.shared:
@@ -309,7 +308,7 @@ class OffloadEngine:
         """The cost model's prediction for the policy and workload the model was loaded with."""
         if self._estimate is None:
             self._estimate = estimate(
-                self.shape, self.dtype, self.profile(), self.workload, self.policy
+                self.arch, self.dtype, self.profile(), self.workload, self.policy
             )
         return self._estimate
 
@@ -323,7 +322,7 @@ class OffloadEngine:
         if not self.auto:
             return self.policy
         workload = Workload(prompt_len=prompt_len, gen_len=max(1, gen_len), batch_size=batch)
-        policy, _ = optimize(self.shape, self.dtype, self.profile(), workload, fixed=self.policy)
+        policy, _ = optimize(self.arch, self.dtype, self.profile(), workload, fixed=self.policy)
         logger.info("generate: batch %d, policy %s", batch, policy.to_json(indent=None))
         return policy
 
@@ -331,23 +330,23 @@ class OffloadEngine:
 
     def kv_bytes(self, batch: int, length: int, policy: Policy | None = None) -> int:
         """KV-cache bytes of a block of ``batch`` sequences of ``length`` tokens, as stored."""
-        token_shape = (2, batch, self.shape.heads, self.shape.head_dim)
+        token_shape = (2, batch, self.arch.kv_heads, self.arch.head_dim)
         token = TokenCodec(token_shape, self.dtype, (policy or self.policy).compress_cache)
-        return self.shape.layers * length * token.record_bytes
+        return self.arch.layers * length * token.record_bytes
 
     def check_batch_fits(self, batch: int, length: int, policy: Policy | None = None) -> None:
         """Raise before generating if the block's KV cache and hidden states cannot fit."""
         policy = policy or self.policy
         kv = self.kv_bytes(batch, length, policy)
         hidden = (
-            2 * batch * length * max(self.shape.hidden, self.shape.embed_dim) * self.dtype.itemsize
+            2 * batch * length * max(self.arch.hidden, self.arch.embed_dim) * self.dtype.itemsize
         )
         needs = dict.fromkeys(TIERS, 0)
         for tier, fraction in zip(TIERS, policy.cache.fractions, strict=True):
             needs[tier] += int(kv * fraction)
         for tier, fraction in zip(TIERS, policy.activations.fractions, strict=True):
             needs[tier] += int(hidden * fraction)
-        logits = batch * self.shape.vocab * 4
+        logits = batch * self.arch.vocab * 4
         needs["device"] += logits
         caps = Capacities.measure(self.device, self.offload_dir, None)
         held = self.store.bytes_per_tier()
@@ -364,11 +363,11 @@ class OffloadEngine:
     def new_cache(self, capacity: int = 0, policy: Policy | None = None) -> FlexOffloadCache:
         policy = policy or self._run.policy
         return FlexOffloadCache(
-            num_layers=self.shape.layers,
+            num_layers=self.arch.layers,
             split=policy.cache,
             host_attention=policy.host_attention,
-            heads=self.shape.heads,
-            head_dim=self.shape.head_dim,
+            heads=self.arch.kv_heads,
+            head_dim=self.arch.head_dim,
             dtype=self.dtype,
             device=self.device,
             directory=self.runtime_dir,
@@ -447,7 +446,7 @@ class OffloadEngine:
             for s, e in bounds
         ]
         activations = ActivationStore(
-            num_stages=self.shape.layers + 1,
+            num_stages=self.arch.layers + 1,
             num_micro_batches=len(bounds),
             split=policy.activations,
             device=self.device,
@@ -457,7 +456,7 @@ class OffloadEngine:
         )
         try:
             logits = run_block(
-                shape=self.shape,
+                arch=self.arch,
                 fetcher=self.fetcher,
                 cache=cache,
                 activations=activations,

@@ -1,6 +1,6 @@
 """The tiered KV cache: one unit per (layer, micro-batch), each on the tier the policy gives it.
 
-Every unit stores keys and values token-major, ``(S, b, H, d)``, in every tier, so appending a
+Every unit stores keys and values token-major, ``(S, 2, b, H_kv, d)``, in every tier, so appending a
 decode step is one contiguous write (a single ``pwrite`` on disk) and reading the history is one
 contiguous read. Where attention runs:
 
@@ -11,10 +11,10 @@ contiguous read. Where attention runs:
 * otherwise the history is prefetched to the device and the new token written back.
 
 With ``compress_cache`` each token's keys and values are quantized on the compute device as they
-are produced (groups along the head dimension, one record of bytes per token, so history is never
-requantized); the records are what every tier stores and every link moves, and they are
-dequantized on the side that computes attention. The new tokens themselves attend at full
-precision.
+are produced (groups along the head dimension within each KV head, so no group mixes two heads;
+one record of bytes per token, so history is never requantized); the records are what every tier
+stores and every link moves, and they are dequantized on the side that computes attention. The
+new tokens themselves attend at full precision.
 
 ``FlexOffloadCache`` is the ``transformers.Cache`` that carries these units through ``generate``.
 """
@@ -39,11 +39,12 @@ CPU = torch.device("cpu")
 
 
 class TokenCodec:
-    """How one token of a unit is stored: (2, b, H, d) in the compute dtype, or its quantized
-    bytes (one record per token).
+    """How one token of a unit is stored: (2, b, H_kv, d) in the compute dtype, or its quantized
+    bytes (one record per token). Quantization groups run along ``d`` only, so every group lies
+    within one KV head (a head narrower than the group size is padded, never joined to the next).
 
     Args:
-        token_shape: (2, b, H, d).
+        token_shape: (2, b, H_kv, d).
         dtype: The compute dtype.
         config: ``Policy.compress_cache`` (None = store as is).
     """
@@ -65,13 +66,13 @@ class TokenCodec:
         return math.prod(self.record_shape) * self.storage_dtype.itemsize
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(s, 2, b, H, d) -> (s, *record_shape), on the tokens' device."""
+        """(s, 2, b, H_kv, d) -> (s, *record_shape), on the tokens' device."""
         if self.config is None:
             return tokens
         return to_bytes(quantize(tokens, self.config, lead_dims=1))
 
     def decode(self, records: torch.Tensor) -> torch.Tensor:
-        """(S, *record_shape) -> (S, 2, b, H, d) in the compute dtype, on the records' device."""
+        """(S, *record_shape) -> (S, 2, b, H_kv, d) in the compute dtype, on the records' device."""
         if self.config is None:
             return records
         fmt = QuantFormat.of((records.shape[0], *self.token_shape), self.dtype, self.config)
@@ -112,8 +113,8 @@ class HistoryBuffers:
 
 
 class KVUnit:
-    """Keys and values of one layer for one micro-batch, stored token-major: (S, 2, b, H, d), or
-    (S, record_bytes) when compressed."""
+    """Keys and values of one layer for one micro-batch, stored token-major: (S, 2, b, H_kv, d),
+    or (S, record_bytes) when compressed."""
 
     def __init__(
         self,
@@ -222,14 +223,17 @@ class KVUnit:
         v: torch.Tensor,
         key_mask: torch.Tensor | None,
         mover: Mover,
+        scale: float = 1.0,
     ) -> torch.Tensor:
         """Store the new keys/values and attend over the whole history.
 
         Args:
             history: What ``fetch`` returned for this step.
-            q, k, v: (b, s, H, d) new queries (scaled), keys and values on the device.
+            q: (b, s, H, d) new queries on the device.
+            k, v: (b, s, H_kv, d) new keys and values; ``H`` is a multiple of ``H_kv``.
             key_mask: (b, S) padding mask over all positions, or None.
             mover: Runs the write-back of the new keys/values.
+            scale: Multiplies the attention scores (1.0 for queries scaled beforehand).
 
         Returns:
             (b, s, H, d) attention output on the compute device.
@@ -237,7 +241,7 @@ class KVUnit:
         start, s = self.length, k.shape[1]
         on_host = self._attends_on_host()
         where = CPU if on_host else self.device
-        new = torch.stack((k, v)).permute(2, 0, 1, 3, 4)  # (s, 2, b, H, d)
+        new = torch.stack((k, v)).permute(2, 0, 1, 3, 4)  # (s, 2, b, H_kv, d)
         stored = self.codec.encode(new)  # (s, *record_shape), on the device
         crosses = on_host and not shares_host_memory(self.device)
         if crosses:
@@ -262,9 +266,9 @@ class KVUnit:
             full = torch.cat([self.codec.decode(history), new.to(where)])
         self.length = start + s
         dtype = torch.float32 if where.type == "cpu" and q.dtype == torch.float16 else q.dtype
-        keys = full[:, 0].permute(1, 2, 0, 3).to(dtype)  # (b, H, S, d)
+        keys = full[:, 0].permute(1, 2, 0, 3).to(dtype)  # (b, H_kv, S, d)
         values = full[:, 1].permute(1, 2, 0, 3).to(dtype)
-        out = attention(q.to(where, dtype).transpose(1, 2), keys, values, key_mask)
+        out = attention(q.to(where, dtype).transpose(1, 2), keys, values, key_mask, scale)
         if crosses:
             self.counters.add_moved("host_to_device", out.numel() * q.element_size())
         return to_compute(out.to(q.dtype), self.device)
@@ -296,7 +300,7 @@ class KVUnit:
 class FlexOffloadCache(Cache):
     """A ``transformers.Cache`` whose storage is spread over device, host and disk.
 
-    Created empty by ``FlexOffloadOPTForCausalLM.generate`` (or by ``forward`` when ``use_cache``
+    Created empty by the model's ``generate`` (or by ``forward`` when ``use_cache``
     and no cache is given); the units are allocated by the first forward, when the micro-batch
     sizes are known. ``transformers`` only asks it for its length.
 
@@ -304,7 +308,7 @@ class FlexOffloadCache(Cache):
         num_layers: Decoder layers.
         split: The policy's cache split, realized over (layer, micro-batch) units.
         host_attention: The policy's ``host_attention``.
-        heads, head_dim: Attention shape.
+        heads, head_dim: Heads stored per token (``num_key_value_heads``) and their width.
         dtype: Storage dtype.
         device: The compute device.
         directory: Where disk units put their files.

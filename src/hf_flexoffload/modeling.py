@@ -1,9 +1,12 @@
-"""``FlexOffloadOPTForCausalLM``: an OPT model that behaves like transformers' own, offloaded.
+"""The transformers face of an offloaded model: ``FlexOffloadOPTForCausalLM`` and
+``FlexOffloadLlamaForCausalLM``, which behave like transformers' own classes.
 
 transformers' ``generate`` drives the token loop; every ``forward`` is one FlexGen column: the
 whole batch (the block) for one token step, run layer by layer and micro-batch by micro-batch by
 the engine. So sampling, logits processors, stopping criteria, streamers and pipelines work as
-they do for ``OPTForCausalLM``.
+they do for ``OPTForCausalLM`` and ``LlamaForCausalLM``. Everything is in
+``FlexOffloadCausalLMMixin``; a model class only names its transformers base class and
+``model_type``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from transformers.models.opt.modeling_opt import OPTPreTrainedModel
 
 from .cost_model import Estimate
@@ -64,27 +68,31 @@ def resolve_policy(offload_policy: Policy | dict | str | os.PathLike) -> Policy 
 def positions_from_mask(
     attention_mask: torch.Tensor | None, past: int, new: int, batch: int
 ) -> torch.Tensor:
-    """OPT positions of the ``new`` last tokens: counted over real tokens, never over padding."""
+    """Positions of the ``new`` last tokens: counted over real tokens, never over padding."""
     if attention_mask is None:
         return torch.arange(past, past + new).expand(batch, new)
     mask = attention_mask.long()
     return (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
 
 
-class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
-    """OPT for causal LM with weights, KV cache and activations spread over device, host and disk.
+def check_directory(path: str) -> None:
+    """Raise unless ``path`` is a local checkpoint directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{path!r} is not a local directory. hf_flexoffload loads checkpoints saved with "
+            "save_pretrained (config.json + safetensors) from disk."
+        )
 
-    Build it with ``from_pretrained``; then use it as ``OPTForCausalLM``: ``generate``,
-    ``forward``, ``transformers.pipeline``. After each ``generate``, ``generation_stats`` tells
-    what it did.
 
-    Example:
-        >>> from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
-        >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
-        ...                 weights=Split(device=0.2, host=0.5, disk=0.3), cache=Split(host=1.0))
-        >>> model = FlexOffloadOPTForCausalLM.from_pretrained("path/to/opt", offload_policy=policy)
-        >>> out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+class FlexOffloadCausalLMMixin:
+    """Everything an offloaded causal LM class does; put it first among the bases, before the
+    architecture's transformers ``PreTrainedModel`` and ``GenerationMixin``.
+
+    Attributes:
+        supported_model_type: The ``config.model_type`` the class loads.
     """
+
+    supported_model_type: str
 
     def __init__(self, config, engine: OffloadEngine | None = None) -> None:
         super().__init__(config)
@@ -105,8 +113,8 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
         max_memory: dict[str, int | str] | None = None,
         workload: Workload | None = None,
         **kwargs: Any,
-    ) -> FlexOffloadOPTForCausalLM:
-        """Load an OPT checkpoint directory and place its weights by ``offload_policy``.
+    ) -> FlexOffloadCausalLMMixin:
+        """Load a checkpoint directory and place its weights by ``offload_policy``.
 
         Args:
             pretrained_model_name_or_path: A local directory with ``config.json`` and
@@ -153,16 +161,13 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
                 + ", ".join(_FROM_PRETRAINED_KWARGS)
             )
         path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"{path!r} is not a local directory. hf_flexoffload loads checkpoints saved with "
-                "save_pretrained (config.json + safetensors) from disk."
-            )
+        check_directory(path)
         config = kwargs.get("config") or AutoConfig.from_pretrained(path)
-        if config.model_type != "opt":
+        if config.model_type != cls.supported_model_type:
             raise ValueError(
-                f"{path!r} holds a {config.model_type!r} model; FlexOffloadOPTForCausalLM "
-                "supports model_type 'opt'."
+                f"{path!r} holds a {config.model_type!r} model; {cls.__name__} supports "
+                f"model_type {cls.supported_model_type!r}. AutoFlexOffloadModelForCausalLM picks "
+                "the class from the checkpoint's config."
             )
         policy = resolve_policy(offload_policy)
         compute = resolve_device(device)
@@ -219,7 +224,7 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
         """Weight bytes per tier, requested vs realized."""
         return self.engine.report
 
-    def to(self, *args: Any, **kwargs: Any) -> FlexOffloadOPTForCausalLM:
+    def to(self, *args: Any, **kwargs: Any) -> FlexOffloadCausalLMMixin:
         """A no-op for the compute device and dtype; anything else says how to do it."""
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None and resolve_device(device) != self.device:
@@ -265,7 +270,7 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
             self._engine.close()
             self._engine = None
 
-    def __enter__(self) -> FlexOffloadOPTForCausalLM:
+    def __enter__(self) -> FlexOffloadCausalLMMixin:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -285,7 +290,7 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """One forward pass of the whole batch (the block), as ``OPTForCausalLM.forward``."""
+        """One forward pass of the whole batch (the block), as transformers' ``forward``."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("Pass input_ids: inputs_embeds is not supported by offloaded models.")
         for flag in ("output_attentions", "output_hidden_states"):
@@ -368,3 +373,40 @@ class FlexOffloadOPTForCausalLM(OPTPreTrainedModel, GenerationMixin):
         finally:
             cache.close()
             self.generation_stats = self.engine.end_run(batch)
+
+
+class FlexOffloadOPTForCausalLM(FlexOffloadCausalLMMixin, OPTPreTrainedModel, GenerationMixin):
+    """OPT for causal LM with weights, KV cache and activations spread over device, host and disk.
+
+    Build it with ``from_pretrained``; then use it as ``OPTForCausalLM``: ``generate``,
+    ``forward``, ``transformers.pipeline``. After each ``generate``, ``generation_stats`` tells
+    what it did.
+
+    Example:
+        >>> from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
+        >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
+        ...                 weights=Split(device=0.2, host=0.5, disk=0.3), cache=Split(host=1.0))
+        >>> model = FlexOffloadOPTForCausalLM.from_pretrained("path/to/opt", offload_policy=policy)
+        >>> out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+    """
+
+    supported_model_type = "opt"
+
+
+class FlexOffloadLlamaForCausalLM(FlexOffloadCausalLMMixin, LlamaPreTrainedModel, GenerationMixin):
+    """Llama for causal LM (RMS norm, rotary embeddings, grouped-query attention, SwiGLU, tied or
+    untied embeddings) with weights, KV cache and activations spread over device, host and disk.
+
+    The KV cache holds ``num_key_value_heads`` heads per token, so grouped-query models store
+    (and move) only their own, smaller cache. Use it as ``LlamaForCausalLM``: ``generate``,
+    ``forward``, ``transformers.pipeline``.
+
+    Example:
+        >>> from hf_flexoffload import FlexOffloadLlamaForCausalLM, Policy, Split
+        >>> policy = Policy(micro_batch_size=16, weights=Split(host=0.5, disk=0.5))
+        >>> model = FlexOffloadLlamaForCausalLM.from_pretrained("path/to/llama",
+        ...                                                     offload_policy=policy)
+        >>> out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+    """
+
+    supported_model_type = "llama"

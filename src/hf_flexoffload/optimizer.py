@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import pulp
 import torch
 
+from .architectures import Architecture
 from .budget import InsufficientMemoryError
 from .cost_model import (
     KINDS,
@@ -35,7 +36,6 @@ from .cost_model import (
     step_terms,
 )
 from .hardware import HardwareProfile
-from .layers import OPTShape
 from .policy import TIERS, Policy, QuantConfig, Split, Workload
 from .stats import human_bytes
 
@@ -68,7 +68,7 @@ class _Candidate:
 
 
 def optimize(
-    shape: OPTShape,
+    arch: Architecture,
     dtype: torch.dtype,
     profile: HardwareProfile,
     workload: Workload,
@@ -79,7 +79,7 @@ def optimize(
     """The policy with the best predicted throughput that fits ``profile``'s capacities.
 
     Args:
-        shape: The model.
+        arch: The model's architecture.
         dtype: The compute dtype.
         profile: The machine, capacities capped by ``max_memory``.
         workload: Prompt and generation lengths, and the block size if it is given.
@@ -94,13 +94,13 @@ def optimize(
     Raises:
         InfeasiblePolicyError: Nothing fits; the message says the smallest memory that would.
     """
-    candidates = _candidates(shape, dtype, profile, workload, fixed, compression)
+    candidates = _candidates(arch, dtype, profile, workload, fixed, compression)
     best: tuple[float, Policy, Estimate] | None = None
     solved = 0
     for cand in sorted(candidates, key=lambda c: c.lower_bound):
         if best is not None and cand.lower_bound >= best[0]:
             break
-        found = _solve(shape, dtype, profile, workload, cand.policy, fixed)
+        found = _solve(arch, dtype, profile, workload, cand.policy, fixed)
         solved += 1
         if found is None:
             continue
@@ -110,7 +110,7 @@ def optimize(
             best = (per_sequence, policy, est)
     logger.info("Policy search: %d candidates, %d LPs solved", len(candidates), solved)
     if best is None:
-        raise InfeasiblePolicyError(*_infeasible(shape, dtype, profile, workload, fixed))
+        raise InfeasiblePolicyError(*_infeasible(arch, dtype, profile, workload, fixed))
     return best[1], best[2]
 
 
@@ -128,7 +128,7 @@ def _block_shapes(workload: Workload) -> list[tuple[int, int]]:
 
 
 def _candidates(
-    shape: OPTShape,
+    arch: Architecture,
     dtype: torch.dtype,
     profile: HardwareProfile,
     workload: Workload,
@@ -171,7 +171,7 @@ def _candidates(
         for m, k in _block_shapes(workload):
             for ha in host_attention:
                 policy = Policy(micro_batch_size=m, num_micro_batches=k, host_attention=ha, **kind)
-                sizes = ModelSizes.of(shape, dtype, policy)
+                sizes = ModelSizes.of(arch, dtype, policy)
                 est = estimate_from_sizes(sizes, profile, workload, policy, _ALL_FAST)
                 out.append(_Candidate(policy, est.total_seconds / policy.block_size))
     return out
@@ -181,7 +181,7 @@ def _candidates(
 
 
 def _solve(
-    shape: OPTShape,
+    arch: Architecture,
     dtype: torch.dtype,
     profile: HardwareProfile,
     workload: Workload,
@@ -189,17 +189,17 @@ def _solve(
     fixed: Policy | None,
 ) -> tuple[Policy, Estimate] | None:
     """Place ``policy``'s bytes by LP; None when no placement fits."""
-    sizes = ModelSizes.of(shape, dtype, policy)
+    sizes = ModelSizes.of(arch, dtype, policy)
     best = None
     for offloaded in (False, True):
-        found = _solve_variant(shape, dtype, profile, workload, policy, fixed, sizes, offloaded)
+        found = _solve_variant(arch, dtype, profile, workload, policy, fixed, sizes, offloaded)
         if found is not None and (best is None or found[1].total_seconds < best[1].total_seconds):
             best = found
     return best
 
 
 def _solve_variant(
-    shape: OPTShape,
+    arch: Architecture,
     dtype: torch.dtype,
     profile: HardwareProfile,
     workload: Workload,
@@ -214,7 +214,7 @@ def _solve_variant(
         if values is None:
             return None
         placed = _with_fractions(policy, values, fixed)
-        est = estimate(shape, dtype, profile, workload, placed)
+        est = estimate(arch, dtype, profile, workload, placed)
         excess = _excess(est.peak_bytes, profile)
         if not any(excess.values()):
             return placed, est
@@ -320,7 +320,7 @@ def _excess(peak: dict[str, int], profile: HardwareProfile) -> dict[str, float]:
 
 
 def _infeasible(
-    shape: OPTShape,
+    arch: Architecture,
     dtype: torch.dtype,
     profile: HardwareProfile,
     workload: Workload,
@@ -336,7 +336,7 @@ def _infeasible(
     values = {v: 1.0 if v.endswith(".disk") else 0.0 for v in VARIABLES}
     if fixed is not None:
         values.update({f"weights.{t}": getattr(fixed.weights, t) for t in TIERS})
-    sizes = ModelSizes.of(shape, dtype, smallest)
+    sizes = ModelSizes.of(arch, dtype, smallest)
     mem = memory_terms(sizes, profile, smallest, workload, offloaded=True)
     need = {t: int(mem[t].at(values) / (HEADROOM if t != "disk" else 1.0)) + 1 for t in TIERS}
     what = f"{batch} sequence(s) of {workload.prompt_len} + {workload.gen_len} tokens" + (

@@ -21,10 +21,9 @@ from functools import partial
 
 import torch
 
-from . import layers
 from .activations import ActivationStore
+from .architectures import Architecture
 from .kv_cache import FlexOffloadCache
-from .layers import OPTShape
 from .transfer import Mover, Pending
 from .weights import WeightFetcher
 
@@ -46,7 +45,7 @@ class MicroBatch:
 
 def run_block(
     *,
-    shape: OPTShape,
+    arch: Architecture,
     fetcher: WeightFetcher,
     cache: FlexOffloadCache,
     activations: ActivationStore,
@@ -59,7 +58,7 @@ def run_block(
     Returns:
         (b, s_keep, vocab) logits for the whole block, micro-batches concatenated in order.
     """
-    num_stages = shape.layers + 2
+    num_stages = arch.num_stages
     head_stage = num_stages - 1
     order = [(j, k) for j in range(num_stages) for k in range(len(micro_batches))]
 
@@ -84,14 +83,14 @@ def run_block(
             inputs = mover.read(read_inputs, *following)
         mb = micro_batches[k]
         if j == 0:
-            out = layers.embed(shape, w, mb.input_ids, mb.position_ids)
+            out = arch.embed(w, mb.input_ids, mb.position_ids)
         elif j < head_stage:
             unit = cache.units[j - 1][k]
             attend = partial(unit.attend, history, key_mask=mb.key_mask, mover=mover)
-            out = layers.decoder_layer(shape, w, x, attend)
+            out = arch.decoder_layer(w, x, mb.position_ids, attend)
         else:
             keep = x if logits_to_keep == 0 else x[:, -logits_to_keep:]
-            logits.append(layers.head(shape, w, keep))
+            logits.append(arch.head(w, keep))
             continue
         activations.put(j, k, out)
         if following is not None and not early:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import layers
+from .architectures import Architecture
 from .compression import QuantFormat, dequantize, from_bytes
-from .layers import OPTShape
 from .placement import PlacementReport, Segment, TensorSpec, place_tensors, segment_bytes
 from .policy import TIERS, Policy, Split
 from .stats import Counters
@@ -44,8 +43,8 @@ class StageLayout:
         specs: The stage's own tensors as stored (checkpoint names; quantized ones as bytes).
         local: Checkpoint name -> name the math uses.
         segments: Row segments of every own tensor.
-        aliases: Local name -> checkpoint name of a tensor stored by another stage (OPT's tied
-            LM head reads the embedding matrix).
+        aliases: Local name -> checkpoint name of a tensor stored by another stage (a tied LM
+            head reads the embedding matrix).
         dtype: The dtype of plain (not quantized) tensors.
         formats: Checkpoint name -> format of the tensors stored quantized.
     """
@@ -116,27 +115,25 @@ def placement_report(layouts: list[StageLayout], split: Split) -> PlacementRepor
     )
 
 
-def layout_for(shape: OPTShape, policy: Policy, dtype: torch.dtype) -> list[StageLayout]:
-    """Where every weight of ``shape`` goes under ``policy``, and which are stored quantized."""
+def layout_for(arch: Architecture, policy: Policy, dtype: torch.dtype) -> list[StageLayout]:
+    """Where every weight of ``arch`` goes under ``policy``, and which are stored quantized."""
     stages, formats = [], {}
-    for stage, tensors in enumerate(layers.stage_tensors(shape)):
-        named = [
-            (layers.checkpoint_name(stage, local, shape), local, dims) for local, dims in tensors
-        ]
+    for stage, tensors in enumerate(arch.stage_tensors()):
+        named = [(arch.checkpoint_name(stage, local), local, dims) for local, dims in tensors]
         stages.append(named)
         for name, local, dims in named:
-            if _compressed(policy, local, dims):
+            if _compressed(policy, arch, local, dims):
                 formats[name] = QuantFormat.of(dims, dtype, policy.compress_weights, default_dim=0)
     aliases = [{} for _ in stages]
-    for local_name, (stage, name) in layers.head_aliases(shape).items():
-        aliases[-1][local_name] = layers.checkpoint_name(stage, name, shape)
+    for local_name, (stage, name) in arch.head_aliases().items():
+        aliases[-1][local_name] = arch.checkpoint_name(stage, name)
     return plan_layout(stages, aliases, policy.weights, dtype, formats)
 
 
-def _compressed(policy: Policy, local: str, dims: tuple[int, ...]) -> bool:
+def _compressed(policy: Policy, arch: Architecture, local: str, dims: tuple[int, ...]) -> bool:
     if policy.compress_weights is None or len(dims) < 2:
         return False
-    return policy.compress_embeddings or local not in layers.EMBEDDINGS
+    return policy.compress_embeddings or local not in arch.embeddings
 
 
 def warn_if_inflated(report: PlacementReport) -> None:

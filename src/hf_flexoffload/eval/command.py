@@ -13,8 +13,8 @@ import os
 import torch
 from transformers import AutoTokenizer
 
+from ..auto import AutoFlexOffloadModelForCausalLM
 from ..budget import available_ram
-from ..modeling import FlexOffloadOPTForCausalLM
 from ..policy import Workload
 from ..transfer import resolve_device
 from .distributed import Ranks
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             offload_dir = os.path.join(offload_dir, f"rank-{ranks.rank}")
         if max_memory is None and ranks.local_world_size > 1:
             max_memory = {"host": available_ram() // ranks.local_world_size}
-    with FlexOffloadOPTForCausalLM.from_pretrained(
+    with AutoFlexOffloadModelForCausalLM.from_pretrained(
         args.model,
         offload_policy=args.offload_policy,
         offload_dir=offload_dir,

@@ -1,0 +1,124 @@
+"""What the offload core needs to know about a model architecture, and nothing more.
+
+A model is a list of *stages*, each with its own weights: stage 0 embeds tokens, stages 1..L are
+the decoder layers, stage L + 1 is the output head. The schedule, the placement, the weight
+storage, the KV cache, compression and the cost model only ever see an ``Architecture``: its
+sizes, the (local name, shape) of every stage's tensors with their checkpoint names, which head
+weights are borrowed from another stage (tied embeddings), a few counts for the cost model, and
+three functions of plain tensors (embed, decoder layer, head). An architecture module implements
+this for one ``config.model_type`` (see ``opt.py``, ``llama.py``) and registers itself in
+``architectures/__init__.py``.
+
+Stage math receives a stage's weights as a dict of plain tensors keyed by local name
+(``"self_attn.q_proj.weight"``) and never knows where they came from. Attention goes through an
+``Attend`` callable supplied by the KV cache unit of (layer, micro-batch), so the architecture
+never touches the cache either.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+from ..compression import QuantizedTensor
+
+# Embedding and head matrices may stay quantized (see Architecture.embeddings); the rest is plain.
+Weights = dict[str, torch.Tensor | QuantizedTensor]
+# attend(q, k_new, v_new, scale) -> attention output (b, s, H, d). q is (b, s, H, d); the new
+# keys and values are (b, s, H_kv, d) with H a multiple of H_kv (grouped-query attention).
+Attend = Callable[..., torch.Tensor]
+# (local name, shape) of one stored tensor.
+TensorList = list[tuple[str, tuple[int, ...]]]
+
+
+class Architecture(ABC):
+    """One model architecture's sizes, weight names and math.
+
+    Concrete architectures are frozen dataclasses built by ``from_config`` from a transformers
+    config; they provide the sizes below (as fields or properties) and implement the abstract
+    methods.
+    """
+
+    model_type: ClassVar[str]
+    # Local names of the weights that map tokens rather than transform hidden states;
+    # ``Policy.compress_embeddings`` decides whether they are quantized. When they are, the math
+    # receives them as ``QuantizedTensor`` (a lookup dequantizes only the rows it reads).
+    embeddings: ClassVar[frozenset[str]]
+
+    layers: int  # decoder layers
+    hidden: int  # width of the hidden states
+    heads: int  # query heads
+    kv_heads: int  # heads the KV cache stores per token (fewer than ``heads`` with GQA)
+    head_dim: int
+    ffn: int  # MLP width
+    vocab: int
+    embed_dim: int  # width of the token embedding (and LM head) rows
+    max_positions: int
+    tied_head: bool  # the LM head reads the token embedding matrix
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config) -> Architecture:
+        """The architecture of a transformers config; a clear ValueError for what it cannot run."""
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    @property
+    def num_stages(self) -> int:
+        return self.layers + 2
+
+    @property
+    def head_flops(self) -> int:
+        """Matmul FLOPs per token of the head stage."""
+        return 2 * self.vocab * self.embed_dim
+
+    @property
+    def workspace_width(self) -> int:
+        """Elements per token of a decoder layer's intermediates alive at once (q, k, v,
+        attention output, MLP inputs and outputs), for the cost model's workspace."""
+        return 6 * self.hidden + 2 * self.ffn
+
+    # -- weights -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def stage_tensors(self) -> list[TensorList]:
+        """(local name, shape) of every stored tensor, per stage, in the order the placement
+        cuts through them: put the large matrices used last at the end so they are the ones
+        that go to the slower tiers."""
+
+    @abstractmethod
+    def checkpoint_name(self, stage: int, local: str) -> str:
+        """The tensor's name in a transformers checkpoint, with a leading ``model.`` dropped."""
+
+    def head_aliases(self) -> dict[str, tuple[int, str]]:
+        """Head weights stored by another stage: local name -> (stage, local name there)."""
+        return {"lm_head.weight": (0, "embed_tokens.weight")} if self.tied_head else {}
+
+    # -- math ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def embed(
+        self, w: Weights, input_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Stage 0: (b, s) token ids and positions -> (b, s, h) hidden states."""
+
+    @abstractmethod
+    def decoder_layer(
+        self, w: Weights, x: torch.Tensor, position_ids: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        """One decoder layer on (b, s, h) hidden states; ``attend`` owns the KV cache."""
+
+    @abstractmethod
+    def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        """The last stage: (b, s, h) hidden states -> (b, s, vocab) logits."""
+
+
+def linear_specs(prefix: str, out_f: int, in_f: int, bias: bool) -> TensorList:
+    """Tensors of an ``nn.Linear(in_f, out_f)`` named ``prefix``."""
+    specs = [(f"{prefix}.weight", (out_f, in_f))]
+    if bias:
+        specs.append((f"{prefix}.bias", (out_f,)))
+    return specs

@@ -1,0 +1,208 @@
+"""Architectures: the registry, Llama's sizes and weight names (on SmolLM2-135M's shape), and its
+building blocks against transformers' own modules, bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig, OPTConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+from hf_flexoffload import Policy, QuantConfig, Split, Workload
+from hf_flexoffload.architectures import LlamaShape, OPTShape, Rope, architecture_for
+from hf_flexoffload.cost_model import ModelSizes, estimate
+from hf_flexoffload.kv_cache import TokenCodec
+from hf_flexoffload.layers import attention, rms_norm
+from hf_flexoffload.optimizer import optimize
+from hf_flexoffload.weights import layout_for
+
+from .test_hardware import make_profile
+
+# SmolLM2-135M-Instruct's config.
+SMOLLM2 = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)
+
+
+def test_registry_dispatches_on_model_type():
+    assert isinstance(architecture_for(OPTConfig()), OPTShape)
+    assert isinstance(architecture_for(SMOLLM2), LlamaShape)
+    with pytest.raises(ValueError, match=r"'gpt2' model.*supported model types: 'opt', 'llama'"):
+        architecture_for(GPT2Config())
+
+
+def test_smollm2_shape():
+    arch = architecture_for(SMOLLM2)
+    assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.head_dim) == (
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
+    assert arch.tied_head and arch.rope == Rope(dim=64, theta=100000.0)
+    tensors = arch.stage_tensors()
+    assert len(tensors) == 32
+    layer = dict(tensors[1])
+    assert layer["self_attn.q_proj.weight"] == (576, 576)
+    assert layer["self_attn.k_proj.weight"] == layer["self_attn.v_proj.weight"] == (192, 576)
+    assert layer["mlp.down_proj.weight"] == (576, 1536)
+    assert not any(name.endswith(".bias") for stage in tensors for name, _ in stage)
+    assert tensors[-1] == [("norm.weight", (576,))]  # the tied head has no matrix of its own
+    assert arch.head_aliases() == {"lm_head.weight": (0, "embed_tokens.weight")}
+    layouts = layout_for(arch, Policy(), torch.bfloat16)
+    assert layouts[0].local == {"embed_tokens.weight": "embed_tokens.weight"}
+    assert "layers.29.mlp.up_proj.weight" in layouts[30].local
+    assert layouts[-1].aliases == {"lm_head.weight": "embed_tokens.weight"}
+
+
+def test_untied_llama_has_its_own_head():
+    arch = architecture_for(LlamaConfig(**{**SMOLLM2.to_dict(), "tie_word_embeddings": False}))
+    assert arch.stage_tensors()[-1][-1] == ("lm_head.weight", (49152, 576))
+    assert arch.checkpoint_name(31, "lm_head.weight") == "lm_head.weight"
+    assert arch.head_aliases() == {}
+
+
+def test_cost_model_counts_llama_bytes_and_flops():
+    arch = architecture_for(SMOLLM2)
+    h, kv, f = 576, 3 * 64, 1536
+    sizes = ModelSizes.of(arch, torch.bfloat16, Policy())
+    assert sizes.layer_flops == 2 * (2 * h * h + 2 * h * kv + 3 * h * f)
+    assert sizes.layer_plain == (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h) * 2
+    assert sizes.kv_token == sizes.kv_token_plain == 2 * kv * 2  # keys and values of 3 heads
+    assert sizes.weights_stored == (sizes.layer_plain * 30 + 49152 * h * 2 + h * 2)  # tied once
+    packed = ModelSizes.of(arch, torch.bfloat16, Policy(compress_cache=QuantConfig()))
+    assert packed.kv_token == 2 * kv * (4 + 2 * 16 / 64) / 8  # codes + scale, min per 64
+
+
+def test_auto_policy_plans_smollm2():
+    arch = architecture_for(SMOLLM2)
+    ram = 250 * 2**20  # less than SmolLM2's 270 MB of bf16 weights
+    profile = make_profile(device_memory=ram, host_memory=ram, ram_available=ram)
+    policy, est = optimize(arch, torch.bfloat16, profile, Workload(prompt_len=64, gen_len=16))
+    assert est.tokens_per_second > 0
+    assert policy.weights.disk > 0
+    again = estimate(arch, torch.bfloat16, profile, Workload(prompt_len=64, gen_len=16), policy)
+    assert again.peak_bytes["disk"] > 0
+
+
+# -- building blocks against transformers --------------------------------------------------------
+
+
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["default", "llama3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rotary_cos_sin_match_transformers(rope, dtype):
+    config = LlamaConfig(
+        hidden_size=128, num_attention_heads=2, max_position_embeddings=256, rope_parameters=rope
+    )
+    arch = architecture_for(config)
+    positions = torch.tensor([[0, 1, 2, 3, 100, 255], [-1, 0, 5, 63, 64, 200]])
+    x = torch.zeros(1, dtype=dtype)
+    cos, sin = LlamaRotaryEmbedding(config)(x, positions)  # (b, s, d)
+    ours_cos, ours_sin = arch.rope.cos_sin(positions, dtype)  # (b, s, 1, d)
+    assert torch.equal(ours_cos[:, :, 0], cos) and torch.equal(ours_sin[:, :, 0], sin)
+
+
+def test_unsupported_rope_types_are_refused():
+    yarn = LlamaConfig(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0))
+    with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
+        architecture_for(yarn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_matches_transformers(dtype):
+    norm = LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 64) * 10).to(dtype)
+    assert torch.equal(rms_norm(x, norm.weight, 1e-5), norm(x))
+
+
+def _reference_attention(q, k, v, key_mask, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    s, total = q.shape[2], k.shape[2]
+    scores = q @ k.transpose(-1, -2) * scale  # (b, H, s, S)
+    allowed = (
+        torch.ones(s, total, dtype=torch.bool).tril(total - s) & key_mask.bool()[:, None, None]
+    )
+    scores = scores.masked_fill(~allowed, torch.finfo(q.dtype).min)
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # (b, s, H, d)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("new", [1, 6], ids=["decode", "prefill"])
+def test_grouped_query_attention_matches_repeated_heads(kv_heads, new):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, new, 8, generator=g)
+    k, v = (torch.randn(2, kv_heads, 9, 8, generator=g) for _ in range(2))
+    key_mask = torch.ones(2, 9)
+    key_mask[1, :3] = 0  # left padding
+    out = attention(q, k, v, key_mask, scale=8**-0.5)
+    expected = _reference_attention(q, k, v, key_mask, 8**-0.5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# -- the KV cache codec: quantization groups per KV head ----------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 64], ids=["g8", "g16", "g64_wider_than_head"])
+def test_cache_quantization_groups_never_straddle_kv_heads(group_size):
+    batch, kv_heads, head_dim = 2, 3, 16
+    codec = TokenCodec(
+        (2, batch, kv_heads, head_dim), torch.float32, QuantConfig(bits=4, group_size=group_size)
+    )
+    tokens = torch.randn(5, 2, batch, kv_heads, head_dim)  # (s, 2, b, H_kv, d)
+    tokens[:, :, :, 1] = 0.25  # a constant head: exact only if no group reaches into a neighbour
+    tokens[:, :, :, 2] *= 1000  # a wide head: would swamp a shared group's scale
+    decoded = codec.decode(codec.encode(tokens))
+    assert torch.equal(decoded[:, :, :, 1], tokens[:, :, :, 1])
+    # Each head is quantized on its own: changing one head changes no other head's codes.
+    changed = tokens.clone()
+    changed[:, :, :, 2] = -changed[:, :, :, 2]
+    again = codec.decode(codec.encode(changed))
+    assert torch.equal(again[:, :, :, :2], decoded[:, :, :, :2])
+    # One (scale, min) pair per group within a head: ceil(d / group) groups per KV head.
+    groups = math.ceil(head_dim / group_size)
+    pairs = 2 * batch * kv_heads * groups
+    assert codec.record_bytes == 2 * pairs * 4 + pairs * group_size // 2
+
+
+def test_cache_split_realizes_over_kv_units_for_gqa(tmp_path):
+    from hf_flexoffload import FlexOffloadCache
+    from hf_flexoffload.stats import Counters
+
+    cache = FlexOffloadCache(
+        num_layers=2,
+        split=Split(host=0.5, disk=0.5),
+        host_attention=True,
+        heads=1,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        directory=str(tmp_path),
+        counters=Counters(),
+    )
+    cache.allocate((2,))
+    assert [row[0].token_shape for row in cache.units] == [(2, 2, 1, 8)] * 2
+    cache.close()
