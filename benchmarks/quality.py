@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from _common import write_between_markers
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
 
 import hf_flexoffload
@@ -119,7 +120,15 @@ def windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, window: int, stride: int, chunk: int, batch: int):
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    window: int,
+    stride: int,
+    chunk: int,
+    batch: int,
+    progress: bool = False,
+):
     """(perplexity, scored tokens) of ``model`` over the 1-D token ids ``ids``.
 
     Windows with the same shape (all but the first and last) run ``batch`` at a time.
@@ -128,11 +137,14 @@ def perplexity(model, ids: torch.Tensor, window: int, stride: int, chunk: int, b
     for begin, first, end in windows(len(ids), window, stride):
         spans.setdefault((first - 1 - begin, end - first), []).append(begin)
     nll, count = 0.0, 0
+    bar = tqdm(total=len(ids) - 1, unit="tok", desc="perplexity", disable=not progress)
     for (context, scored), begins in spans.items():
         for i in range(0, len(begins), batch):
             rows = torch.stack([ids[b : b + context + scored + 1] for b in begins[i : i + batch]])
             nll += _window_nll(model, rows, context, chunk)
             count += rows.shape[0] * scored
+            bar.update(rows.shape[0] * scored)
+    bar.close()
     return math.exp(nll / count), count
 
 
@@ -166,7 +178,9 @@ def measure(path: str, tokenizer, ids: torch.Tensor, config: Config, args) -> di
     model = load_model(path, config, args.batch)
     try:
         began = time.perf_counter()
-        ppl, scored = perplexity(model, ids, args.window, args.stride, args.chunk, args.batch)
+        ppl, scored = perplexity(
+            model, ids, args.window, args.stride, args.chunk, args.batch, progress=True
+        )
         ppl_seconds = time.perf_counter() - began
         spec = builtin_scenario(
             f"synthetic_reasoning:{args.scenario}",
@@ -174,7 +188,7 @@ def measure(path: str, tokenizer, ids: torch.Tensor, config: Config, args) -> di
             **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}),
         )
         began = time.perf_counter()
-        result = evaluate(model, tokenizer, spec, block_size=args.batch, progress=False)
+        result = evaluate(model, tokenizer, spec, block_size=args.batch)
         eval_seconds = time.perf_counter() - began
     finally:
         if hasattr(model, "close"):
@@ -184,6 +198,8 @@ def measure(path: str, tokenizer, ids: torch.Tensor, config: Config, args) -> di
         "scored_tokens": scored,
         "metrics": {m: result.metrics[m] for m in METRICS},
         "instances": result.stats["num_instances"],
+        "perplexity_seconds": ppl_seconds,
+        "scenario_seconds": eval_seconds,
         "seconds": ppl_seconds + eval_seconds,
     }
 
@@ -284,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         results[c.key] = r = measure(path, tokenizer, ids, c, args)
         scores = ", ".join(f"{METRICS[m]} {v:.3f}" for m, v in r["metrics"].items())
         print(
-            f"{c.name:<32} perplexity {r['perplexity']:8.3f}  {scores}  ({r['seconds']:.0f} s)",
+            f"{c.name:<32} perplexity {r['perplexity']:8.3f}  {scores}  "
+            f"({r['perplexity_seconds']:.0f} s + {r['scenario_seconds']:.0f} s)",
             flush=True,
         )
 
