@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
 
 import hf_flexoffload
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig
+from hf_flexoffload.compression import dequantize, quantize
 from hf_flexoffload.eval import builtin_scenario, evaluate
 from hf_flexoffload.hardware import default_cache_dir
 from hf_flexoffload.smollm2 import PACKAGE, PACKAGE_VERSION, smollm2_checkpoint
@@ -66,7 +67,11 @@ class Config:
         name: What the table calls it.
         weights: ``Policy.compress_weights``.
         cache: ``Policy.compress_cache``.
-        stock: Stock transformers instead of the offloaded model (weights and cache unused).
+        stock: Stock transformers instead of the offloaded model. With ``weights``, every 2-D
+            parameter is quantized and dequantized in place by ``hf_flexoffload.compression``
+            (as the offloaded model does with ``compress_embeddings=True``): a cross-check of
+            the offloaded numbers that needs no offloaded model. ``cache`` must be None.
+        extra: Run only when named in ``--only``.
     """
 
     key: str
@@ -74,6 +79,7 @@ class Config:
     weights: QuantConfig | None = None
     cache: QuantConfig | None = None
     stock: bool = False
+    extra: bool = False
 
 
 def configurations(group_sizes: list[int]) -> list[Config]:
@@ -87,6 +93,10 @@ def configurations(group_sizes: list[int]) -> list[Config]:
     for g in group_sizes:
         q = QuantConfig(bits=4, group_size=g)
         out.append(Config(key=f"w4kv4g{g}", name=f"4-bit weights + KV, g{g}", weights=q, cache=q))
+    for g in group_sizes:
+        name = f"stock, 4-bit weights in place, g{g}"
+        q = QuantConfig(bits=4, group_size=g)
+        out.append(Config(key=f"stock-w4g{g}", name=name, weights=q, stock=True, extra=True))
     return out
 
 
@@ -94,7 +104,14 @@ def load_model(path: str, config: Config, batch: int):
     """The model of one configuration, in fp32 (CPUs without AVX-512 BF16 are far slower in
     bf16). The offloaded model keeps everything in RAM: this measures quality, not offloading."""
     if config.stock:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if config.weights is not None:
+            with torch.no_grad():
+                for weight in model.parameters():  # tied weights are listed once
+                    if weight.dim() == 2:
+                        packed = quantize(weight, config.weights, default_dim=0)
+                        weight.copy_(dequantize(packed))
+        return model
     policy = Policy(
         micro_batch_size=batch, compress_weights=config.weights, compress_cache=config.cache
     )
@@ -149,8 +166,9 @@ def perplexity(
 
 
 def _window_nll(model, rows: torch.Tensor, context: int, chunk: int) -> float:
-    """Summed NLL of ``rows[:, context + 1:]`` given everything before, for rows of
-    ``context + scored`` inputs followed by their last target (so ``scored + 1`` more tokens)."""
+    """Summed NLL of the targets ``rows[:, context + 1:]``, each given every token before it
+    in its row: the first ``context`` tokens go into the KV cache in one forward, the rest
+    follow ``chunk`` at a time, each predicting the next."""
     cache, total = None, 0.0
     try:
         if context:
@@ -205,8 +223,8 @@ def measure(path: str, tokenizer, ids: torch.Tensor, config: Config, args) -> di
 
 
 def table(configs: list[Config], results: dict[str, dict]) -> list[str]:
-    def quant(q: QuantConfig | None, stock: bool) -> str:
-        return "-" if stock else ("fp32" if q is None else f"{q.bits}-bit g{q.group_size}")
+    def quant(q: QuantConfig | None) -> str:
+        return "fp32" if q is None else f"{q.bits}-bit g{q.group_size}"
 
     base = results.get("plain") or results.get("stock") or next(iter(results.values()))
     lines = [
@@ -222,7 +240,7 @@ def table(configs: list[Config], results: dict[str, dict]) -> list[str]:
         change = 100 * (r["perplexity"] / base["perplexity"] - 1)
         scores = " | ".join(f"{r['metrics'][m]:.3f}" for m in METRICS)
         lines.append(
-            f"| {c.name} | {quant(c.weights, c.stock)} | {quant(c.cache, c.stock)} | "
+            f"| {c.name} | {quant(c.weights)} | {quant(c.cache)} | "
             f"{r['perplexity']:.3f} | {change:+.2f}% | {scores} | {r['seconds']:.0f} |"
         )
     return lines
@@ -265,7 +283,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--instances", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, help="default: the scenario's (50)")
     parser.add_argument("--group-sizes", default="32,64,128")
-    parser.add_argument("--only", help="comma-separated keys, e.g. stock,plain,w4g64,w4kv4g64")
+    parser.add_argument(
+        "--only",
+        help="comma-separated keys, e.g. stock,plain,w4g64,w4kv4g64; stock-w4g64 (not run by "
+        "default) quantizes stock transformers' weights in place: a cross-check of w4g64",
+    )
     parser.add_argument("--doc", default=DOC, help="where to write the table")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -294,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         if unknown:
             parser.error(f"unknown --only keys {sorted(unknown)}; have {[c.key for c in configs]}")
         configs = [c for c in configs if c.key in keys]
+    else:
+        configs = [c for c in configs if not c.extra]
 
     results: dict[str, dict] = {}
     for c in configs:
