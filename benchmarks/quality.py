@@ -1,0 +1,355 @@
+"""Quality under compression on real weights: perplexity and a HELM-style score per configuration.
+
+For each configuration (stock transformers as the reference; the offloaded model uncompressed;
+4-bit weights; 4-bit weights + 4-bit KV cache; group sizes 32, 64 and 128), on the same model:
+
+* **perplexity** on a held-out English text (``data/devils_dictionary_a-e.txt``), with sliding
+  windows of ``--window`` tokens moved by ``--stride``: each window scores only its last
+  ``--stride`` tokens, the rest is context. The context goes in first and is kept in the KV
+  cache; the scored tokens follow in chunks of ``--chunk``, so they attend to a *stored* (with
+  ``compress_cache``, quantized) history as generated tokens do. A single forward would hide
+  KV-cache compression: the tokens of one forward attend to each other at full precision.
+  The negative log-likelihood is computed from the logits in fp32.
+* **a HELM-style scenario score** through ``hf_flexoffload.eval.evaluate``: HELM's adaptation
+  of a synthetic reasoning task (5 shots, greedy, stop at a newline), exact match, quasi-exact
+  match and F1 over ``--instances`` test instances.
+
+Results are written between markers in ``docs/quality.md``.
+
+Usage::
+
+    python benchmarks/quality.py          # SmolLM2-135M-Instruct, all configurations
+    python benchmarks/quality.py --max-tokens 2048 --instances 16 --no-write   # a quick look
+    python benchmarks/quality.py --toy --no-write   # tiny random OPT: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from _common import write_between_markers
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
+
+import hf_flexoffload
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig
+from hf_flexoffload.compression import dequantize, quantize
+from hf_flexoffload.eval import builtin_scenario, evaluate
+from hf_flexoffload.hardware import default_cache_dir
+from hf_flexoffload.smollm2 import PACKAGE, PACKAGE_VERSION, smollm2_checkpoint
+from hf_flexoffload.toy import build_random_checkpoint, char_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEXT = os.path.join(HERE, "data", "devils_dictionary_a-e.txt")
+DOC = os.path.join(HERE, "..", "docs", "quality.md")
+START, END = "<!-- benchmark:quality:start -->", "<!-- benchmark:quality:end -->"
+METRICS = {"exact_match": "exact match", "quasi_exact_match": "quasi-exact", "f1": "F1"}
+
+# The offloaded model class: the architecture-dispatching Auto class where this version of
+# hf_flexoffload has one (a Llama checkpoint such as SmolLM2 needs it), else the OPT class.
+OFFLOADED = getattr(hf_flexoffload, "AutoFlexOffloadModelForCausalLM", FlexOffloadOPTForCausalLM)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """One compared configuration.
+
+    Args:
+        key: Short name for ``--only``.
+        name: What the table calls it.
+        weights: ``Policy.compress_weights``.
+        cache: ``Policy.compress_cache``.
+        stock: Stock transformers instead of the offloaded model. With ``weights``, every 2-D
+            parameter is quantized and dequantized in place by ``hf_flexoffload.compression``
+            (as the offloaded model does with ``compress_embeddings=True``): a cross-check of
+            the offloaded numbers that needs no offloaded model. ``cache`` must be None.
+        extra: Run only when named in ``--only``.
+    """
+
+    key: str
+    name: str
+    weights: QuantConfig | None = None
+    cache: QuantConfig | None = None
+    stock: bool = False
+    extra: bool = False
+
+
+def configurations(group_sizes: list[int]) -> list[Config]:
+    out = [
+        Config(key="stock", name="stock transformers (reference)", stock=True),
+        Config(key="plain", name="uncompressed"),
+    ]
+    for g in group_sizes:
+        q = QuantConfig(bits=4, group_size=g)
+        out.append(Config(key=f"w4g{g}", name=f"4-bit weights, g{g}", weights=q))
+    for g in group_sizes:
+        q = QuantConfig(bits=4, group_size=g)
+        out.append(Config(key=f"w4kv4g{g}", name=f"4-bit weights + KV, g{g}", weights=q, cache=q))
+    for g in group_sizes:
+        name = f"stock, 4-bit weights in place, g{g}"
+        q = QuantConfig(bits=4, group_size=g)
+        out.append(Config(key=f"stock-w4g{g}", name=name, weights=q, stock=True, extra=True))
+    return out
+
+
+def load_model(path: str, config: Config, batch: int):
+    """The model of one configuration, in fp32 (CPUs without AVX-512 BF16 are far slower in
+    bf16). The offloaded model keeps everything in RAM: this measures quality, not offloading."""
+    if config.stock:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if config.weights is not None:
+            with torch.no_grad():
+                for weight in model.parameters():  # tied weights are listed once
+                    if weight.dim() == 2:
+                        packed = quantize(weight, config.weights, default_dim=0)
+                        weight.copy_(dequantize(packed))
+        return model
+    policy = Policy(
+        micro_batch_size=batch, compress_weights=config.weights, compress_cache=config.cache
+    )
+    return OFFLOADED.from_pretrained(path, offload_policy=policy, dtype=torch.float32)
+
+
+# -- perplexity --------------------------------------------------------------------------------
+
+
+def windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """``(begin, first, end)`` per window over ``n`` tokens: the window's inputs are tokens
+    ``[begin, end - 1)``, and it scores targets ``[first, end)``, each predicted from every token
+    before it within the window. Every token but the first is scored exactly once, with at
+    least ``window - stride`` tokens of context once the text allows."""
+    first = 1  # the first token has nothing to be predicted from
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        if end > first:
+            yield begin, first, end
+        first = end
+        if end == n:
+            return
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    window: int,
+    stride: int,
+    chunk: int,
+    batch: int,
+    progress: bool = False,
+):
+    """(perplexity, scored tokens) of ``model`` over the 1-D token ids ``ids``.
+
+    Windows with the same shape (all but the first and last) run ``batch`` at a time.
+    """
+    spans: dict[tuple[int, int], list[int]] = {}
+    for begin, first, end in windows(len(ids), window, stride):
+        spans.setdefault((first - 1 - begin, end - first), []).append(begin)
+    nll, count = 0.0, 0
+    bar = tqdm(total=len(ids) - 1, unit="tok", desc="perplexity", disable=not progress)
+    for (context, scored), begins in spans.items():
+        for i in range(0, len(begins), batch):
+            rows = torch.stack([ids[b : b + context + scored + 1] for b in begins[i : i + batch]])
+            nll += _window_nll(model, rows, context, chunk)
+            count += rows.shape[0] * scored
+            bar.update(rows.shape[0] * scored)
+    bar.close()
+    return math.exp(nll / count), count
+
+
+def _window_nll(model, rows: torch.Tensor, context: int, chunk: int) -> float:
+    """Summed NLL of the targets ``rows[:, context + 1:]``, each given every token before it
+    in its row: the first ``context`` tokens go into the KV cache in one forward, the rest
+    follow ``chunk`` at a time, each predicting the next."""
+    cache, total = None, 0.0
+    try:
+        if context:
+            out = model(input_ids=rows[:, :context], use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+        for start in range(context, rows.shape[1] - 1, chunk):
+            stop = min(start + chunk, rows.shape[1] - 1)
+            out = model(input_ids=rows[:, start:stop], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits.float()
+            targets = rows[:, start + 1 : stop + 1]
+            total += float(
+                F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            )
+    finally:
+        if hasattr(cache, "close"):
+            cache.close()  # the offloaded cache holds buffers (and maybe files) until closed
+    return total
+
+
+# -- one configuration -------------------------------------------------------------------------
+
+
+def measure(path: str, tokenizer, ids: torch.Tensor, config: Config, args) -> dict:
+    model = load_model(path, config, args.batch)
+    try:
+        began = time.perf_counter()
+        ppl, scored = perplexity(
+            model, ids, args.window, args.stride, args.chunk, args.batch, progress=True
+        )
+        ppl_seconds = time.perf_counter() - began
+        spec = builtin_scenario(
+            f"synthetic_reasoning:{args.scenario}",
+            max_instances=args.instances,
+            **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}),
+        )
+        began = time.perf_counter()
+        result = evaluate(model, tokenizer, spec, block_size=args.batch)
+        eval_seconds = time.perf_counter() - began
+    finally:
+        if hasattr(model, "close"):
+            model.close()
+    return {
+        "perplexity": ppl,
+        "scored_tokens": scored,
+        "metrics": {m: result.metrics[m] for m in METRICS},
+        "instances": result.stats["num_instances"],
+        "perplexity_seconds": ppl_seconds,
+        "scenario_seconds": eval_seconds,
+        "seconds": ppl_seconds + eval_seconds,
+    }
+
+
+def table(configs: list[Config], results: dict[str, dict]) -> list[str]:
+    def quant(q: QuantConfig | None) -> str:
+        return "fp32" if q is None else f"{q.bits}-bit g{q.group_size}"
+
+    base = results.get("plain") or results.get("stock") or next(iter(results.values()))
+    lines = [
+        "| configuration | weights | KV cache | perplexity | vs uncompressed | "
+        + " | ".join(METRICS.values())
+        + " | seconds |",
+        "|---|---|---|---|---|" + "---|" * len(METRICS) + "---|",
+    ]
+    for c in configs:
+        r = results.get(c.key)
+        if r is None:
+            continue
+        change = 100 * (r["perplexity"] / base["perplexity"] - 1)
+        scores = " | ".join(f"{r['metrics'][m]:.3f}" for m in METRICS)
+        lines.append(
+            f"| {c.name} | {quant(c.weights)} | {quant(c.cache)} | "
+            f"{r['perplexity']:.3f} | {change:+.2f}% | {scores} | {r['seconds']:.0f} |"
+        )
+    return lines
+
+
+# -- the model and the text --------------------------------------------------------------------
+
+
+def toy_checkpoint() -> str:
+    """A tiny random OPT with the character tokenizer: noise, but it exercises every step."""
+    tokenizer = char_tokenizer()
+    config = OPTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head dim 32, so KV groups of 32 are not all padding
+        ffn_dim=128,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        word_embed_proj_dim=64,
+    )
+    path = os.path.join(default_cache_dir(), "quality-toy-opt")
+    return build_random_checkpoint(path, config, torch.float32, tokenizer=tokenizer)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint dir (default: SmolLM2-135M, converted once)")
+    parser.add_argument("--toy", action="store_true", help="a tiny random OPT instead")
+    parser.add_argument("--text", default=TEXT, help="held-out text for perplexity")
+    parser.add_argument("--max-tokens", type=int, help="use only the text's first N tokens")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=32, help="scored tokens per forward")
+    parser.add_argument("--batch", type=int, default=8, help="windows / prompts per forward")
+    parser.add_argument(
+        "--scenario",
+        default="variable_substitution",
+        choices=["pattern_match", "variable_substitution", "induction"],
+    )
+    parser.add_argument("--instances", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, help="default: the scenario's (50)")
+    parser.add_argument("--group-sizes", default="32,64,128")
+    parser.add_argument(
+        "--only",
+        help="comma-separated keys, e.g. stock,plain,w4g64,w4kv4g64; stock-w4g64 (not run by "
+        "default) quantizes stock transformers' weights in place: a cross-check of w4g64",
+    )
+    parser.add_argument("--doc", default=DOC, help="where to write the table")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    if not 0 < args.stride <= args.window - 1 or args.chunk < 1 or args.batch < 1:
+        parser.error("need 0 < --stride < --window, --chunk >= 1 and --batch >= 1")
+
+    if args.toy:
+        path, source = toy_checkpoint(), "a tiny random OPT (toy; the numbers mean nothing)"
+    elif args.model:
+        path, source = args.model, args.model
+    else:
+        print(f"checkpoint: converting {PACKAGE} once if needed (~30 s)", flush=True)
+        path = smollm2_checkpoint()
+        source = (
+            f"SmolLM2-135M-Instruct from {PACKAGE}=={PACKAGE_VERSION} (a Q4_1/Q8_0 GGUF, "
+            "dequantized by transformers and saved in fp32)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with open(args.text, encoding="utf-8") as f:
+        ids = torch.tensor(tokenizer(f.read(), add_special_tokens=False)["input_ids"])
+    ids = ids[: args.max_tokens] if args.max_tokens else ids
+    configs = configurations([int(g) for g in args.group_sizes.split(",")])
+    if args.only:
+        keys = args.only.split(",")
+        unknown = set(keys) - {c.key for c in configs}
+        if unknown:
+            parser.error(f"unknown --only keys {sorted(unknown)}; have {[c.key for c in configs]}")
+        configs = [c for c in configs if c.key in keys]
+    else:
+        configs = [c for c in configs if not c.extra]
+
+    results: dict[str, dict] = {}
+    for c in configs:
+        results[c.key] = r = measure(path, tokenizer, ids, c, args)
+        scores = ", ".join(f"{METRICS[m]} {v:.3f}" for m, v in r["metrics"].items())
+        print(
+            f"{c.name:<32} perplexity {r['perplexity']:8.3f}  {scores}  "
+            f"({r['perplexity_seconds']:.0f} s + {r['scenario_seconds']:.0f} s)",
+            flush=True,
+        )
+
+    model_class = "stock" if all(c.stock for c in configs) else OFFLOADED.__name__
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}; model: {source}, computed in fp32 "
+        f"through `{model_class}` (all in RAM). Perplexity: "
+        f"`{os.path.relpath(args.text, os.path.join(HERE, '..'))}`, {len(ids)} tokens, "
+        f"{next(iter(results.values()))['scored_tokens']} scored, windows of {args.window} "
+        f"tokens moved by {args.stride}, scored tokens in chunks of {args.chunk}. Scenario: "
+        f"`synthetic_reasoning:{args.scenario}` (HELM's adaptation: 5 shots, greedy, stop at a "
+        f"newline), first {next(iter(results.values()))['instances']} test instances. "
+        "Seconds: perplexity and scenario together.",
+        "",
+        *table(configs, results),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_between_markers(args.doc, START, END, text)
+        print(f"wrote {os.path.normpath(args.doc)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

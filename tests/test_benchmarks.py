@@ -1,0 +1,77 @@
+"""The benchmark scripts run, on a tiny model (the real measurements take minutes to hours)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from .conftest import build_model, tiny_config
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/quality.py` sees it
+    return importlib.import_module("quality")
+
+
+@pytest.mark.parametrize(
+    ("n", "window", "stride"),
+    [(100, 16, 8), (17, 16, 8), (5, 16, 8), (64, 16, 15), (40, 10, 3)],
+    ids=["many-windows", "one-token-past-a-window", "shorter-than-a-window", "stride-near-window",
+         "small-stride"],
+)  # fmt: skip
+def test_windows_score_every_token_once_with_context(quality, n, window, stride):
+    scored = []
+    for begin, first, end in quality.windows(n, window, stride):
+        assert begin < first < end <= n
+        assert end - begin <= window  # the inputs [begin, end - 1) fit a window
+        assert first - begin >= min(window - stride, first)  # context, as far as the text allows
+        scored.extend(range(first, end))
+    assert scored == list(range(1, n))
+
+
+@torch.no_grad()
+def test_chunked_perplexity_matches_whole_window_forwards(quality):
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    ids = torch.randint(3, 96, (50,))
+    ppl, count = quality.perplexity(model, ids, window=16, stride=6, chunk=4, batch=3)
+    nll = 0.0
+    for begin, first, end in quality.windows(len(ids), 16, 6):
+        logits = model(input_ids=ids[None, begin : end - 1]).logits[0]
+        nll += float(F.cross_entropy(logits[first - 1 - begin :], ids[first:end], reduction="sum"))
+    assert count == len(ids) - 1
+    assert ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_quality_benchmark_runs_end_to_end(quality, tmp_path):
+    doc = tmp_path / "quality.md"
+    doc.write_text(f"# Quality\n\nbefore\n{quality.START}\nold table\n{quality.END}\nafter\n")
+    text = tmp_path / "tiny.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    results = quality.main(
+        ["--toy", "--text", str(text), "--window", "48", "--stride", "24", "--chunk", "8",
+         "--batch", "2", "--instances", "2", "--max-new-tokens", "3", "--group-sizes", "32",
+         "--only", "stock,plain,w4g32,w4kv4g32,stock-w4g32", "--doc", str(doc)]
+    )  # fmt: skip
+    assert list(results) == ["stock", "plain", "w4g32", "w4kv4g32", "stock-w4g32"]
+    # Offloading alone changes nothing; compressing the KV cache changes the scored tokens'
+    # history (the perplexity path must exercise the stored cache, not just one forward).
+    assert results["plain"]["perplexity"] == pytest.approx(results["stock"]["perplexity"], 1e-5)
+    assert results["w4kv4g32"]["perplexity"] != results["w4g32"]["perplexity"]
+    # The in-place cross-check on stock transformers agrees with the offloaded 4-bit weights.
+    assert results["stock-w4g32"]["perplexity"] == pytest.approx(results["w4g32"]["perplexity"])
+    assert results["w4g32"]["perplexity"] != pytest.approx(results["plain"]["perplexity"])
+    assert all(r["instances"] == 2 and r["scored_tokens"] == 359 for r in results.values())
+    written = doc.read_text()
+    assert "old table" not in written and written.startswith("# Quality\n\nbefore\n")
+    assert written.endswith(f"{quality.END}\nafter\n")
+    assert "| 4-bit weights + KV, g32 | 4-bit g32 | 4-bit g32 |" in written
+    assert "| stock, 4-bit weights in place, g32 | 4-bit g32 | fp32 |" in written
