@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .conftest import build_model, tiny_config
+from ..conftest import build_model, tiny_config
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture
