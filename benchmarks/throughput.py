@@ -350,7 +350,7 @@ def report(
             human_bytes(max(r.peak)) + ("" if r.run.budget is None else " (fits)"),
             f"{tps / same.median:.2f}x" if same and r.run.kind != "stock" else "",
             f"{tps / ceiling.median:.2f}x" if ceiling else "",
-            f"{tps / accel.median:.2f}x" if accel and r.run.kind == "ours" else "",
+            f"{tps / accel.median:.2f}x" if accel and r.run.kind == "ours" and r.run.budget else "",
             f"{bound:.2f}",
             f"{tps / bound:.0%}",
         ]
@@ -361,8 +361,8 @@ def report(
             "",
             "Over the budget (not eligible): "
             + "; ".join(
-                f"{r.run.system} at batch {r.run.batch}: {human_bytes(max(r.peak))}, "
-                f"{r.median:.2f} tok/s"
+                f"{r.run.system} at batch {r.run.batch}: {max(r.peak) / 2**20:.0f} MiB for a "
+                f"budget of {r.run.budget / 2**20:.0f} MiB, {r.median:.2f} tok/s"
                 for r in over
             )
             + ".",

@@ -4,17 +4,18 @@ import os
 
 import pytest
 
-from hf_flexoffload import HardwareProfile, Policy, cli
+from hf_flexoffload import HardwareProfile, Policy, cli, demo
 
 
 def run_demo(cache_dir, new_tokens: int, eval_instances: int = 0) -> int:
-    args = f"demo --batch-size 4 --prompt-len 8 --new-tokens {new_tokens} --cache-dir {cache_dir}"
+    args = f"demo --toy --batch-size 4 --prompt-len 8 --new-tokens {new_tokens}"
+    args += f" --cache-dir {cache_dir}"
     return cli.main([*args.split(), "--eval-instances", str(eval_instances)])
 
 
 def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
     tiny = dict(
-        cli.OPT_125M,
+        demo.OPT_125M,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -23,7 +24,7 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
         max_position_embeddings=512,  # the evaluation's one-shot prompts are ~300 characters
         word_embed_proj_dim=64,
     )
-    monkeypatch.setattr(cli, "OPT_125M", tiny)
+    monkeypatch.setattr(demo, "OPT_125M", tiny)
     assert run_demo(tmp_path, 3, eval_instances=2) == 0
     out = capsys.readouterr().out
     assert "Same tokens as transformers: yes" in out
@@ -35,6 +36,20 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
     built = os.stat(checkpoint).st_mtime_ns
     assert run_demo(tmp_path, 2) == 0
     assert os.stat(checkpoint).st_mtime_ns == built, "the checkpoint is built once and reused"
+
+
+@pytest.mark.real_weights
+def test_demo_with_real_weights_writes_text_and_matches_stock(
+    smollm2_path, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(demo, "smollm2_checkpoint", lambda cache_dir=None: smollm2_path)
+    args = ["demo", "--new-tokens", "12", "--eval-instances", "2", "--cache-dir", str(tmp_path)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct" in out
+    assert "Same tokens as transformers: yes" in out
+    assert "> What is the capital of France?" in out and "Paris" in out
+    assert "synthetic_reasoning-variable_substitution: 2 instances" in out
 
 
 def test_demo_rejects_tiny_batch():

@@ -11,141 +11,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import time
 
 import torch
 from transformers import (
     AutoConfig,
-    OPTConfig,
-    OPTForCausalLM,
-    StoppingCriteria,
-    StoppingCriteriaList,
 )
 
+from . import demo
 from .architectures import ARCHITECTURES, architecture_for
 from .budget import parse_size
 from .engine import plan_policy
 from .hardware import HardwareProfile, default_cache_dir
-from .modeling import FlexOffloadOPTForCausalLM
 from .optimizer import InfeasiblePolicyError
-from .policy import TIERS, Policy, Split, Workload
+from .policy import TIERS, Workload
 from .stats import human_bytes
-from .toy import OPT_125M, build_random_checkpoint, char_tokenizer
 from .transfer import resolve_device
 
 EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE = 1, 2, 3
-
-
-class Progress(StoppingCriteria):
-    """Shows token steps and throughput while ``generate`` runs; never stops generation."""
-
-    def __init__(self, label: str, total: int, batch: int) -> None:
-        self.label, self.total, self.batch = label, total, batch
-        self.step, self.start = 0, time.perf_counter()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.step += 1
-        rate = self.step * self.batch / (time.perf_counter() - self.start)
-        end = "\n" if self.step >= self.total else ""
-        print(
-            f"\r  {self.label:<22} step {self.step:>3}/{self.total} {rate:8.1f} tok/s",
-            end=end,
-            file=sys.stderr,
-            flush=True,
-        )
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def _generate(model, ids, mask, new_tokens: int, label: str):
-    progress = StoppingCriteriaList([Progress(label, new_tokens, ids.shape[0])])
-    start = time.perf_counter()
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        stopping_criteria=progress,
-    )
-    return out, time.perf_counter() - start
-
-
-def demo(args: argparse.Namespace) -> int:
-    """Offloaded generation on an opt-125m-shaped random model, next to stock transformers."""
-    path = os.path.join(args.cache_dir, "demo-opt-125m-bf16")
-    print(f"Checkpoint: {path} (random weights, opt-125m shape, bf16; built once)")
-    build_random_checkpoint(path, OPTConfig(**OPT_125M), torch.bfloat16)
-
-    policy = Policy(
-        micro_batch_size=args.batch_size // 2,
-        num_micro_batches=2,
-        weights=Split(device=0.2, disk=0.8),
-        cache=Split(device=1.0),
-        overlap=True,
-    )
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, OPT_125M["vocab_size"], (args.batch_size, args.prompt_len), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1::2, : args.prompt_len // 4] = 0  # left-pad every other prompt
-
-    print(f"Policy: {policy.to_json(indent=None)}")
-    with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
-        print("Weight placement (bytes per tier):")
-        print("  " + str(model.placement_report).replace("\n", "\n  "))
-        print(f"Generating {args.new_tokens} tokens for {args.batch_size} prompts:")
-        ours, ours_s = _generate(model, ids, mask, args.new_tokens, "hf_flexoffload")
-        stats = model.generation_stats
-
-    stock = OPTForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    theirs, theirs_s = _generate(stock, ids, mask, args.new_tokens, "transformers (in RAM)")
-    tokens = args.batch_size * args.new_tokens
-    same = torch.equal(ours, theirs)
-    print()
-    print(f"{'system':<34}{'seconds':>9}{'tok/s':>9}")
-    print(f"{'hf_flexoffload (80% on disk)':<34}{ours_s:>9.2f}{tokens / ours_s:>9.1f}")
-    print(f"{'transformers (everything in RAM)':<34}{theirs_s:>9.2f}{tokens / theirs_s:>9.1f}")
-    moved = stats.bytes_moved
-    print(
-        f"Read from disk: {human_bytes(moved['disk_to_host'])}; peak in RAM: "
-        f"{human_bytes(stats.peak_bytes['device'] + stats.peak_bytes['host'])}"
-    )
-    print(f"Same tokens as transformers: {'yes' if same else 'NO'}")
-    if not same:
-        return EXIT_MISMATCH
-    if args.eval_instances:
-        _demo_eval(args, policy)
-    return 0
-
-
-def _demo_eval(args: argparse.Namespace, policy: Policy) -> None:
-    """A small built-in HELM scenario through the offloaded model, with the progress bar."""
-    from .eval import builtin_scenario, evaluate
-    from .eval.command import summary
-
-    tokenizer = char_tokenizer()
-    path = os.path.join(args.cache_dir, "demo-opt-125m-chars-bf16")
-    config = OPTConfig(**{**OPT_125M, "vocab_size": len(tokenizer)})
-    build_random_checkpoint(path, config, torch.bfloat16, tokenizer=tokenizer)
-    scenario = builtin_scenario(
-        "synthetic_reasoning:pattern_match",
-        num_shots=1,
-        max_new_tokens=16,
-        max_instances=args.eval_instances,
-    )
-    output = os.path.join(args.cache_dir, "demo-runs")
-    shutil.rmtree(os.path.join(output, scenario.name), ignore_errors=True)  # the demo's own
-    print()
-    print(
-        f"Evaluating {scenario.source} ({args.eval_instances} instances, 1 shot) through the "
-        "offloaded model (random weights and a character tokenizer: expect scores near 0):"
-    )
-    with FlexOffloadOPTForCausalLM.from_pretrained(
-        path, offload_policy=policy, dtype=torch.float32
-    ) as model:
-        result = evaluate(model, tokenizer, scenario, output_dir=output)
-    print(summary(result.stats, result.run_dir))
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -246,14 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="offloaded generation next to stock transformers")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--toy", action="store_true", help="random weights even if real ones exist")
+    p.add_argument("--batch-size", type=int, default=16, help="random-weight model only")
+    p.add_argument("--prompt-len", type=int, default=32, help="random-weight model only")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 40 (real), 16 (toy)")
     p.add_argument("--cache-dir", default=default_cache_dir())
     p.add_argument(
         "--eval-instances", type=int, default=16, help="then evaluate this many (0: skip)"
     )
-    p.set_defaults(run=demo)
+    p.set_defaults(run=demo.demo)
 
     def machine_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default=None, help="compute device (default: cuda:0 or cpu)")

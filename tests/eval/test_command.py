@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from hf_flexoffload import cli
+from hf_flexoffload import AutoFlexOffloadModelForCausalLM, cli
 from tests.eval.conftest import POLICY
 
 
@@ -74,7 +74,7 @@ def test_bad_input_exits_2_before_loading(eval_checkpoint, tmp_path, capsys, mon
     files["empty"] = tmp_path / "e.jsonl"
     extra = [str(files.get(a.strip("{}"), a)) for a in extra]
     monkeypatch.setattr(
-        cli.FlexOffloadOPTForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded")
+        AutoFlexOffloadModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded")
     )
     assert _eval(path, tmp_path / "runs", *extra) == cli.EXIT_USAGE
     assert message in capsys.readouterr().err
