@@ -6,6 +6,8 @@ import multiprocessing
 import os
 from collections.abc import Callable
 
+from hf_flexoffload import Policy
+
 
 def rss() -> int:
     """Resident bytes of this process now."""
@@ -64,3 +66,19 @@ def write_between_markers(path: str, start: str, end: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(f"{head}{start}\n{text}\n{end}{tail}")
     os.replace(tmp, path)
+
+
+def describe_policy(policy: dict) -> str:
+    """A policy in one short line: block shape, device/host/disk percentages, options."""
+    p = Policy.from_dict(policy)
+    parts = [f"{p.micro_batch_size}x{p.num_micro_batches}"]
+    for kind in ("weights", "cache", "activations"):
+        split = getattr(p, kind)
+        parts.append(f"{kind[0]} " + "/".join(f"{100 * f:.0f}" for f in split.fractions))
+    flags = {
+        "4-bit w": p.compress_weights,
+        "4-bit kv": p.compress_cache,
+        "O_DIRECT": p.direct_io,
+        "no overlap": not p.overlap,
+    }
+    return ", ".join(parts + [name for name, on in flags.items() if on])

@@ -25,7 +25,14 @@ import statistics
 import time
 
 import torch
-from _common import in_fresh_process, peak_rss, reset_peak_rss, rss, write_between_markers
+from _common import (
+    describe_policy,
+    in_fresh_process,
+    peak_rss,
+    reset_peak_rss,
+    rss,
+    write_between_markers,
+)
 from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, Workload
@@ -162,21 +169,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {os.path.normpath(DOC)}")
 
 
-def _describe(policy: dict) -> str:
-    p = Policy.from_dict(policy)
-    parts = [f"{p.micro_batch_size}x{p.num_micro_batches}"]
-    for kind in ("weights", "cache", "activations"):
-        split = getattr(p, kind)
-        parts.append(f"{kind[0]} " + "/".join(f"{100 * f:.0f}" for f in split.fractions))
-    if p.compress_weights:
-        parts.append("4-bit w")
-    if p.compress_cache:
-        parts.append("4-bit kv")
-    if not p.overlap:
-        parts.append("no overlap")
-    return ", ".join(parts)
-
-
 def report(results: dict[str, list[dict]], args, budget: int, profile: HardwareProfile) -> str:
     dtype = str(args.dtype).removeprefix("torch.")
     lines = [
@@ -201,7 +193,8 @@ def report(results: dict[str, list[dict]], args, budget: int, profile: HardwareP
         error = predicted / measured - 1
         lines.append(
             f"| {name} | {Policy.from_dict(runs[0]['run_policy']).block_size} | "
-            f"{_describe(runs[0]['run_policy'])} | {measured:.2f} ({measured / best:.0%} of best) "
+            f"{describe_policy(runs[0]['run_policy'])} | "
+            f"{measured:.2f} ({measured / best:.0%} of best) "
             f"| {predicted:.2f} | {error:+.0%} | {human_bytes(load)} / {human_bytes(gen)} | "
             f"{'yes' if peak <= budget else 'NO'} |"
         )

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
-from _common import in_fresh_process, write_between_markers
+from _common import describe_policy, in_fresh_process, write_between_markers
 from checkpoints import opt_config, write_random_checkpoint
 from transformers import LogitsProcessor, LogitsProcessorList, OPTForCausalLM
 
@@ -340,9 +340,10 @@ def report(
             bandwidth,
         )
         bound = r.size * args.gen_len / bound_s
+        auto = r.chosen and r.run.policy == "auto"
         cells = [
             config,
-            system + (f" ({_describe(r.chosen)})" if r.chosen and r.run.policy == "auto" else ""),
+            system + (f" ({describe_policy(r.chosen)})" if auto else ""),
             str(r.size),
             f"{tps:.2f}",
             f"{statistics.median(r.prefill_s):.1f}",
@@ -376,19 +377,6 @@ def report(
             f"{human_bytes(max(r.peak)) if r.peak else '?'})"
         )
     return "\n".join(lines)
-
-
-def _describe(policy: dict) -> str:
-    p = Policy.from_dict(policy)
-    parts = [f"{p.micro_batch_size}x{p.num_micro_batches}"]
-    for kind in ("weights", "cache", "activations"):
-        split = getattr(p, kind)
-        parts.append(f"{kind[0]} " + "/".join(f"{100 * f:.0f}" for f in split.fractions))
-    if p.direct_io:
-        parts.append("O_DIRECT")
-    if not p.overlap:
-        parts.append("no overlap")
-    return ", ".join(parts)
 
 
 def plot(best: dict[tuple[str, str], Result], path: str) -> None:
