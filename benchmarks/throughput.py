@@ -17,7 +17,8 @@ fits, medians over alternating repeats; ratios are computed within the run.
 
 The roofline bound of a configuration is its time if compute ran at the measured matmul rate
 for its row counts and disk reads at the measured bandwidth, fully overlapped:
-``sum over steps of max(FLOPs / rate, bytes read / bandwidth)``.
+``sum over steps of max(FLOPs / rate, bytes read / bandwidth)``, weights read with O_DIRECT at
+the cold rate and every other disk read (cached weights, KV cache) at the page-cache rate.
 
 Usage::
 
@@ -76,6 +77,7 @@ class Result:
     decode_s: list[float] = field(default_factory=list)
     peak: list[int] = field(default_factory=list)
     disk_read_per_step: float = 0.0
+    weights_read_per_step: float = 0.0
     chosen: dict | None = None
     batch: int = 0  # what ran: the auto policy picks its own block
 
@@ -244,6 +246,10 @@ def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
         if run.kind == "ours":
             stats = model.generation_stats
             out["disk_read_per_step"] = stats.bytes_moved.get("disk_to_host", 0) / stats.forwards
+            # Decoder-layer weights are read every step (the embedding and head stages keep
+            # their copies after the first); the rest of the disk reads are KV cache/hidden.
+            stages = model.placement_report.per_stage[1:-1]
+            out["weights_read_per_step"] = sum(stage["disk"] for stage in stages)
             out["chosen"] = stats.policy.to_dict()
             model.close()
     finally:
@@ -261,23 +267,33 @@ def roofline_seconds(
     batch: int,
     prompt_len: int,
     gen_len: int,
-    read_per_step: float,
-    bandwidth: float,
+    read_seconds: float,
 ) -> float:
-    """The time of the workload with compute at the measured matmul rate and the disk reads at
-    ``bandwidth``, each step's reads fully hidden under its compute (or the reverse)."""
+    """The time of the workload with compute at the measured matmul rate and ``read_seconds``
+    of disk reads per step, each step's reads fully hidden under its compute (or the reverse)."""
     h, f, v = shape.hidden, shape.ffn, shape.vocab
 
     def step(rows: int, context: float, heads_rows: int) -> float:
         layer = 2 * (4 * h * h + 2 * h * f) + 4 * h * context  # per token: matmuls + attention
         flops = rows * shape.layers * layer + heads_rows * 2 * h * v
         compute = flops / profile.matmul_rate(rows)
-        return max(compute, read_per_step / bandwidth)
+        return max(compute, read_seconds)
 
     total = step(batch * prompt_len, prompt_len / 2, batch)  # the head runs on the last position
     for t in range(1, gen_len):
         total += step(batch, prompt_len + t, batch)
     return total
+
+
+def _read_seconds(r: Result, profile: HardwareProfile) -> float:
+    """Disk time per step at the measured rates: weights read directly (O_DIRECT) at the cold
+    rate, everything else (and cached weights) at the page-cache rate."""
+    policy = r.chosen or (r.run.policy if isinstance(r.run.policy, dict) else None)
+    direct = bool(policy and policy.get("direct_io"))
+    weights = r.weights_read_per_step
+    rest = max(0.0, r.disk_read_per_step - weights)
+    weights_rate = profile.disk_read if direct else profile.cached_disk_read
+    return weights / weights_rate + rest / profile.cached_disk_read
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -328,16 +344,8 @@ def report(
     for (config, system), r in best.items():
         tps = r.median
         same = stock_at.get(r.size)
-        cold = r.run.policy not in (None, "auto") and r.run.policy.get("direct_io")
-        bandwidth = profile.disk_read if cold else profile.cached_disk_read
         bound_s = roofline_seconds(
-            shape,
-            profile,
-            r.size,
-            args.prompt_len,
-            args.gen_len,
-            r.disk_read_per_step,
-            bandwidth,
+            shape, profile, r.size, args.prompt_len, args.gen_len, _read_seconds(r, profile)
         )
         bound = r.size * args.gen_len / bound_s
         auto = r.chosen and r.run.policy == "auto"
@@ -469,6 +477,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             result.decode_s.append(out["decode_s"])
             result.peak.append(out["peak"])
             result.disk_read_per_step = out.get("disk_read_per_step", 0.0)
+            result.weights_read_per_step = out.get("weights_read_per_step", 0.0)
             result.chosen = out.get("chosen")
             result.batch = out["batch"]
             print(
