@@ -35,7 +35,8 @@ format: venv
 	$(VENV)/bin/ruff format src tests examples benchmarks
 	$(VENV)/bin/ruff check --fix src tests examples benchmarks
 
-# The CPU throughput suite (about 30 minutes on 2 cores); results go to docs/benchmarks.md.
+# The CPU throughput suite (about 80 minutes on 2 cores: two repeats); results go to
+# docs/benchmarks.md.
 bench: venv
 	cd benchmarks && ../$(PY) throughput.py
 
