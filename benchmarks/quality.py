@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
 
 import hf_flexoffload
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig
+from hf_flexoffload.cache_keyword import CACHE_KEYWORD, cache_from_output
 from hf_flexoffload.compression import dequantize, quantize
 from hf_flexoffload.eval import builtin_scenario, evaluate
 from hf_flexoffload.hardware import default_cache_dir
@@ -173,11 +174,11 @@ def _window_nll(model, rows: torch.Tensor, context: int, chunk: int) -> float:
     try:
         if context:
             out = model(input_ids=rows[:, :context], use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = cache_from_output(out)
         for start in range(context, rows.shape[1] - 1, chunk):
             stop = min(start + chunk, rows.shape[1] - 1)
-            out = model(input_ids=rows[:, start:stop], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=rows[:, start:stop], use_cache=True, **{CACHE_KEYWORD: cache})
+            cache = cache_from_output(out)
             logits = out.logits.float()
             targets = rows[:, start + 1 : stop + 1]
             total += float(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_flexoffload import FlexOffloadCache, Split
+from hf_flexoffload.cache_keyword import cache_from_output
 from hf_flexoffload.stats import Counters
 
 
@@ -62,6 +63,16 @@ def test_unsupported_operations_raise(tmp_path, call):
     cache = make_cache(tmp_path, Split(device=1.0))
     with pytest.raises(NotImplementedError, match="FlexOffloadCache does not support"):
         getattr(cache, call)(1)
+
+
+def test_reports_every_layer_as_full_attention_and_not_croppable(tmp_path):
+    """transformers asks these of a cache; with no ``layers`` of its own the base class would
+    answer "all linear attention" and "croppable", both wrong here."""
+    cache = make_cache(tmp_path, Split(host=1.0))
+    assert cache.is_linear == [False] * 4
+    assert cache.is_sliding == [False] * 4
+    assert not cache.is_croppable
+    assert not cache.is_compileable
 
 
 # -- compressed cache --------------------------------------------------------------------------
@@ -123,7 +134,7 @@ CACHE_PLACEMENTS = {
 def _teacher_forced_logits(model, seq, mask, prompt):
     """Logits of every generated position, computed step by step through the cache."""
     out = model(seq[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits[:, -1]]
+    cache, logits = cache_from_output(out), [out.logits[:, -1]]
     for t in range(prompt, seq.shape[1] - 1):
         out = model(seq[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
         logits.append(out.logits[:, -1])

@@ -15,6 +15,9 @@ from hf_flexoffload.compression import dequantize, quantize
 from .conftest import batch, build_llama, tiny_llama_config
 from .test_modeling import PLACEMENTS
 
+# Golden tests: `make test-compat` runs them against every supported transformers.
+pytestmark = pytest.mark.compat
+
 GREEDY = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
 
 
@@ -43,7 +46,7 @@ def test_kv_cache_holds_only_the_kv_heads(llama_checkpoint):
     kv_heads = stock.config.num_key_value_heads
     with load(path, Policy(micro_batch_size=2)) as model:
         cache = model.engine.new_cache()
-        model(input_ids=torch.randint(3, 90, (3, 5)), past_key_values=cache)
+        model(input_ids=torch.randint(3, 90, (3, 5)), cache=cache)
         unit = cache.units[0][0]
         assert unit.token_shape == (2, 2, kv_heads, 16)
         assert model.engine.kv_bytes(3, 5) == 3 * 5 * 3 * 2 * kv_heads * 16 * 4
@@ -201,10 +204,10 @@ def test_4bit_cache_decode_logits_stay_close_to_stock(smooth_checkpoint, tier):
     policy = Policy(compress_cache=QuantConfig(bits=4, group_size=16), cache=Split(**{tier: 1.0}))
     with load(path, policy) as model:
         cache = model.engine.new_cache()
-        steps = [model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]]
+        steps = [model(input_ids=ids, attention_mask=mask, cache=cache).logits[:, -1]]
         for t in range(tokens.shape[1] - 1):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=tokens[:, t : t + 1], attention_mask=mask, past_key_values=cache)
+            out = model(input_ids=tokens[:, t : t + 1], attention_mask=mask, cache=cache)
             steps.append(out.logits[:, -1])
         cache.close()
     torch.testing.assert_close(steps[0], expected.scores[0], atol=1e-3, rtol=1e-4)  # no history

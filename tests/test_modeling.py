@@ -14,6 +14,9 @@ from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
 
 from .conftest import batch
 
+# Golden tests: `make test-compat` runs them against every supported transformers.
+pytestmark = pytest.mark.compat
+
 PLACEMENTS = {
     "all_device": Policy(),
     "weights_host": Policy(weights=Split(host=1.0)),

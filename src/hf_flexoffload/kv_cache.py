@@ -385,6 +385,29 @@ class FlexOffloadCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.units[layer_idx][0].length if self.units else 0
 
+    # transformers' Cache answers these from its ``layers``, which are ours, not its: with none
+    # it would say "all linear attention" (so generate's prefill would skip its length checks)
+    # and "croppable" (so a deferred stop check would call ``crop``, which raises).
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: none is linear attention (every layer keeps its keys and values)."""
+        return [False] * self.num_layers
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        """Per layer: none has a sliding window."""
+        return [False] * self.num_layers
+
+    @property
+    def is_croppable(self) -> bool:
+        """False: the offloaded units cannot be rolled back."""
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        """False: the schedule runs eagerly, with I/O between layers."""
+        return False
+
     def realized_split(self) -> dict[str, float]:
         """Fraction of KV bytes per tier (units weighted by micro-batch size)."""
         weights = {"device": 0, "host": 0, "disk": 0}

@@ -22,8 +22,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from transformers.models.opt.modeling_opt import OPTPreTrainedModel
 
+from .cache_keyword import CACHE_KEYWORD, cache_argument, output_with_cache
 from .cost_model import Estimate
 from .engine import OffloadEngine
+from .generation_options import check_generate_options
 from .kv_cache import FlexOffloadCache
 from .placement import PlacementReport
 from .policy import Policy, Workload
@@ -32,20 +34,6 @@ from .transfer import resolve_device
 
 logger = logging.getLogger(__name__)
 
-# (generation-config field, value that is fine, what to say)
-_UNSUPPORTED_GENERATION = (
-    ("num_beams", 1, "beam search (num_beams > 1)"),
-    ("num_beam_groups", 1, "group beam search (num_beam_groups > 1)"),
-    ("penalty_alpha", None, "contrastive search (penalty_alpha)"),
-    ("assistant_model", None, "assisted decoding (assistant_model)"),
-    ("prompt_lookup_num_tokens", None, "prompt lookup decoding (prompt_lookup_num_tokens)"),
-    ("assistant_early_exit", None, "self-speculative decoding (assistant_early_exit)"),
-    ("dola_layers", None, "DoLa decoding (dola_layers)"),
-    ("cache_implementation", None, "cache_implementation (the offloaded KV cache is managed)"),
-    ("output_attentions", False, "output_attentions"),
-    ("output_hidden_states", False, "output_hidden_states"),
-    ("use_cache", True, "use_cache=False (offloaded generation needs its KV cache)"),
-)
 _FROM_PRETRAINED_KWARGS = ("config", "local_files_only", "trust_remote_code", "use_safetensors")
 
 
@@ -288,9 +276,16 @@ class FlexOffloadCausalLMMixin:
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        cache: FlexOffloadCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """One forward pass of the whole batch (the block), as transformers' ``forward``."""
+        """One forward pass of the whole batch (the block), as transformers' ``forward``.
+
+        The KV cache comes as ``cache`` (the name transformers 5.24 and later pass) or
+        ``past_key_values`` (earlier releases', kept as an alias), and goes back in the output
+        field of that same name for this transformers (``cache_keyword.cache_from_output`` reads
+        it either way). Without one, and with ``use_cache``, a new cache is started.
+        """
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("Pass input_ids: inputs_embeds is not supported by offloaded models.")
         for flag in ("output_attentions", "output_hidden_states"):
@@ -299,12 +294,12 @@ class FlexOffloadCausalLMMixin:
         if not isinstance(logits_to_keep, int):
             raise ValueError("logits_to_keep must be an int for offloaded models.")
         use_cache = True if use_cache is None else use_cache
-        cache = past_key_values
+        cache = cache_argument(cache, past_key_values)
         if cache is None:
             cache = self.engine.new_cache()
         elif not isinstance(cache, FlexOffloadCache):
             raise TypeError(
-                f"past_key_values must be the FlexOffloadCache this model returned, not "
+                f"The KV cache must be the FlexOffloadCache this model returned, not "
                 f"{type(cache).__name__}."
             )
         batch, new = input_ids.shape
@@ -326,9 +321,7 @@ class FlexOffloadCausalLMMixin:
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=cache if use_cache else None
-        )
+        return output_with_cache(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     # -- generate ------------------------------------------------------------------------------
 
@@ -346,13 +339,7 @@ class FlexOffloadCausalLMMixin:
         """
         effective = copy.deepcopy(generation_config or self.generation_config)
         model_kwargs = effective.update(**kwargs)
-        for name, fine, what in _UNSUPPORTED_GENERATION:
-            value = model_kwargs.get(name, getattr(effective, name, fine))
-            if value is not None and value != fine:
-                raise ValueError(f"{what} is not supported by offloaded models.")
-        for name in ("past_key_values", "inputs_embeds"):
-            if model_kwargs.get(name) is not None:
-                raise ValueError(f"generate(..., {name}=...) is not supported by offloaded models.")
+        check_generate_options(effective, model_kwargs, kwargs)
         input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("generate needs input_ids (the prompt tokens).")
@@ -367,8 +354,10 @@ class FlexOffloadCausalLMMixin:
         cache = self.engine.new_cache(capacity=length, policy=policy)
         self.engine.begin_run(policy)
         try:
+            # Under the keyword this transformers expects: the other name would warn (5.24 on)
+            # or never reach forward (before 5.24).
             return super().generate(
-                inputs, generation_config=generation_config, past_key_values=cache, **kwargs
+                inputs, generation_config=generation_config, **{CACHE_KEYWORD: cache}, **kwargs
             )
         finally:
             cache.close()

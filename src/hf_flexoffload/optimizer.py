@@ -233,6 +233,13 @@ def planning_capacities(profile: HardwareProfile) -> dict[str, float]:
     return caps
 
 
+def _solver() -> pulp.LpSolver:
+    """HiGHS (``pulp[highs]``, a dependency); pulp's bundled CBC only where highspy is missing:
+    pulp 3.3 deprecates it and 4.0 removes it."""
+    highs = pulp.HiGHS(msg=False)
+    return highs if highs.available() else pulp.PULP_CBC_CMD(msg=False)
+
+
 def _lp(
     sizes: ModelSizes,
     profile: HardwareProfile,
@@ -246,7 +253,7 @@ def _lp(
     kv_total = sizes.layers * policy.block_size * (s + n) * sizes.kv_token
     rates = Rates.of(sizes, profile, kv_total, policy.direct_io)
     prob = pulp.LpProblem("flexoffload_policy", pulp.LpMinimize)
-    x = {v: pulp.LpVariable(v.replace(".", "_"), 0, 1) for v in VARIABLES}
+    x = {v: prob.add_variable(v.replace(".", "_"), 0, 1) for v in VARIABLES}
 
     def expr(a: Affine):
         return pulp.lpSum(c * x[v] for v, c in a.coef.items()) + a.const
@@ -275,7 +282,7 @@ def _lp(
         # such a fixed overlapped policy as the sum, and its estimate applies the real penalty.
         every = pulp.lpSum(expr(term) for term in layer.values())
         penalty = min(1.0, profile.penalty_for(policy.direct_io)) if policy.overlap else 1.0
-        t = pulp.LpVariable(f"t_{name}", 0)
+        t = prob.add_variable(f"t_{name}", 0)
         for term in layer.values():
             prob += t >= expr(term)
         layer_time = (1 - penalty) * t + penalty * every
@@ -291,7 +298,7 @@ def _lp(
     else:
         for t in TIERS:
             prob += expr(mem[t]) <= caps[t]
-    prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    prob.solve(_solver())
     if pulp.LpStatus[prob.status] != "Optimal":
         return None
     return {v: min(1.0, max(0.0, var.value() or 0.0)) for v, var in x.items()}
