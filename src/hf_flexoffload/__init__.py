@@ -12,8 +12,8 @@ from .auto import AutoFlexOffloadModelForCausalLM
 from .budget import InsufficientMemoryError
 from .cost_model import Estimate
 from .hardware import HardwareProfile
-from .kv_cache import FlexOffloadCache
 from .modeling import FlexOffloadLlamaForCausalLM, FlexOffloadOPTForCausalLM
+from .offload_cache import FlexOffloadCache
 from .optimizer import InfeasiblePolicyError
 from .placement import PlacementReport
 from .policy import Policy, QuantConfig, Split, Workload

@@ -31,7 +31,8 @@ from .checkpoint import (
 )
 from .cost_model import Estimate, estimate
 from .hardware import HardwareProfile
-from .kv_cache import FlexOffloadCache, TokenCodec
+from .kv_cache import TokenCodec
+from .offload_cache import FlexOffloadCache
 from .optimizer import optimize
 from .placement import PlacementReport
 from .policy import TIERS, Policy, Workload

@@ -26,7 +26,7 @@ from .cache_keyword import CACHE_KEYWORD, cache_argument, output_with_cache
 from .cost_model import Estimate
 from .engine import OffloadEngine
 from .generation_options import check_generate_options
-from .kv_cache import FlexOffloadCache
+from .offload_cache import FlexOffloadCache
 from .placement import PlacementReport
 from .policy import Policy, Workload
 from .stats import GenerationStats
@@ -281,10 +281,9 @@ class FlexOffloadCausalLMMixin:
     ) -> CausalLMOutputWithPast:
         """One forward pass of the whole batch (the block), as transformers' ``forward``.
 
-        The KV cache comes as ``cache`` (the name transformers 5.24 and later pass) or
-        ``past_key_values`` (earlier releases', kept as an alias), and goes back in the output
-        field of that same name for this transformers (``cache_keyword.cache_from_output`` reads
-        it either way). Without one, and with ``use_cache``, a new cache is started.
+        The KV cache comes as ``cache`` (transformers 5.24 on) or ``past_key_values`` (before;
+        kept as an alias) and goes back under this release's name (``cache_from_output`` reads
+        it). Without one, a new cache is started.
         """
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("Pass input_ids: inputs_embeds is not supported by offloaded models.")

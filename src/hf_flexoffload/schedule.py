@@ -23,7 +23,7 @@ import torch
 
 from .activations import ActivationStore
 from .architectures import Architecture
-from .kv_cache import FlexOffloadCache
+from .offload_cache import FlexOffloadCache
 from .transfer import Mover, Pending
 from .weights import WeightFetcher
 
