@@ -40,8 +40,8 @@ test: venv
 	$(VENV)/bin/pytest -q
 
 # The golden and contract tests against the lowest and the newest transformers and accelerate
-# that pyproject.toml allows, each in a throwaway environment, with transformers' deprecation
-# warnings as errors (see scripts/test_compat.sh).
+# that pyproject.toml allows, each in a throwaway environment, with FutureWarnings and
+# DeprecationWarnings as errors (see scripts/test_compat.sh).
 test-compat: venv
 	UV=$(UV) PYTHON=$(PYTHON) FIND_LINKS="$(FIND_LINKS)" bash scripts/test_compat.sh
 

@@ -20,12 +20,12 @@ FIND_LINKS=${FIND_LINKS:-}
 ROOT=.cache/compat
 read -r -a find_links <<<"$FIND_LINKS"
 
-# The lower bound of a dependency in pyproject.toml, e.g. "transformers>=5.0,<6" -> 5.0.
+# The lower bound of a dependency in pyproject.toml, e.g. "transformers>=5.0,<5.25" -> 5.0.
 lower_bound() {
     grep -oE "\"$1>=[0-9.]+" pyproject.toml | head -n1 | sed -E 's/.*>=//'
 }
 
-build_env() {  # name, then extra uv options for the resolution
+build_env() {  # name, then pins (e.g. transformers==5.0) that constrain the resolution
     local name=$1 dir=$ROOT/$1
     shift
     rm -rf "$dir"
