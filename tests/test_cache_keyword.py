@@ -25,6 +25,7 @@ from hf_flexoffload.cache_keyword import (
 )
 
 from .conftest import batch
+from .test_modeling import load
 
 pytestmark = pytest.mark.compat
 
@@ -37,10 +38,6 @@ POLICIES = {
         cache=Split(host=0.5, disk=0.5),
     ),
 }
-
-
-def load(path: str, policy: Policy) -> FlexOffloadOPTForCausalLM:
-    return FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy)
 
 
 class ForwardSpy:
