@@ -75,3 +75,43 @@ def test_fixed_policy_runs_as_given(pre_ln_checkpoint):
 def test_workload_must_be_a_workload(pre_ln_checkpoint):
     with pytest.raises(TypeError, match="Workload"):
         FlexOffloadOPTForCausalLM.from_pretrained(pre_ln_checkpoint[0], workload={"gen_len": 4})
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_container_memory_limit_caps_available_ram(tmp_path, version):
+    from hf_flexoffload.budget import cgroup_room
+
+    limit, usage, cache = 3 * 2**30, 2 * 2**30, 2**28
+    if version == "v1":
+        proc = "4:memory:/job/step\n1:cpu:/\n"
+        own = tmp_path / "memory" / "job" / "step"
+        files = {"memory.limit_in_bytes": limit, "memory.usage_in_bytes": usage}
+        stat = f"cache 1\ntotal_inactive_file {cache}\n"
+    else:
+        proc = "0::/job/step\n"
+        own = tmp_path / "job" / "step"
+        files = {"memory.max": limit, "memory.current": usage}
+        stat = f"anon 1\ninactive_file {cache}\n"
+    own.mkdir(parents=True)
+    for name, value in files.items():
+        (own / name).write_text(f"{value}\n")
+    (own / "memory.stat").write_text(stat)
+    (tmp_path / "cgroup").write_text(proc)
+    # Room = limit - usage, with the droppable page cache given back.
+    assert cgroup_room(str(tmp_path / "cgroup"), str(tmp_path)) == limit - usage + cache
+    # A parent with a tighter limit wins; "max" (v2) and the v1 "no limit" value do not count.
+    parent, (limit_file, usage_file) = own.parent, files
+    unlimited = "max" if version == "v2" else str(2**63 - 4096)
+    (parent / limit_file).write_text(unlimited)
+    (parent / usage_file).write_text("0")
+    assert cgroup_room(str(tmp_path / "cgroup"), str(tmp_path)) == limit - usage + cache
+    (parent / limit_file).write_text(str(2**30))
+    assert cgroup_room(str(tmp_path / "cgroup"), str(tmp_path)) == 2**30
+
+
+def test_no_cgroup_limit_means_no_room_cap(tmp_path):
+    from hf_flexoffload.budget import cgroup_room
+
+    (tmp_path / "cgroup").write_text("0::/\n")
+    assert cgroup_room(str(tmp_path / "cgroup"), str(tmp_path)) is None
+    assert cgroup_room(str(tmp_path / "missing"), str(tmp_path)) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import shutil
@@ -34,7 +36,14 @@ def parse_size(value: int | float | str, field: str = "max_memory") -> int:
 
 
 def available_ram() -> int:
-    """Bytes of RAM available to new allocations (MemAvailable on Linux)."""
+    """Bytes of RAM new allocations can have: the machine's MemAvailable, and no more than the
+    container's memory limit leaves (a batch-scheduled or containerized process has only that)."""
+    free = _meminfo_available()
+    room = cgroup_room()
+    return free if room is None else min(free, room)
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -43,6 +52,108 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+_CGROUP_ROOT = "/sys/fs/cgroup"
+# (limit file, usage file, reclaimable page-cache counter in memory.stat) per cgroup version.
+_CGROUP_FILES = {
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    "v2": ("memory.max", "memory.current", "inactive_file"),
+}
+
+
+def cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = _CGROUP_ROOT) -> int | None:
+    """Bytes this process's memory cgroups still allow: the smallest ``limit - usage`` over its
+    cgroup and every parent (page cache the kernel can drop does not count as used), or None
+    when no limit applies.
+
+    Reads cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``).
+    """
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            rooms += _rooms(os.path.join(root, "memory"), path, "v1")
+        elif controllers == "":
+            rooms += _rooms(os.path.join(root, "unified"), path, "v2")
+            rooms += _rooms(root, path, "v2")
+    return min(rooms) if rooms else None
+
+
+def _rooms(mount: str, path: str, version: str) -> list[int]:
+    limit_file, usage_file, cache_key = _CGROUP_FILES[version]
+    out = []
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts), -1, -1):
+        directory = os.path.join(mount, *parts[:depth])
+        limit = _read_int(os.path.join(directory, limit_file))
+        usage = _read_int(os.path.join(directory, usage_file))
+        if limit is None or usage is None or limit >= 2**62:  # "max" or the v1 "no limit" value
+            continue
+        out.append(max(0, limit - usage + _stat(os.path.join(directory, "memory.stat"), cache_key)))
+    return out
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+# Allocations from this size up are mapped and unmapped one by one (see ``bound_heap_slack``).
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def bound_heap_slack() -> None:
+    """Make freed large temporaries go back to the OS at once (glibc only; process-wide).
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after
+    which every temporary below it comes from the heap, and the heap keeps what it frees: over
+    a load and a few forward passes that slack grew to 30+ MiB beyond the memory model on a
+    100 MB model. A fixed threshold of ``MMAP_THRESHOLD`` stops the growth; the cost is a page
+    fault per page of each new large temporary, small next to the matmuls that fill it.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``), so what a finished
+    phase freed (loading's chunk buffers, the quantizer's intermediates) stops counting against
+    the process's resident set. A no-op where the C library has no such call."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim(0)
 
 
 def check_max_memory(max_memory: dict[str, int | str] | None) -> None:
@@ -95,8 +206,12 @@ class Capacities:
             sizes["device"] = sizes["host"] = min(sizes["device"], sizes["host"])
         return Capacities(**sizes, shared=self.shared)
 
-    def check(self, needs: dict[str, int], what: str) -> None:
-        """Raise ``InsufficientMemoryError`` with a per-tier table if ``needs`` does not fit."""
+    def check(self, needs: dict[str, int], what: str, detail: str = "") -> None:
+        """Raise ``InsufficientMemoryError`` with a per-tier table if ``needs`` does not fit.
+
+        Args:
+            detail: Where the bytes go (``Footprint.table()``), added to the message.
+        """
         over = [t for t in TIERS if needs.get(t, 0) > getattr(self, t)]
         if self.shared and needs.get("device", 0) + needs.get("host", 0) > max(
             self.device, self.host
@@ -109,8 +224,9 @@ class Capacities:
             f"has {human_bytes(getattr(self, t)):>10}"
             for t in TIERS
         )
+        detail = f"Where it goes:\n{detail}\n" if detail else ""
         raise InsufficientMemoryError(
-            f"{what} does not fit: too much on {', '.join(over)}.\n{rows}\n"
+            f"{what} does not fit: too much on {', '.join(over)}.\n{rows}\n{detail}"
             "Move fractions of the policy to a larger tier (e.g. weights=Split(host=..., "
             "disk=...)), use a smaller batch, or raise max_memory."
         )

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -233,18 +233,36 @@ def check_tensors(
         )
 
 
+# Loading converts and writes a chunk of rows at a time: at most ``load_chunk_bytes`` of
+# checkpoint rows, and as many of converted rows, are in RAM beside what the placement keeps.
+LOAD_CHUNK_BYTES = 16 << 20
+_MIN_LOAD_CHUNK = 1 << 20
+
+
+def load_chunk_bytes(largest_layer_tensor: int) -> int:
+    """Bytes per load chunk for a model whose largest decoder-layer tensor has that many
+    elements: one byte per element of it, between 1 MiB and ``LOAD_CHUNK_BYTES`` (small models
+    get small chunks, so the load buffers stay a small share of them)."""
+    return min(LOAD_CHUNK_BYTES, max(_MIN_LOAD_CHUNK, largest_layer_tensor))
+
+
 def load_into_store(
-    ckpt: SafetensorsCheckpoint, layouts: list[StageLayout], store: TierStore
+    ckpt: SafetensorsCheckpoint,
+    layouts: list[StageLayout],
+    store: TierStore,
+    chunk_bytes: int = LOAD_CHUNK_BYTES,
 ) -> int:
     """Place every segment of every stage in the store, in the layout's storage dtypes.
 
-    Plain tensors are converted per segment; tensors to compress are quantized (on the compute
-    device, a block of rows at a time) and their bytes placed, unless the checkpoint already holds
-    them quantized. Disk segments a previous run left complete (same checkpoint, dtype, compression
-    and placement) are adopted instead of rewritten. Returns the bytes read from the checkpoint.
+    Plain tensors are read, converted and written a chunk of rows at a time straight into their
+    destination (a memory-tier tensor, or the disk file); tensors to compress are quantized (on
+    the compute device, a block of rows at a time) and their bytes placed, unless the checkpoint
+    already holds them quantized. Disk segments a previous run left complete (same checkpoint,
+    dtype, compression and placement) are adopted instead of rewritten. Returns the bytes read
+    from the checkpoint.
     """
     read = 0
-    scratch = torch.empty(0, dtype=torch.uint8)  # one reused buffer for segments bound for disk
+    scratch = _Scratch(chunk_bytes)
     for layout in layouts:
         specs = {s.name: s for s in layout.specs}
         packed_name, packed = None, None  # the tensor being quantized, and its bytes
@@ -258,8 +276,9 @@ def load_into_store(
             stored = ckpt.tensors[seg.name]
             if seg.name in layout.formats and stored.dtype != torch.uint8:
                 if packed_name != seg.name:
+                    packed_name, packed = None, None  # free the previous tensor's bytes first
+                    packed = _quantized_bytes(ckpt, layout, seg.name, store.device, chunk_bytes)
                     packed_name = seg.name
-                    packed = _quantized_bytes(ckpt, layout, seg.name, store.device)
                     read += stored.row_bytes * stored.shape[0]
                 store.put(key, packed[seg.start : seg.stop], seg.tier)
                 continue
@@ -270,25 +289,61 @@ def load_into_store(
                     seg.name, seg.start, seg.stop, store.allocate(key, shape, dtype, seg.tier)
                 )
             else:
-                nbytes = (seg.stop - seg.start) * stored.row_bytes
-                if scratch.numel() < nbytes:
-                    scratch = torch.empty(nbytes, dtype=torch.uint8)
-                view = scratch[:nbytes].view(stored.dtype).view(shape)
-                ckpt.read_rows(seg.name, seg.start, seg.stop, view)
-                store.put(key, view.to(dtype), seg.tier)
+                chunks = _row_chunks(ckpt, seg.name, seg.start, seg.stop, dtype, scratch)
+                store.put_chunks(key, shape, dtype, seg.tier, chunks)
             read += (seg.stop - seg.start) * stored.row_bytes
     return read
 
 
+class _Scratch:
+    """The two reused chunk buffers of a load: checkpoint rows, and the same rows converted."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, nbytes: int) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[name] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
+
+
+def _row_chunks(
+    ckpt: SafetensorsCheckpoint,
+    name: str,
+    start: int,
+    stop: int,
+    dtype: torch.dtype,
+    scratch: _Scratch,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(row offset from ``start``, rows in ``dtype``) chunks of rows ``[start, stop)``."""
+    stored = ckpt.tensors[name]
+    step = max(1, scratch.chunk_bytes // max(1, stored.row_bytes))
+    for a in range(start, stop, step):
+        b = min(stop, a + step)
+        shape = (b - a, *stored.shape[1:])
+        rows = scratch.get("read", (b - a) * stored.row_bytes).view(stored.dtype).view(shape)
+        ckpt.read_rows(name, a, b, rows)
+        if dtype != stored.dtype:
+            converted = scratch.get("converted", rows.numel() * dtype.itemsize)
+            rows = converted.view(dtype).view(shape).copy_(rows)
+        yield a - start, rows
+
+
 def _quantized_bytes(
-    ckpt: SafetensorsCheckpoint, layout: StageLayout, name: str, device: torch.device
+    ckpt: SafetensorsCheckpoint,
+    layout: StageLayout,
+    name: str,
+    device: torch.device,
+    chunk_bytes: int,
 ) -> torch.Tensor:
     fmt = layout.formats[name]
 
     def read(start: int, stop: int) -> torch.Tensor:
         return ckpt.read_rows(name, start, stop).to(device, fmt.dtype)
 
-    return quantize_rows_to_bytes(read, fmt)
+    return quantize_rows_to_bytes(read, fmt, block_bytes=chunk_bytes)
 
 
 def save_store(

@@ -21,9 +21,9 @@ from transformers import (
 from . import demo
 from .architectures import ARCHITECTURES, architecture_for
 from .budget import parse_size
-from .engine import plan_policy
 from .hardware import HardwareProfile, default_cache_dir
 from .optimizer import InfeasiblePolicyError
+from .planning import plan_policy
 from .policy import TIERS, Workload
 from .stats import human_bytes
 from .transfer import resolve_device

@@ -284,8 +284,8 @@ def from_bytes(data: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor:
 
 
 def take_rows(q: QuantizedTensor, index: torch.Tensor) -> torch.Tensor:
-    """``dequantize(q)[index]`` for a 2-D ``q``, dequantizing only the groups that hold those rows
-    (an embedding lookup reads a few rows of a large matrix).
+    """``dequantize(q)[index]`` for a 2-D ``q``, dequantizing exactly those rows (an embedding
+    lookup reads a few rows of a large matrix): memory is the rows asked for, not their groups.
 
     Args:
         q: A quantized (rows, cols) matrix.
@@ -306,15 +306,18 @@ def take_rows(q: QuantizedTensor, index: torch.Tensor) -> torch.Tensor:
             format=replace(fmt, shape=(flat.numel(), fmt.shape[1])),
         )
         return dequantize(rows).reshape(*index.shape, -1)
-    size = fmt.config.group_size
-    groups, where = torch.unique(flat // size, return_inverse=True)
-    part = QuantizedTensor(
-        codes=q.codes[:, :, groups],
-        scale=q.scale[:, :, groups],
-        minimum=q.minimum[:, :, groups],
-        format=replace(fmt, shape=(groups.numel() * size, fmt.shape[1])),
-    )
-    return dequantize(part)[where * size + flat % size].reshape(*index.shape, -1)
+    # Grouped along the rows: row r is element r % size of group r // size, in every column.
+    size, bits = fmt.config.group_size, fmt.config.bits
+    group, within = flat // size, flat % size
+    if bits == 8:
+        codes = q.codes[0, 0, group, within]  # (n, cols)
+    else:  # pack_codes: the group's first half in the low nibbles, the second in the high
+        half = size // 2
+        packed = q.codes[0, 0, group, within % half]  # (n, cols)
+        codes = torch.where((within < half)[:, None], packed & 0x0F, packed >> 4)
+    # The same addcmul as dequantize, element by element: bit-identical rows.
+    values = torch.addcmul(q.minimum[0, 0, group, 0], codes.to(fmt.dtype), q.scale[0, 0, group, 0])
+    return values.reshape(*index.shape, -1)
 
 
 def linear(x: torch.Tensor, q: QuantizedTensor, chunk_rows: int = 4096) -> torch.Tensor:

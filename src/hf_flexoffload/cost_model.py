@@ -8,142 +8,57 @@ The model follows *our* implementation, stage by stage (see schedule.py):
   write thread), and their sum when not;
 * compute is the layer's matmuls at the measured rate for its row count, attention at the
   measured KV-bytes rate (dequantizing compressed history first), plus a per-op overhead;
-* the embedding and head stages keep their gathered weights (weights.py), so only the first
-  forward pass fetches them;
+* the embedding and head matrices are streamed where they are stored (streamed.py): every
+  forward pass reads the LM head's offloaded rows, a lookup only its rows;
+* plain weights stored in a narrower dtype are converted as they are fetched;
 * a forward pass adds a fixed per-step cost (transformers' generate loop and our set-up).
 
 Every term is an ``Affine`` function of the nine placement fractions (weights, cache and
-activations on device, host and disk), so the optimizer's LP and ``estimate`` share one model.
+activations on device, host and disk; model_sizes.py), so the optimizer's LP and ``estimate``
+share one model; the memory side is memory_model.py.
 Bytes read from disk are priced at the page-cache rate when all the offloaded bytes fit in the RAM
 nobody has claimed, and at the cold-disk rate otherwise.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .architectures import Architecture
 from .hardware import HardwareProfile
-from .kv_cache import TokenCodec
-from .placement import assign_units
-from .policy import TIERS, Policy, Split, Workload
-from .weights import layout_for, placement_report
+from .memory_model import Footprint, memory_items, memory_terms
+from .model_sizes import (
+    VARIABLES,
+    Affine,
+    ModelSizes,
+    frac,
+    fractions_of,
+    is_offloaded,
+    realized_fractions,
+)
+from .policy import Policy, Workload
 
-KINDS = ("weights", "cache", "activations")
-VARIABLES = tuple(f"{kind}.{tier}" for kind in KINDS for tier in TIERS)
+__all__ = [
+    "VARIABLES",
+    "Affine",
+    "Estimate",
+    "ModelSizes",
+    "Rates",
+    "estimate",
+    "estimate_from_sizes",
+    "fractions_of",
+    "is_offloaded",
+    "memory_terms",
+    "realized_fractions",
+]
+
 # Small torch ops per decoder layer per micro-batch (norms, projections, reshapes, attention
 # set-up, residuals) and per forward pass (generate's loop, slicing, stores): counted in ours.
 OPS_PER_LAYER = 60
 OPS_PER_STEP = 400
 _PAGE_CACHE_MARGIN = 2 * 2**30
-
-
-@dataclass(frozen=True)
-class Affine:
-    """``const + sum(coef[v] * v)`` over the placement fractions ``VARIABLES``."""
-
-    coef: dict[str, float] = field(default_factory=dict)
-    const: float = 0.0
-
-    def __add__(self, other: Affine | float) -> Affine:
-        if not isinstance(other, Affine):
-            return Affine(dict(self.coef), self.const + other)
-        coef = dict(self.coef)
-        for name, c in other.coef.items():
-            coef[name] = coef.get(name, 0.0) + c
-        return Affine(coef, self.const + other.const)
-
-    __radd__ = __add__
-
-    def __mul__(self, scale: float) -> Affine:
-        return Affine({n: c * scale for n, c in self.coef.items()}, self.const * scale)
-
-    __rmul__ = __mul__
-
-    def at(self, values: dict[str, float]) -> float:
-        return self.const + sum(c * values[n] for n, c in self.coef.items())
-
-
-def frac(kind: str, *tiers: str) -> Affine:
-    """The sum of ``kind``'s fractions on ``tiers``."""
-    return Affine({f"{kind}.{t}": 1.0 for t in tiers})
-
-
-def fractions_of(policy: Policy) -> dict[str, float]:
-    """The policy's requested fractions as values of ``VARIABLES``."""
-    splits = {"weights": policy.weights, "cache": policy.cache, "activations": policy.activations}
-    return {f"{k}.{t}": getattr(splits[k], t) for k in KINDS for t in TIERS}
-
-
-@dataclass(frozen=True)
-class ModelSizes:
-    """The byte and FLOP counts of one model under one compression choice."""
-
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    attention_dim: int  # query heads x head dim: the width attention scores are computed over
-    workspace_width: int  # elements per token of a layer's live intermediates
-    vocab: int
-    itemsize: int
-    layer_stored: int  # one decoder layer as stored (compressed when it is)
-    layer_plain: int  # ... in the compute dtype
-    largest_stored: int  # stored bytes of a layer's largest matrix
-    layer_flops: int  # matmul FLOPs per token of one decoder layer
-    embed_stored: int  # stage 0
-    head_stored: int  # the head stage's own tensors (a tied head borrows the embedding's copy)
-    head_plain: int
-    head_flops: int  # per token
-    weights_stored: int  # every stage, the tied embedding once
-    kv_token: int  # stored bytes of one token's keys and values, one layer, one sequence
-    kv_token_plain: int
-    compressed_weights: bool
-    compressed_cache: bool
-    compressed_head: bool
-
-    @classmethod
-    def of(cls, arch: Architecture, dtype: torch.dtype, policy: Policy) -> ModelSizes:
-        layouts = layout_for(arch, _sizing_policy(policy), dtype)
-        per_stage = placement_report(layouts, Split(device=1.0)).per_stage
-        stage_tensors = arch.stage_tensors()
-        matrices = [math.prod(d) for _, d in stage_tensors[1] if len(d) == 2]
-        kv_width = arch.kv_heads * arch.head_dim
-        codec = TokenCodec((2, 1, arch.kv_heads, arch.head_dim), dtype, policy.compress_cache)
-        return cls(
-            layers=arch.layers,
-            hidden=arch.hidden,
-            ffn=arch.ffn,
-            heads=arch.heads,
-            attention_dim=arch.heads * arch.head_dim,
-            workspace_width=arch.workspace_width,
-            vocab=arch.vocab,
-            itemsize=dtype.itemsize,
-            layer_stored=per_stage[1]["device"],
-            layer_plain=sum(math.prod(d) for _, d in stage_tensors[1]) * dtype.itemsize,
-            largest_stored=max(s.nbytes for s in layouts[1].specs),
-            layer_flops=2 * sum(matrices),
-            embed_stored=per_stage[0]["device"],
-            head_stored=per_stage[-1]["device"],
-            head_plain=arch.vocab * arch.embed_dim * dtype.itemsize,
-            head_flops=arch.head_flops,
-            weights_stored=sum(s["device"] for s in per_stage),
-            kv_token=codec.record_bytes,
-            kv_token_plain=2 * kv_width * dtype.itemsize,
-            compressed_weights=policy.compress_weights is not None,
-            compressed_cache=policy.compress_cache is not None,
-            compressed_head=policy.compress_weights is not None and policy.compress_embeddings,
-        )
-
-
-def _sizing_policy(policy: Policy) -> Policy:
-    """``policy`` with every weight on the device: sizes do not depend on the split."""
-    return Policy(
-        compress_weights=policy.compress_weights, compress_embeddings=policy.compress_embeddings
-    )
 
 
 @dataclass(frozen=True)
@@ -198,6 +113,8 @@ def layer_terms(
         weights += frac("weights", "host", "disk") * (sizes.layer_stored / profile.host_to_device)
     if sizes.compressed_weights:
         weights += sizes.layer_plain / profile.dequantize_bytes
+    # Plain weights stored narrower are converted in the same elementwise pass's time.
+    weights += sizes.layer_converted / profile.dequantize_bytes
 
     compute = Affine(const=b * tokens * sizes.layer_flops / profile.matmul_rate(rows))
     compute += k * OPS_PER_LAYER * profile.op_seconds
@@ -245,8 +162,8 @@ def step_terms(
     """One forward pass: the per-layer terms and the time outside the layers.
 
     Args:
-        first: The model's first forward pass, which fetches the embedding and head stages'
-            weights (later passes reuse the copies the fetcher keeps).
+        first: The model's first forward pass (kept for the callers' phases; the LM head is
+            streamed from where it is stored in every pass).
 
     Returns:
         (per-layer terms as ``layer_terms``, seconds of the embedding, head and per-step
@@ -258,16 +175,17 @@ def step_terms(
     per_layer = layer_terms(sizes, profile, rates, policy, tokens=tokens, context=context)
 
     head = Affine(const=b * sizes.head_flops / profile.matmul_rate(m))
-    if sizes.compressed_head:  # the head dequantizes its matrix chunk by chunk, per micro-batch
-        head += k * sizes.head_plain / profile.dequantize_bytes
+    if sizes.compressed_head or sizes.converts:
+        # The head dequantizes or converts its matrix chunk by chunk, once for the block.
+        head += sizes.head_plain / profile.dequantize_bytes
     logits = b * sizes.vocab * 4
     fixed = Affine(const=OPS_PER_STEP * profile.op_seconds + 4 * logits / profile.host_to_device)
     outside = fixed + head
-    if first:
-        outer = sizes.embed_stored + sizes.head_stored
-        outside += frac("weights", "disk") * (outer / rates.disk_read)
-        if cuda:
-            outside += frac("weights", "host", "disk") * (outer / profile.host_to_device)
+    # Every step streams the LM head's offloaded rows once (the embedding reads a few rows).
+    streamed = sizes.head_matrix_stored
+    outside += frac("weights", "disk") * (streamed / rates.disk_read)
+    if cuda:
+        outside += frac("weights", "host", "disk") * (streamed / profile.host_to_device)
     return per_layer, outside
 
 
@@ -280,54 +198,6 @@ def combine(
     if not overlap:
         return sum(times)
     return (1 - penalty) * max(times) + penalty * sum(times)
-
-
-# -- memory ------------------------------------------------------------------------------------
-
-
-def memory_terms(
-    sizes: ModelSizes,
-    profile: HardwareProfile,
-    policy: Policy,
-    workload: Workload,
-    offloaded: bool,
-) -> dict[str, Affine]:
-    """Peak bytes per tier: weights, KV cache, hidden states, staging buffers and workspace.
-
-    Args:
-        offloaded: Some weights are outside compute memory, so fetching gathers them into
-            staging buffers (a tensor with any rows elsewhere is gathered whole).
-    """
-    m, k = policy.micro_batch_size, policy.num_micro_batches
-    b, e = m * k, sizes.itemsize
-    s, total = workload.prompt_len, workload.prompt_len + workload.gen_len
-    cuda = not profile.shared
-    kv = sizes.layers * b * total * sizes.kv_token
-    hidden = (k + 1) * m * s * sizes.hidden * e
-    mem = {t: sizes.weights_stored * frac("weights", t) for t in TIERS}
-    for t in TIERS:
-        mem[t] += kv * frac("cache", t) + hidden * frac("activations", t)
-
-    # Two sets of layer buffers (one computing, one prefetching) hold gathered and dequantized
-    # weights; the embedding and head stages keep their gathered tensors whole.
-    gathered = ("host", "disk") if cuda else ("disk",)
-    staging = Affine()
-    if offloaded:
-        staging = 2 * sizes.layer_stored * frac("weights", *gathered)
-        staging += 2 * sizes.largest_stored  # tensors cut by the split are gathered whole
-        staging += sizes.embed_stored + sizes.head_stored
-    if sizes.compressed_weights:
-        staging += 2 * sizes.layer_plain
-    # Prefill workspace of one micro-batch (q, k, v, attention output, fc1 in and out, masks and
-    # scores), the history copies of decode, and the block's logits as generate keeps them.
-    workspace = m * s * sizes.workspace_width * e
-    workspace += 2 * m * sizes.heads * s * s * 4
-    workspace += 3 * m * total * sizes.kv_token_plain
-    workspace += 3 * b * sizes.vocab * 4
-    mem["device"] += staging + workspace
-    if cuda:  # pinned buffers for the disk reads of one layer
-        mem["host"] += sizes.layer_stored * frac("weights", "disk")
-    return mem
 
 
 # -- the estimate ------------------------------------------------------------------------------
@@ -345,6 +215,7 @@ class Estimate:
         peak_bytes: Peak bytes per tier (device, host, disk).
         layer_seconds: One decode layer's terms (compute, weights, read, write).
         page_cached: Disk reads priced at the page-cache rate.
+        memory: Where the peak bytes go, item by item (memory_model.py).
     """
 
     block_size: int
@@ -354,6 +225,7 @@ class Estimate:
     peak_bytes: dict[str, int]
     layer_seconds: dict[str, float]
     page_cached: bool
+    memory: Footprint | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -372,28 +244,8 @@ class Estimate:
             "peak_bytes": dict(self.peak_bytes),
             "layer_seconds": dict(self.layer_seconds),
             "page_cached": self.page_cached,
+            "memory": self.memory.to_dict() if self.memory else None,
         }
-
-
-def realized_fractions(arch: Architecture, dtype: torch.dtype, policy: Policy) -> dict[str, float]:
-    """The fractions the runtime will realize (whole rows and whole units), not the requested."""
-    layouts = layout_for(arch, policy, dtype)
-    weights = placement_report(layouts, policy.weights).realized
-    values = {f"weights.{t}": weights[t] for t in TIERS}
-    k = policy.num_micro_batches
-    for kind, units in (("cache", arch.layers * k), ("activations", (arch.layers + 1) * k)):
-        split = getattr(policy, kind)
-        tiers = assign_units(units, split)
-        for t in TIERS:
-            values[f"{kind}.{t}"] = tiers.count(t) / units
-    return values
-
-
-def is_offloaded(profile: HardwareProfile, values: dict[str, float]) -> bool:
-    """Whether some weights live outside compute memory at these fractions."""
-    if profile.shared:
-        return values["weights.disk"] > 0
-    return values["weights.device"] < 1
 
 
 def estimate_from_sizes(
@@ -406,7 +258,10 @@ def estimate_from_sizes(
     """The estimate at given fraction ``values`` (realized or requested)."""
     s, n = workload.prompt_len, workload.gen_len
     b = policy.block_size
-    mem = memory_terms(sizes, profile, policy, workload, is_offloaded(profile, values))
+    items = memory_items(
+        sizes, profile.shared, policy, workload, is_offloaded(profile.shared, values)
+    )
+    footprint = Footprint.of(items, values, profile.shared)
     kv_total = sizes.layers * b * (s + n) * sizes.kv_token
     rates = Rates.of(sizes, profile, kv_total, policy.direct_io)
     prefill_layer, prefill_rest = step_terms(
@@ -426,9 +281,10 @@ def estimate_from_sizes(
         prefill_seconds=prefill,
         decode_seconds=decode,
         tokens_per_second=b * n / (prefill + decode),
-        peak_bytes={t: int(mem[t].at(values)) for t in TIERS},
+        peak_bytes=footprint.per_tier,
         layer_seconds={name: t.at(values) for name, t in decode_layer.items()},
         page_cached=rates.page_cached,
+        memory=footprint,
     )
 
 
@@ -438,6 +294,8 @@ def estimate(
     profile: HardwareProfile,
     workload: Workload,
     policy: Policy,
+    *,
+    storage: torch.dtype | None = None,
 ) -> Estimate:
     """Predict time and memory of running ``workload`` under ``policy``.
 
@@ -448,6 +306,6 @@ def estimate(
         >>> est = estimate(arch, torch.float32, HardwareProfile.measure(), Workload(), policy)
         >>> est.tokens_per_second, est.peak_bytes["device"]
     """
-    sizes = ModelSizes.of(arch, dtype, policy)
-    values = realized_fractions(arch, dtype, policy)
+    sizes = ModelSizes.of(arch, dtype, policy, storage)
+    values = realized_fractions(arch, dtype, policy, storage)
     return estimate_from_sizes(sizes, profile, workload, policy, values)

@@ -19,22 +19,25 @@ import torch
 
 from .activations import ActivationStore
 from .architectures import Architecture, architecture_for
-from .budget import Capacities, parse_size
+from .budget import Capacities, bound_heap_slack, return_freed_memory
 from .checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsCheckpoint,
     SavedCompression,
     check_tensors,
+    load_chunk_bytes,
     load_into_store,
     save_store,
 )
 from .cost_model import Estimate, estimate
 from .hardware import HardwareProfile
 from .kv_cache import TokenCodec
+from .memory_model import MODEL_ITEMS, Footprint, footprint
 from .offload_cache import FlexOffloadCache
 from .optimizer import optimize
 from .placement import PlacementReport
+from .planning import auto_policy, default_workload, resolve_dtype
 from .policy import TIERS, Policy, Workload
 from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
@@ -45,53 +48,13 @@ from .weights import (
     WeightFetcher,
     layout_for,
     placement_report,
+    storage_dtype,
     warn_if_inflated,
 )
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-
-
-def resolve_dtype(
-    requested: torch.dtype | str | None, checkpoint: torch.dtype, device: torch.device
-) -> torch.dtype:
-    """The compute dtype: ``requested``, else the checkpoint's; never fp16 on a CPU."""
-    if requested is not None and requested != "auto":
-        dtype = getattr(torch, requested) if isinstance(requested, str) else requested
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"Invalid dtype={requested!r}: use a floating torch.dtype.")
-        return dtype
-    if checkpoint == torch.float16 and device.type == "cpu":
-        logger.info(
-            "fp16 checkpoint on CPU: computing in bfloat16 (fp16 matmuls are very slow on CPU)."
-        )
-        return torch.bfloat16
-    return checkpoint
-
-
-def plan_policy(
-    path: str,
-    *,
-    config,
-    device: torch.device,
-    dtype: torch.dtype | str | None = None,
-    offload_dir: str | None = None,
-    max_memory: dict | None = None,
-    workload: Workload | None = None,
-) -> tuple[Policy, Estimate, HardwareProfile]:
-    """What ``offload_policy="auto"`` would choose for the checkpoint at ``path``, without
-    loading it (only its config and tensor headers are read).
-
-    Returns:
-        The policy, its estimate and the hardware profile it was planned for.
-    """
-    arch = architecture_for(config)
-    ckpt = SafetensorsCheckpoint(path)
-    saved = ckpt.compression
-    dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
-    workload = workload or default_workload(arch)
-    return _auto_policy(arch, saved, dtype, device, offload_dir, max_memory, workload)
 
 
 def _direct_io(policy: Policy, store: TierStore) -> bool:
@@ -107,39 +70,6 @@ def _direct_io(policy: Policy, store: TierStore) -> bool:
     return False
 
 
-def _auto_policy(
-    arch: Architecture,
-    saved: SavedCompression | None,
-    dtype: torch.dtype,
-    device: torch.device,
-    offload_dir: str | None,
-    max_memory: dict | None,
-    workload: Workload,
-) -> tuple[Policy, Estimate, HardwareProfile]:
-    profile = HardwareProfile.measure(
-        device,
-        dtype,
-        offload_dir=offload_dir,
-        matrix=(arch.hidden, arch.ffn),
-        max_memory=max_memory,
-    )
-    compression = (saved.config, saved.embeddings) if saved is not None else None
-    policy, chosen = optimize(arch, dtype, profile, workload, compression=compression)
-    logger.info(
-        "offload_policy='auto' chose %s (predicted %.1f tok/s)",
-        policy.to_json(indent=None),
-        chosen.tokens_per_second,
-    )
-    return policy, chosen, profile
-
-
-def default_workload(arch: Architecture) -> Workload:
-    """FlexGen's benchmark workload (512-token prompts, 32 new tokens), shortened to fit models
-    with fewer positions."""
-    prompt = min(512, max(1, arch.max_positions // 2))
-    return Workload(prompt_len=prompt, gen_len=min(32, max(1, arch.max_positions - prompt)))
-
-
 @dataclass
 class _Run:
     """The policy and timing of the forward passes of one generate call."""
@@ -149,6 +79,8 @@ class _Run:
     decode: float = 0.0
     forwards: int = 0
     tokens: int = 0
+    memory: Footprint | None = None
+    generating: bool = False
 
 
 class OffloadEngine:
@@ -163,6 +95,7 @@ class OffloadEngine:
         store: TierStore,
         device: torch.device,
         dtype: torch.dtype,
+        storage: torch.dtype,
         offload_dir: str,
         owns_dir: bool,
         counters: Counters,
@@ -170,6 +103,7 @@ class OffloadEngine:
         workload: Workload | None = None,
         auto: bool = False,
         estimate: Estimate | None = None,
+        report: PlacementReport | None = None,
     ) -> None:
         self.arch = arch
         self.policy = policy
@@ -177,15 +111,21 @@ class OffloadEngine:
         self.store = store
         self.device = device
         self.dtype = dtype
+        self.storage = storage
         self.offload_dir = offload_dir
         self.counters = counters
         self.max_memory = max_memory
         self.workload = workload or default_workload(arch)
         self.auto = auto
         self._estimate = estimate
-        self.report: PlacementReport = placement_report(layouts, policy.weights)
+        self.report: PlacementReport = report or placement_report(layouts, policy.weights)
         self.fetcher = WeightFetcher(
-            layouts, store, counters, range(1, arch.layers + 1), arch.embeddings
+            layouts,
+            store,
+            counters,
+            range(1, arch.layers + 1),
+            arch.embeddings,
+            chunk_budget=arch.largest_layer_tensor * dtype.itemsize // 4,
         )
         self.mover = Mover(device, policy.overlap)
         self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")
@@ -226,18 +166,33 @@ class OffloadEngine:
             )
         if saved is not None and policy != "auto":
             saved.check(policy, path)
+        storage = storage_dtype(ckpt.dtype(), dtype)
+        bound_heap_slack()
         caps = Capacities.measure(device, offload_dir, max_memory)
         auto, chosen = policy == "auto", None
         if auto:
             workload = workload or default_workload(arch)
-            policy, chosen, _ = _auto_policy(
-                arch, saved, dtype, device, offload_dir, max_memory, workload
+            policy, chosen, _ = auto_policy(
+                arch, saved, dtype, storage, device, offload_dir, max_memory, workload
             )
-        layouts = layout_for(arch, policy, dtype)
+        layouts = layout_for(arch, policy, dtype, storage)
         check_tensors(ckpt, layouts, layouts[-1].aliases.values(), compressed=saved is not None)
         report = placement_report(layouts, policy.weights)
         warn_if_inflated(report)
-        caps.check(report.bytes_per_tier, "The weight placement")
+        quantizing = policy.compress_weights is not None and saved is None
+        held, load_peak = footprint(
+            arch,
+            dtype,
+            policy,
+            workload or default_workload(arch),
+            shared=caps.shared,
+            storage=storage,
+            quantizing=quantizing,
+        )
+        held = held.only(MODEL_ITEMS)
+        report = replace(report, memory=held)
+        caps.check(held.per_tier, "The weight placement", detail=held.table())
+        caps.check({"host": load_peak}, "Loading the weights (resident share + load buffers)")
 
         owns_dir = offload_dir is None
         directory = tempfile.mkdtemp(prefix="hf_flexoffload-") if owns_dir else offload_dir
@@ -250,13 +205,15 @@ class OffloadEngine:
                 "format": FORMAT_VERSION,
                 "checkpoint": ckpt.fingerprint(),
                 "dtype": dtype_name(dtype),
+                "storage": dtype_name(storage),
                 "weights": list(policy.weights.fractions),
                 "compress_weights": policy.to_dict()["compress_weights"],
                 "compress_embeddings": policy.compress_embeddings,
             }
             store.open_index(fingerprint)
             start = time.perf_counter()
-            load_into_store(ckpt, layouts, store)
+            load_into_store(ckpt, layouts, store, load_chunk_bytes(arch.largest_layer_tensor))
+            return_freed_memory()
             if report.bytes_per_tier["disk"]:
                 store.write_index(fingerprint)
             logger.info("Placed weights in %.1fs:\n%s", time.perf_counter() - start, report)
@@ -272,6 +229,7 @@ class OffloadEngine:
             store=store,
             device=device,
             dtype=dtype,
+            storage=storage,
             offload_dir=directory,
             owns_dir=owns_dir,
             counters=counters,
@@ -279,6 +237,7 @@ class OffloadEngine:
             workload=workload,
             auto=auto,
             estimate=chosen,
+            report=report,
         )
 
     # -- planning ------------------------------------------------------------------------------
@@ -309,7 +268,12 @@ class OffloadEngine:
         """The cost model's prediction for the policy and workload the model was loaded with."""
         if self._estimate is None:
             self._estimate = estimate(
-                self.arch, self.dtype, self.profile(), self.workload, self.policy
+                self.arch,
+                self.dtype,
+                self.profile(),
+                self.workload,
+                self.policy,
+                storage=self.storage,
             )
         return self._estimate
 
@@ -323,7 +287,9 @@ class OffloadEngine:
         if not self.auto:
             return self.policy
         workload = Workload(prompt_len=prompt_len, gen_len=max(1, gen_len), batch_size=batch)
-        policy, _ = optimize(self.arch, self.dtype, self.profile(), workload, fixed=self.policy)
+        policy, _ = optimize(
+            self.arch, self.dtype, self.profile(), workload, fixed=self.policy, storage=self.storage
+        )
         logger.info("generate: batch %d, policy %s", batch, policy.to_json(indent=None))
         return policy
 
@@ -335,31 +301,53 @@ class OffloadEngine:
         token = TokenCodec(token_shape, self.dtype, (policy or self.policy).compress_cache)
         return self.arch.layers * length * token.record_bytes
 
-    def check_batch_fits(self, batch: int, length: int, policy: Policy | None = None) -> None:
-        """Raise before generating if the block's KV cache and hidden states cannot fit."""
-        policy = policy or self.policy
-        kv = self.kv_bytes(batch, length, policy)
-        hidden = (
-            2 * batch * length * max(self.arch.hidden, self.arch.embed_dim) * self.dtype.itemsize
-        )
-        needs = dict.fromkeys(TIERS, 0)
-        for tier, fraction in zip(TIERS, policy.cache.fractions, strict=True):
-            needs[tier] += int(kv * fraction)
-        for tier, fraction in zip(TIERS, policy.activations.fractions, strict=True):
-            needs[tier] += int(hidden * fraction)
-        logits = batch * self.arch.vocab * 4
-        needs["device"] += logits
+    def capacities(self) -> Capacities:
+        """What the model may hold per tier: free now plus what it holds already (weights,
+        buffers), capped by ``max_memory`` and the container's memory limit."""
         caps = Capacities.measure(self.device, self.offload_dir, None)
-        held = self.store.bytes_per_tier()
-        limits = {}
-        for tier in TIERS:
-            limit = getattr(caps, tier)
-            if self.max_memory and tier in self.max_memory:
-                limit = min(limit, parse_size(self.max_memory[tier]) - held[tier])
-            limits[tier] = max(0, limit)
-        Capacities(**limits, shared=caps.shared).check(
-            needs, f"A batch of {batch} sequences of {length} tokens"
+        live = self.counters.live
+        held = {
+            "device": live["device"],
+            "host": live["host"],
+            "disk": self.store.bytes_per_tier()["disk"],
+        }
+        if caps.shared:
+            ram = caps.host + held["device"] + held["host"]
+            free = {"device": ram, "host": ram, "disk": caps.disk + held["disk"]}
+        else:
+            free = {t: getattr(caps, t) + held[t] for t in TIERS}
+        return Capacities(**free, shared=caps.shared).capped(self.max_memory)
+
+    def check_fits(
+        self,
+        batch: int,
+        prompt_len: int,
+        gen_len: int,
+        policy: Policy | None = None,
+        logits_tokens: int = 1,
+    ) -> Footprint:
+        """Raise ``InsufficientMemoryError`` before any cache or buffer is allocated if running
+        ``batch`` sequences does not fit; returns the predicted footprint.
+
+        Args:
+            logits_tokens: Positions per sequence whose logits are returned (1 in generate).
+        """
+        policy = policy or self.policy
+        m = min(policy.micro_batch_size, batch)
+        run = replace(policy, micro_batch_size=m, num_micro_batches=-(-batch // m))
+        workload = Workload(prompt_len=max(1, prompt_len), gen_len=max(1, gen_len))
+        predicted, _ = footprint(
+            self.arch,
+            self.dtype,
+            run,
+            workload,
+            shared=self.device.type != "cuda",
+            storage=self.storage,
+            logits_tokens=logits_tokens,
         )
+        what = f"A batch of {batch} sequences of {prompt_len} + {gen_len} tokens"
+        self.capacities().check(predicted.per_tier, what, detail=predicted.table())
+        return predicted
 
     def new_cache(self, capacity: int = 0, policy: Policy | None = None) -> FlexOffloadCache:
         policy = policy or self._run.policy
@@ -404,9 +392,10 @@ class OffloadEngine:
         save_store(path, self.layouts, self.store, saved.metadata())
         return path
 
-    def begin_run(self, policy: Policy | None = None) -> None:
+    def begin_run(self, policy: Policy | None = None, memory: Footprint | None = None) -> None:
+        """Start the forward passes of one ``generate`` call (checked by ``check_fits``)."""
         self.counters.reset_run()
-        self._run = _Run(policy or self.policy)
+        self._run = _Run(policy or self.policy, memory=memory, generating=True)
         self.store.direct_io = _direct_io(self._run.policy, self.store)
 
     def end_run(self, batch: int) -> GenerationStats:
@@ -421,6 +410,7 @@ class OffloadEngine:
             forwards=run.forwards,
             bytes_moved=dict(self.counters.moved),
             peak_bytes=dict(self.counters.peak),
+            memory=run.memory,
         )
 
     def forward(
@@ -436,6 +426,9 @@ class OffloadEngine:
         prefill = cache.get_seq_length() == 0
         policy = self._run.policy
         b, m = input_ids.shape[0], policy.micro_batch_size
+        if prefill and not self._run.generating:  # a forward of its own: check it fits first
+            s = input_ids.shape[1]
+            self.check_fits(b, s, 0, policy, logits_to_keep or s)
         bounds = [(i, min(i + m, b)) for i in range(0, b, m)]
         cache.allocate(tuple(e - s for s, e in bounds))
         micro_batches = [

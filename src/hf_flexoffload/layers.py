@@ -12,20 +12,27 @@ import torch
 import torch.nn.functional as F
 
 from .compression import QuantizedTensor, linear, take_rows
+from .streamed import StreamedMatrix
+
+Matrix = torch.Tensor | QuantizedTensor | StreamedMatrix
 
 
-def lookup(weight: torch.Tensor | QuantizedTensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` of an embedding matrix: (b, s) -> (b, s, e); a quantized matrix dequantizes
-    only those rows."""
+def lookup(weight: Matrix, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of an embedding matrix: (b, s) -> (b, s, e); a quantized or streamed matrix
+    reads (and dequantizes) only those rows."""
     if isinstance(weight, QuantizedTensor):
         return take_rows(weight, ids)
+    if isinstance(weight, StreamedMatrix):
+        return weight.take(ids)
     return F.embedding(ids, weight)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor | QuantizedTensor) -> torch.Tensor:
-    """``x @ weight.T`` for an LM head that may be quantized (dequantized a chunk at a time)."""
+def project(x: torch.Tensor, weight: Matrix) -> torch.Tensor:
+    """``x @ weight.T`` for an LM head that may be quantized or streamed (a chunk at a time)."""
     if isinstance(weight, QuantizedTensor):
         return linear(x, weight)
+    if isinstance(weight, StreamedMatrix):
+        return weight.linear(x)
     return F.linear(x, weight)
 
 

@@ -349,9 +349,9 @@ class FlexOffloadCausalLMMixin:
         else:
             length = max(effective.max_length or 0, prompt + 1)
         policy = self.engine.plan_run(batch, prompt, length - prompt)
-        self.engine.check_batch_fits(batch, length, policy)
+        memory = self.engine.check_fits(batch, prompt, length - prompt, policy)
         cache = self.engine.new_cache(capacity=length, policy=policy)
-        self.engine.begin_run(policy)
+        self.engine.begin_run(policy, memory)
         try:
             # Under the keyword this transformers expects: the other name would warn (5.24 on)
             # or never reach forward (before 5.24).

@@ -23,19 +23,10 @@ import torch
 
 from .architectures import Architecture
 from .budget import InsufficientMemoryError
-from .cost_model import (
-    KINDS,
-    VARIABLES,
-    Affine,
-    Estimate,
-    ModelSizes,
-    Rates,
-    estimate,
-    estimate_from_sizes,
-    memory_terms,
-    step_terms,
-)
+from .cost_model import Estimate, Rates, estimate, estimate_from_sizes, step_terms
 from .hardware import HardwareProfile
+from .memory_model import memory_terms
+from .model_sizes import KINDS, VARIABLES, Affine, ModelSizes
 from .policy import TIERS, Policy, QuantConfig, Split, Workload
 from .stats import human_bytes
 
@@ -75,6 +66,7 @@ def optimize(
     *,
     fixed: Policy | None = None,
     compression: tuple[QuantConfig | None, bool] | None = None,
+    storage: torch.dtype | None = None,
 ) -> tuple[Policy, Estimate]:
     """The policy with the best predicted throughput that fits ``profile``'s capacities.
 
@@ -87,6 +79,7 @@ def optimize(
             only micro-batching, cache, activations and host attention are chosen.
         compression: ``(compress_weights, compress_embeddings)`` of a compressed checkpoint,
             which every candidate must use.
+        storage: The dtype plain weights are stored in (``dtype`` when None).
 
     Returns:
         The chosen policy and its estimate.
@@ -94,13 +87,13 @@ def optimize(
     Raises:
         InfeasiblePolicyError: Nothing fits; the message says the smallest memory that would.
     """
-    candidates = _candidates(arch, dtype, profile, workload, fixed, compression)
+    candidates = _candidates(arch, dtype, profile, workload, fixed, compression, storage)
     best: tuple[float, Policy, Estimate] | None = None
     solved = 0
     for cand in sorted(candidates, key=lambda c: c.lower_bound):
         if best is not None and cand.lower_bound >= best[0]:
             break
-        found = _solve(arch, dtype, profile, workload, cand.policy, fixed)
+        found = _solve(arch, dtype, profile, workload, cand.policy, fixed, storage)
         solved += 1
         if found is None:
             continue
@@ -110,7 +103,7 @@ def optimize(
             best = (per_sequence, policy, est)
     logger.info("Policy search: %d candidates, %d LPs solved", len(candidates), solved)
     if best is None:
-        raise InfeasiblePolicyError(*_infeasible(arch, dtype, profile, workload, fixed))
+        raise InfeasiblePolicyError(*_infeasible(arch, dtype, profile, workload, fixed, storage))
     return best[1], best[2]
 
 
@@ -134,6 +127,7 @@ def _candidates(
     workload: Workload,
     fixed: Policy | None,
     compression: tuple[QuantConfig | None, bool] | None,
+    storage: torch.dtype | None,
 ) -> list[_Candidate]:
     if fixed is not None:
         kinds = [
@@ -171,7 +165,7 @@ def _candidates(
         for m, k in _block_shapes(workload):
             for ha in host_attention:
                 policy = Policy(micro_batch_size=m, num_micro_batches=k, host_attention=ha, **kind)
-                sizes = ModelSizes.of(arch, dtype, policy)
+                sizes = ModelSizes.of(arch, dtype, policy, storage)
                 est = estimate_from_sizes(sizes, profile, workload, policy, _ALL_FAST)
                 out.append(_Candidate(policy, est.total_seconds / policy.block_size))
     return out
@@ -187,12 +181,15 @@ def _solve(
     workload: Workload,
     policy: Policy,
     fixed: Policy | None,
+    storage: torch.dtype | None,
 ) -> tuple[Policy, Estimate] | None:
     """Place ``policy``'s bytes by LP; None when no placement fits."""
-    sizes = ModelSizes.of(arch, dtype, policy)
+    sizes = ModelSizes.of(arch, dtype, policy, storage)
     best = None
     for offloaded in (False, True):
-        found = _solve_variant(arch, dtype, profile, workload, policy, fixed, sizes, offloaded)
+        found = _solve_variant(
+            arch, dtype, profile, workload, policy, fixed, sizes, offloaded, storage
+        )
         if found is not None and (best is None or found[1].total_seconds < best[1].total_seconds):
             best = found
     return best
@@ -207,6 +204,7 @@ def _solve_variant(
     fixed: Policy | None,
     sizes: ModelSizes,
     offloaded: bool,
+    storage: torch.dtype | None,
 ) -> tuple[Policy, Estimate] | None:
     caps = planning_capacities(profile)
     for _ in range(4):
@@ -214,7 +212,7 @@ def _solve_variant(
         if values is None:
             return None
         placed = _with_fractions(policy, values, fixed)
-        est = estimate(arch, dtype, profile, workload, placed)
+        est = estimate(arch, dtype, profile, workload, placed, storage=storage)
         excess = _excess(est.peak_bytes, profile)
         if not any(excess.values()):
             return placed, est
@@ -291,7 +289,7 @@ def _lp(
         total = total + steps * (sizes.layers * layer_time + expr(rest))
     prob += total * (1.0 / policy.block_size)
 
-    mem = memory_terms(sizes, profile, policy, workload, offloaded)
+    mem = memory_terms(sizes, profile.shared, policy, workload, offloaded)
     if profile.shared:
         prob += expr(mem["device"]) + expr(mem["host"]) <= min(caps["device"], caps["host"])
         prob += expr(mem["disk"]) <= caps["disk"]
@@ -332,6 +330,7 @@ def _infeasible(
     profile: HardwareProfile,
     workload: Workload,
     fixed: Policy | None,
+    storage: torch.dtype | None,
 ) -> tuple[str, dict[str, int]]:
     """The smallest memory per tier that one sequence would need, everything offloaded."""
     batch = workload.batch_size or 1
@@ -343,8 +342,8 @@ def _infeasible(
     values = {v: 1.0 if v.endswith(".disk") else 0.0 for v in VARIABLES}
     if fixed is not None:
         values.update({f"weights.{t}": getattr(fixed.weights, t) for t in TIERS})
-    sizes = ModelSizes.of(arch, dtype, smallest)
-    mem = memory_terms(sizes, profile, smallest, workload, offloaded=True)
+    sizes = ModelSizes.of(arch, dtype, smallest, storage)
+    mem = memory_terms(sizes, profile.shared, smallest, workload, offloaded=True)
     need = {t: int(mem[t].at(values) / (HEADROOM if t != "disk" else 1.0)) + 1 for t in TIERS}
     what = f"{batch} sequence(s) of {workload.prompt_len} + {workload.gen_len} tokens" + (
         ", compressed to 4 bits" if smallest.compress_weights else ""

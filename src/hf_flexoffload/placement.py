@@ -9,9 +9,13 @@ layer then realizes its split to within half a row at each of the two cuts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .policy import TIERS, Split
 from .stats import human_bytes
+
+if TYPE_CHECKING:  # memory_model builds on placement: the type only, no import cycle
+    from .memory_model import Footprint
 
 
 @dataclass(frozen=True)
@@ -110,12 +114,15 @@ class PlacementReport:
             L + 1 = output head).
         plain_bytes: What the same weights take uncompressed, in the compute dtype (equal to
             ``total_bytes`` without weight compression).
+        memory: What the model holds besides the weights' own bytes, item by item, set by
+            loading (the batch-independent items of memory_model.py).
     """
 
     requested: Split
     bytes_per_tier: dict[str, int]
     per_stage: tuple[dict[str, int], ...]
     plain_bytes: int = 0
+    memory: Footprint | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -139,6 +146,7 @@ class PlacementReport:
             "bytes_per_tier": dict(self.bytes_per_tier),
             "per_stage": [dict(s) for s in self.per_stage],
             "plain_bytes": self.plain_bytes,
+            "memory": self.memory.to_dict() if self.memory is not None else None,
         }
 
     def __str__(self) -> str:
@@ -153,4 +161,6 @@ class PlacementReport:
             lines.append(
                 f"compressed: {self.compression_ratio:.1%} of {human_bytes(self.plain_bytes)}"
             )
+        if self.memory is not None:
+            lines += ["", "memory the model holds before any batch:", self.memory.table()]
         return "\n".join(lines)

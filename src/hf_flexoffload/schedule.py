@@ -1,10 +1,12 @@
 """The zig-zag block schedule: one token step for a whole block, layer by layer.
 
-For each stage ``j`` (embedding, decoder layers, head) the stage's weights are fetched once, then
-every micro-batch ``k`` runs through it. Visiting (j, k) in that order, the schedule keeps one
-step ahead: while (j, k) computes, the weights of stage j + 1 and the inputs (hidden states and
-KV history) of the next (j, k) in the order are being read, and the outputs of (j, k - 1) are
-being written back. With ``overlap=False`` the same loop runs every task inline.
+For each stage ``j`` (embedding, decoder layers) the stage's weights are fetched once, then
+every micro-batch ``k`` runs through it; the head stage runs once on the whole block's last
+hidden states (b x h: small), so its matrix is read once per step. Visiting (j, k) in that
+order, the schedule keeps one step ahead: while (j, k) computes, the weights of stage j + 1 and
+the inputs (hidden states and KV history) of the next (j, k) in the order are being read, and
+the outputs of (j, k - 1) are being written back. With ``overlap=False`` the same loop runs
+every task inline.
 
 ::
 
@@ -89,10 +91,13 @@ def run_block(
             attend = partial(unit.attend, history, key_mask=mb.key_mask, mover=mover)
             out = arch.decoder_layer(w, x, mb.position_ids, attend)
         else:
-            keep = x if logits_to_keep == 0 else x[:, -logits_to_keep:]
-            logits.append(arch.head(w, keep))
+            # The head runs once over the whole block, after its last micro-batch: a streamed LM
+            # head then reads its rows once per step, not once per micro-batch.
+            logits.append(x if logits_to_keep == 0 else x[:, -logits_to_keep:])
+            if k == len(micro_batches) - 1:
+                return arch.head(w, torch.cat(logits) if len(logits) > 1 else logits[0])
             continue
         activations.put(j, k, out)
         if following is not None and not early:
             inputs = mover.read(read_inputs, *following)
-    return torch.cat(logits) if len(logits) > 1 else logits[0]
+    raise AssertionError("the order ends with the head stage")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .policy import TIERS, Policy
+
+if TYPE_CHECKING:  # memory_model builds on stats: the type only, no import cycle
+    from .memory_model import Footprint
 
 LINKS = ("disk_to_host", "host_to_device", "device_to_host", "host_to_disk")
 
@@ -63,6 +67,8 @@ class GenerationStats:
         peak_bytes: Peak bytes held per tier by the model's own buffers (weights, KV cache,
             activations, staging).
         policy: The policy the call ran under (re-optimized for the batch with ``"auto"``).
+        memory: Where the memory model said the call's bytes would go, item by item, as
+            checked against the capacities before the call started.
     """
 
     prefill_seconds: float
@@ -73,6 +79,7 @@ class GenerationStats:
     bytes_moved: dict[str, int] = field(default_factory=dict)
     peak_bytes: dict[str, int] = field(default_factory=dict)
     policy: Policy | None = None
+    memory: Footprint | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -83,9 +90,10 @@ class GenerationStats:
         """FlexGen's generation throughput: generated tokens / (prefill + decode time)."""
         return self.generated_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["tokens_per_second"] = self.tokens_per_second
+        data["memory"] = self.memory.to_dict() if self.memory is not None else None
         return data
 
     def __str__(self) -> str:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -301,6 +302,40 @@ class TierStore:
         self._entries[key] = entry
         self.counters.alloc(tier, entry.nbytes)
 
+    def put_chunks(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        tier: str,
+        chunks: Iterable[tuple[int, torch.Tensor]],
+    ) -> None:
+        """Store a tensor given as (first row, rows) chunks, each written straight to its place
+        (converted to ``dtype`` on the way into memory tiers), so no whole copy is ever held.
+
+        A disk tensor is written under a temporary name and renamed once complete."""
+        if tier != "disk":
+            dest = self.allocate(key, shape, dtype, tier)
+            for row, rows in chunks:
+                dest[row : row + rows.shape[0]].copy_(rows)
+            return
+        self.remove(key)
+        entry = Entry(tier, tuple(shape), dtype, path=self._path(key))
+        row_bytes = entry.nbytes // max(1, shape[0]) if shape else entry.nbytes
+        tmp = entry.path + ".tmp"
+        f = DiskFile(tmp, create=True)
+        try:
+            os.ftruncate(f.fileno(), 0)
+            for row, rows in chunks:
+                if rows.dtype != dtype:
+                    raise ValueError(f"chunk of {key} is {rows.dtype}, expected {dtype}")
+                f.write(row * row_bytes, rows.detach().to("cpu").contiguous())
+        finally:
+            f.close()
+        os.replace(tmp, entry.path)
+        self._entries[key] = entry
+        self.counters.alloc(tier, entry.nbytes)
+
     def entry(self, key: str) -> Entry:
         return self._entries[key]
 
@@ -313,6 +348,28 @@ class TierStore:
         f = DiskFile(entry.path, direct=self.direct_io)
         try:
             self.counters.add_moved("disk_to_host", f.read_into(0, out))
+        finally:
+            f.close()
+        return out
+
+    def read_rows(self, key: str, runs: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+        """Rows ``[a, b)`` of the stored tensor for each run, one after another, into the
+        contiguous host tensor ``out`` (as many rows as the runs hold); disk tensors are read
+        with one positional read per run."""
+        entry = self._entries[key]
+        done = 0
+        if entry.tensor is not None:
+            for a, b in runs:
+                out[done : done + b - a].copy_(entry.tensor[a:b])
+                done += b - a
+            return out
+        row_bytes = entry.nbytes // max(1, entry.shape[0])
+        f = DiskFile(entry.path)  # row runs are small: not worth O_DIRECT's alignment
+        try:
+            for a, b in runs:
+                n = f.read_into(a * row_bytes, out[done : done + b - a])
+                self.counters.add_moved("disk_to_host", n)
+                done += b - a
         finally:
             f.close()
         return out

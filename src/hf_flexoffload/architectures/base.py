@@ -17,6 +17,7 @@ never touches the cache either.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -24,9 +25,12 @@ from typing import ClassVar
 import torch
 
 from ..compression import QuantizedTensor
+from ..streamed import StreamedMatrix
 
-# Embedding and head matrices may stay quantized (see Architecture.embeddings); the rest is plain.
-Weights = dict[str, torch.Tensor | QuantizedTensor]
+# Embedding and head matrices may stay quantized or be streamed from where they are stored (see
+# Architecture.embeddings): only ``layers.lookup`` and ``layers.project`` read them. The rest is
+# plain tensors.
+Weights = dict[str, torch.Tensor | QuantizedTensor | StreamedMatrix]
 # attend(q, k_new, v_new, scale) -> attention output (b, s, H, d). q is (b, s, H, d); the new
 # keys and values are (b, s, H_kv, d) with H a multiple of H_kv (grouped-query attention).
 Attend = Callable[..., torch.Tensor]
@@ -74,6 +78,12 @@ class Architecture(ABC):
     def head_flops(self) -> int:
         """Matmul FLOPs per token of the head stage."""
         return 2 * self.vocab * self.embed_dim
+
+    @property
+    def largest_layer_tensor(self) -> int:
+        """Elements of a decoder layer's largest tensor (a streamed matrix's chunk buffers hold a
+        quarter of it: well within what staging a layer already costs)."""
+        return max(math.prod(dims) for _, dims in self.stage_tensors()[1])
 
     @property
     def workspace_width(self) -> int:

@@ -1,0 +1,96 @@
+"""What to run before anything is loaded: the compute dtype, the default workload and the
+policy ``offload_policy="auto"`` chooses, from a checkpoint's config and tensor headers only."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .architectures import Architecture, architecture_for
+from .checkpoint import SafetensorsCheckpoint, SavedCompression
+from .cost_model import Estimate
+from .hardware import HardwareProfile
+from .optimizer import optimize
+from .policy import Policy, Workload
+from .weights import storage_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(
+    requested: torch.dtype | str | None, checkpoint: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The compute dtype: ``requested``, else the checkpoint's; never fp16 on a CPU."""
+    if requested is not None and requested != "auto":
+        dtype = getattr(torch, requested) if isinstance(requested, str) else requested
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"Invalid dtype={requested!r}: use a floating torch.dtype.")
+        return dtype
+    if checkpoint == torch.float16 and device.type == "cpu":
+        logger.info(
+            "fp16 checkpoint on CPU: computing in bfloat16 (fp16 matmuls are very slow on CPU)."
+        )
+        return torch.bfloat16
+    return checkpoint
+
+
+def plan_policy(
+    path: str,
+    *,
+    config,
+    device: torch.device,
+    dtype: torch.dtype | str | None = None,
+    offload_dir: str | None = None,
+    max_memory: dict | None = None,
+    workload: Workload | None = None,
+) -> tuple[Policy, Estimate, HardwareProfile]:
+    """What ``offload_policy="auto"`` would choose for the checkpoint at ``path``, without
+    loading it (only its config and tensor headers are read).
+
+    Returns:
+        The policy, its estimate and the hardware profile it was planned for.
+    """
+    arch = architecture_for(config)
+    ckpt = SafetensorsCheckpoint(path)
+    saved = ckpt.compression
+    dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
+    workload = workload or default_workload(arch)
+    storage = storage_dtype(ckpt.dtype(), dtype)
+    return auto_policy(arch, saved, dtype, storage, device, offload_dir, max_memory, workload)
+
+
+def auto_policy(
+    arch: Architecture,
+    saved: SavedCompression | None,
+    dtype: torch.dtype,
+    storage: torch.dtype,
+    device: torch.device,
+    offload_dir: str | None,
+    max_memory: dict | None,
+    workload: Workload,
+) -> tuple[Policy, Estimate, HardwareProfile]:
+    profile = HardwareProfile.measure(
+        device,
+        dtype,
+        offload_dir=offload_dir,
+        matrix=(arch.hidden, arch.ffn),
+        max_memory=max_memory,
+    )
+    compression = (saved.config, saved.embeddings) if saved is not None else None
+    policy, chosen = optimize(
+        arch, dtype, profile, workload, compression=compression, storage=storage
+    )
+    logger.info(
+        "offload_policy='auto' chose %s (predicted %.1f tok/s)",
+        policy.to_json(indent=None),
+        chosen.tokens_per_second,
+    )
+    return policy, chosen, profile
+
+
+def default_workload(arch: Architecture) -> Workload:
+    """FlexGen's benchmark workload (512-token prompts, 32 new tokens), shortened to fit models
+    with fewer positions."""
+    prompt = min(512, max(1, arch.max_positions // 2))
+    return Workload(prompt_len=prompt, gen_len=min(32, max(1, arch.max_positions - prompt)))

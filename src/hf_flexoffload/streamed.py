@@ -1,0 +1,163 @@
+"""Embedding and LM-head matrices used where they are stored, never gathered whole.
+
+A token embedding is the largest single weight of most models (40% of a small OPT), and a
+lookup needs only a few of its rows; the LM head needs every row but only one chunk at a time.
+So a ``StreamedMatrix`` reads exactly the rows a lookup asks for (one positional read per run
+of consecutive rows on disk), and projects through its rows a chunk at a time, reading and
+converting each chunk into one reused buffer. Its memory is the chunk buffers (about the size
+of a decoder layer's largest matrix) instead of the whole matrix in the compute dtype.
+
+Rows stored in another dtype than the compute dtype (a bf16 checkpoint computed in fp32) are
+converted as they are used, which gives exactly the values a converted copy would hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .stats import Counters
+from .storage import TierStore
+from .transfer import host_empty, shares_host_memory
+
+# Chunk buffers are at least this large, so tiny models do not run thousands of tiny matmuls.
+MIN_CHUNK_BYTES = 1 << 20
+
+
+def chunk_rows(rows: int, row_bytes: int, budget: int) -> int:
+    """Rows per chunk: as many as ``max(budget, MIN_CHUNK_BYTES)`` bytes hold, at most all."""
+    return max(1, min(rows, max(budget, MIN_CHUNK_BYTES) // max(1, row_bytes)))
+
+
+class ChunkBuffers:
+    """Named reusable buffers, grown on demand and counted as device memory."""
+
+    def __init__(self, device: torch.device, counters: Counters) -> None:
+        self.device = device
+        self.counters = counters
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, host: bool = False) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements of ``dtype`` (pinned host memory when
+        ``host`` on a CUDA machine)."""
+        key = f"{name}:{dtype}:{host}"
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.release(key)
+            if host or shares_host_memory(self.device):
+                buf = host_empty((numel,), dtype, self.device)
+            else:
+                buf = torch.empty(numel, dtype=dtype, device=self.device)
+            self._buffers[key] = buf
+            self.counters.alloc("host" if host else "device", buf.numel() * buf.element_size())
+        return buf[:numel]
+
+    def release(self, key: str | None = None) -> None:
+        for name in [key] if key is not None else list(self._buffers):
+            buf = self._buffers.pop(name, None)
+            if buf is not None:
+                tier = "host" if name.endswith(":True") else "device"
+                self.counters.free(tier, buf.numel() * buf.element_size())
+
+
+class StreamedMatrix:
+    """A (rows, cols) weight stored as row segments on any tiers, used in place.
+
+    Args:
+        parts: (store key, first row, stop row) of each segment, in row order.
+        store: Where the segments are.
+        shape: (rows, cols) of the whole matrix.
+        dtype: The compute dtype that lookups and projections return.
+        rows_per_chunk: Rows a projection reads and converts at a time.
+        buffers: Reused chunk buffers (shared with the model's other streamed matrices, which
+            are used one after another in the compute thread).
+    """
+
+    def __init__(
+        self,
+        *,
+        parts: list[tuple[str, int, int]],
+        store: TierStore,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        rows_per_chunk: int,
+        buffers: ChunkBuffers,
+    ) -> None:
+        self.parts = parts
+        self.store = store
+        self.shape = shape
+        self.dtype = dtype
+        self.rows_per_chunk = rows_per_chunk
+        self.buffers = buffers
+        self.device = store.device
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape) -> (*ids.shape, cols) in the compute dtype, reading only
+        those rows."""
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)  # sorted
+        wanted = unique.cpu()
+        found = []
+        for key, start, stop in self.parts:
+            local = wanted[(wanted >= start) & (wanted < stop)] - start
+            if local.numel():
+                found.append(self._rows_at(key, local))
+        rows = torch.cat(found) if len(found) > 1 else found[0]
+        return rows.to(self.dtype)[inverse.to(self.device)].reshape(*ids.shape, self.shape[1])
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, matrix)``: (..., cols) -> (..., rows), one chunk of rows at a time."""
+        out = x.new_empty((*x.shape[:-1], self.shape[0]))
+        for start, weight in self.chunks():
+            out[..., start : start + weight.shape[0]] = F.linear(x, weight)
+        return out
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows in the compute dtype on the device) for every chunk, in order; each
+        chunk is valid until the next is produced."""
+        for key, start, stop in self.parts:
+            for a in range(start, stop, self.rows_per_chunk):
+                b = min(stop, a + self.rows_per_chunk)
+                yield a, self._chunk(key, a - start, b - start)
+
+    def _chunk(self, key: str, a: int, b: int) -> torch.Tensor:
+        entry = self.store.entry(key)
+        cols, n = self.shape[1], b - a
+        if entry.tensor is not None and entry.tensor.device == self.device:
+            source = entry.tensor[a:b]
+        else:
+            source = self.buffers.get("stored", self.rows_per_chunk * cols, entry.dtype)
+            source = source[: n * cols].view(n, cols)
+            if entry.tensor is not None:  # host tier, CUDA device
+                source.copy_(entry.tensor[a:b], non_blocking=entry.tensor.is_pinned())
+            elif shares_host_memory(self.device):
+                self.store.read_rows(key, [(a, b)], source)
+            else:
+                bounce = self.buffers.get("bounce", self.rows_per_chunk * cols, entry.dtype, True)
+                bounce = bounce[: n * cols].view(n, cols)
+                source.copy_(self.store.read_rows(key, [(a, b)], bounce), non_blocking=True)
+        if source.dtype == self.dtype:
+            return source
+        converted = self.buffers.get("converted", self.rows_per_chunk * cols, self.dtype)
+        return converted[: n * cols].view(n, cols).copy_(source)
+
+    def _rows_at(self, key: str, local: torch.Tensor) -> torch.Tensor:
+        """Rows ``local`` (sorted) of one segment, on the device in the stored dtype."""
+        entry = self.store.entry(key)
+        if entry.tensor is not None:
+            return entry.tensor.index_select(0, local.to(entry.tensor.device)).to(self.device)
+        out = host_empty((local.numel(), self.shape[1]), entry.dtype, self.device)
+        self.store.read_rows(key, _runs(local.tolist()), out)
+        return out.to(self.device, non_blocking=out.is_pinned())
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct row numbers as [start, stop) runs of consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
