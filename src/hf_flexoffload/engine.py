@@ -42,7 +42,7 @@ from .policy import TIERS, Policy, Workload
 from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
 from .storage import TierStore, check_writable, dtype_name
-from .transfer import Mover
+from .transfer import Mover, shares_host_memory
 from .weights import (
     StageLayout,
     WeightFetcher,
@@ -341,7 +341,7 @@ class OffloadEngine:
             self.dtype,
             run,
             workload,
-            shared=self.device.type != "cuda",
+            shared=shares_host_memory(self.device),
             storage=self.storage,
             logits_tokens=logits_tokens,
         )
