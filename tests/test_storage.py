@@ -128,9 +128,9 @@ def test_store_reads_directly_where_supported(tmp_path):
 
 
 def test_no_direct_io_falls_back_to_cached_reads(tmp_path, monkeypatch):
-    import hf_flexoffload.storage as storage
+    import hf_flexoffload.disk_file as disk_file
 
-    monkeypatch.setattr(storage, "_open_direct", lambda path: -1)  # e.g. a filesystem without it
+    monkeypatch.setattr(disk_file, "_open_direct", lambda path: -1)  # e.g. a filesystem without it
     assert not direct_io_supported(str(tmp_path))
     path = str(tmp_path / "x")
     x = torch.arange(10, dtype=torch.float32)

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from .disk_file import DiskFile, direct_io_supported
 from .stats import Counters
-from .transfer import PAGE, aligned_empty, host_empty
+from .transfer import host_empty
 
 INDEX_FILE = "index.json"
 
@@ -34,129 +35,6 @@ def dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"Unknown dtype {name!r} in an offload index.")
     return dtype
-
-
-def _byte_view(tensor: torch.Tensor) -> memoryview:
-    # (n,) uint8 view of a contiguous CPU tensor, for os.pread/pwrite.
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-class DiskFile:
-    """One raw binary file with positional reads and writes of whole tensors.
-
-    Args:
-        path: The file.
-        create: Create it if missing.
-        direct: Read with ``O_DIRECT``, bypassing the page cache: the disk's DMA fills the
-            buffer and no CPU time goes to copying out of cached pages (which matters when a
-            read overlaps compute on few cores), and reads cost what cold reads cost, steadily.
-            Needs filesystem support (``direct_io_supported``); writes stay buffered.
-    """
-
-    def __init__(self, path: str, create: bool = False, direct: bool = False) -> None:
-        self.path = path
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        self._fd = os.open(path, flags, 0o644)
-        self._direct_fd = _open_direct(path) if direct else -1
-
-    @property
-    def direct(self) -> bool:
-        return self._direct_fd >= 0
-
-    def write(self, offset: int, tensor: torch.Tensor) -> int:
-        """Write a contiguous CPU tensor's bytes at ``offset``; returns bytes written."""
-        view = _byte_view(tensor)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
-        return done
-
-    def read_into(self, offset: int, out: torch.Tensor) -> int:
-        """Fill the contiguous CPU tensor ``out`` from ``offset``; returns bytes read."""
-        view = _byte_view(out)
-        if self.direct:
-            return self._read_direct(offset, view, out.data_ptr())
-        return self._read_all(self._fd, offset, view)
-
-    def _read_all(self, fd: int, offset: int, view: memoryview) -> int:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(f"{self.path} is shorter than expected (truncated offload file?)")
-            done += n
-        return done
-
-    def _read_direct(self, offset: int, view: memoryview, address: int) -> int:
-        # The aligned body goes straight into ``out``; an unaligned buffer or file offset, and
-        # the tail that is not a whole block, go through a small aligned bounce buffer.
-        done = 0
-        if offset % PAGE == 0 and address % PAGE == 0:
-            body = len(view) // PAGE * PAGE
-            done = self._read_all(self._direct_fd, offset, view[:body])
-        if done < len(view):
-            self._read_bounced(offset + done, view[done:])
-        return len(view)
-
-    def _read_bounced(self, offset: int, view: memoryview) -> None:
-        start = offset // PAGE * PAGE  # the aligned block holding ``offset``
-        chunk = min(_BOUNCE_BYTES, -(-(offset - start + len(view)) // PAGE) * PAGE)
-        bounce = _byte_view(aligned_empty((chunk,), torch.uint8))
-        done = 0
-        while done < len(view):
-            pos = offset + done
-            block = pos // PAGE * PAGE
-            skip = pos - block
-            got = os.preadv(self._direct_fd, [bounce], block)  # short only at the end of file
-            n = min(got - skip, len(view) - done)
-            if n <= 0:
-                raise OSError(f"{self.path} is shorter than expected (truncated offload file?)")
-            view[done : done + n] = bounce[skip : skip + n]
-            done += n
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        for fd in (self._fd, self._direct_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._fd = self._direct_fd = -1
-
-
-_BOUNCE_BYTES = 4 << 20
-
-
-def _open_direct(path: str) -> int:
-    """A second, ``O_DIRECT`` descriptor for reads, or -1 where the OS or filesystem has none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return -1
-    try:
-        return os.open(path, os.O_RDONLY | flag)
-    except OSError:  # EINVAL: the filesystem (e.g. tmpfs) does not support it
-        return -1
-
-
-def direct_io_supported(directory: str) -> bool:
-    """Whether files under ``directory`` can be read with ``O_DIRECT``."""
-    probe = os.path.join(directory, f".direct-probe-{os.getpid()}")
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * PAGE)
-        fd = _open_direct(probe)
-        if fd < 0:
-            return False
-        try:
-            buf = aligned_empty((PAGE,), torch.uint8)
-            return os.preadv(fd, [_byte_view(buf)], 0) == PAGE
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-    finally:
-        if os.path.exists(probe):
-            os.remove(probe)
 
 
 @dataclass(frozen=True)
