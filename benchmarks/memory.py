@@ -11,6 +11,7 @@ Usage: ``python benchmarks/memory.py`` (about 2 minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -31,16 +32,18 @@ START, END = "<!-- benchmark:memory:start -->", "<!-- benchmark:memory:end -->"
 MiB = 2**20
 
 SHAPES = {"opt-483m": (1024, 16, 16, 4096), "opt-97m": (512, 8, 8, 2048)}
-TEN = {"weights": {"device": 0.1, "host": 0.0, "disk": 0.9}}
-ON_DISK = {
-    "weights": {"device": 0.0, "host": 0.0, "disk": 1.0},
-    "cache": {"device": 0.5, "host": 0.0, "disk": 0.5},
-    "activations": {"device": 0.0, "host": 0.0, "disk": 1.0},
-}
-FOUR_BIT = {
-    "weights": {"device": 0.5, "host": 0.0, "disk": 0.5},
-    "compress_weights": {"bits": 4, "group_size": 64},
-}
+
+
+def _placements() -> dict:
+    """The placements the memory tests measure (tests/memory_probe.py, not a package)."""
+    spec = importlib.util.spec_from_file_location("memory_probe", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PLACEMENTS
+
+
+PLACEMENTS = _placements()
+TEN, ON_DISK, FOUR_BIT = (PLACEMENTS[k] for k in ("ten_percent", "on_disk", "four_bit"))
 CASES = [
     ("opt-483m", "10% resident, 90% disk", TEN),
     ("opt-97m", "10% resident, 90% disk", TEN),

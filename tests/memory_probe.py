@@ -18,6 +18,20 @@ import sys
 import threading
 import time
 
+# Placements the memory tests and benchmarks/memory.py measure (Policy dict fields).
+PLACEMENTS = {
+    "ten_percent": {"weights": {"device": 0.1, "host": 0.0, "disk": 0.9}},
+    "on_disk": {
+        "weights": {"device": 0.0, "host": 0.0, "disk": 1.0},
+        "cache": {"device": 0.5, "host": 0.0, "disk": 0.5},
+        "activations": {"device": 0.0, "host": 0.0, "disk": 1.0},
+    },
+    "four_bit": {
+        "weights": {"device": 0.5, "host": 0.0, "disk": 0.5},
+        "compress_weights": {"bits": 4, "group_size": 64},
+    },
+}
+
 
 def rss_anon() -> int:
     with open("/proc/self/status") as f:

@@ -24,6 +24,7 @@ from hf_flexoffload.hardware import _machine_key, _write_cached, default_cache_d
 from hf_flexoffload.memory_model import RUNTIME_SLACK
 from hf_flexoffload.storage import dtype_name
 
+from .memory_probe import PLACEMENTS
 from .test_hardware import make_profile
 
 PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
@@ -31,16 +32,7 @@ MiB = 2**20
 # Loading holds Python objects and page tables beyond its items.
 LOAD_SLACK = 4 * MiB
 
-TEN = {"weights": {"device": 0.1, "host": 0.0, "disk": 0.9}}
-ON_DISK = {
-    "weights": {"device": 0.0, "host": 0.0, "disk": 1.0},
-    "cache": {"device": 0.5, "host": 0.0, "disk": 0.5},
-    "activations": {"device": 0.0, "host": 0.0, "disk": 1.0},
-}
-FOUR_BIT = {
-    "weights": {"device": 0.5, "host": 0.0, "disk": 0.5},
-    "compress_weights": {"bits": 4, "group_size": 64},
-}
+TEN, ON_DISK, FOUR_BIT = (PLACEMENTS[k] for k in ("ten_percent", "on_disk", "four_bit"))
 
 
 @pytest.fixture(scope="module")
