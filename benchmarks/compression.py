@@ -36,7 +36,7 @@ from hf_flexoffload.compression import dequantize, quantize
 from hf_flexoffload.hardware import default_cache_dir
 from hf_flexoffload.stats import human_bytes
 from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
-from hf_flexoffload.weights import layout_for, placement_report
+from hf_flexoffload.weight_layout import layout_for, placement_report
 
 Q4 = QuantConfig(bits=4, group_size=64)
 DOCS = [

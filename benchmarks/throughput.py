@@ -48,7 +48,7 @@ from hf_flexoffload.budget import parse_size
 from hf_flexoffload.cost_model import estimate
 from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
 from hf_flexoffload.stats import human_bytes
-from hf_flexoffload.weights import storage_dtype
+from hf_flexoffload.weight_layout import storage_dtype
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 START, END = "<!-- benchmark:throughput:start -->", "<!-- benchmark:throughput:end -->"

@@ -3,8 +3,8 @@
 # against the lowest and the newest transformers and accelerate that pyproject.toml allows, each
 # in a throwaway environment under .cache/compat/, with deprecation warnings as errors.
 #
-# lowest: transformers and accelerate at their lower bounds in pyproject.toml; everything else
-#         resolved to what those releases accept (older huggingface-hub, tokenizers, ...).
+# lowest: transformers, accelerate and huggingface-hub at their lower bounds in pyproject.toml;
+#         everything else resolved to what those releases accept (older tokenizers, ...).
 # newest: everything resolved afresh to the newest releases pyproject.toml allows, as a user's
 #         `pip install hf_flexoffload` would get today: this is where the next break shows.
 #
@@ -55,7 +55,8 @@ for env in ${COMPAT_ENVS:-lowest newest}; do
     case $env in
     lowest)
         build_env lowest "transformers==$(lower_bound transformers)" \
-            "accelerate==$(lower_bound accelerate)"
+            "accelerate==$(lower_bound accelerate)" \
+            "huggingface-hub==$(lower_bound huggingface-hub)"
         ;;
     newest) build_env newest ;;
     # Any other release, e.g. COMPAT_ENVS="transformers==5.23.0".

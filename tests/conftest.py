@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import string
 
 import pytest
@@ -60,6 +62,20 @@ def profile_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_FLEXOFFLOAD_CACHE", str(path))
         yield str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_hub(tmp_path_factory):
+    """No test reaches the network or the user's hub cache: offline, with an empty cache."""
+    import huggingface_hub.constants
+
+    cache = str(tmp_path_factory.mktemp("hub"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HUB_CACHE", cache)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+        yield cache
 
 
 @pytest.fixture(scope="session")
@@ -174,3 +190,26 @@ def gqa_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama-gqa")
     model.save_pretrained(path)
     return str(path), model
+
+
+def save_torch_bin(model: torch.nn.Module, directory, shards: int = 2) -> None:
+    """Save ``model`` as older transformers did: ``pytorch_model.bin``, or ``shards`` files
+    ``pytorch_model-0000k-of-0000n.bin`` with ``pytorch_model.bin.index.json`` (transformers 5
+    always writes safetensors)."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
+    keys = list(state)
+    model.config.save_pretrained(directory)
+    if shards == 1:
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+        return
+    weight_map = {}
+    for k in range(shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = keys[k * len(keys) // shards : (k + 1) * len(keys) // shards]
+        torch.save({key: state[key].contiguous() for key in part}, os.path.join(directory, name))
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)

@@ -16,7 +16,7 @@ from hf_flexoffload.cost_model import ModelSizes, estimate
 from hf_flexoffload.kv_cache import TokenCodec
 from hf_flexoffload.layers import attention, rms_norm
 from hf_flexoffload.optimizer import optimize
-from hf_flexoffload.weights import layout_for
+from hf_flexoffload.weight_layout import layout_for
 
 from .test_hardware import make_profile
 

@@ -1,7 +1,10 @@
-"""Bad checkpoints and load arguments fail before any heavy work, saying what to do."""
+"""Checkpoints as users have them (safetensors or PyTorch ``.bin``, single or sharded) load and
+generate stock tokens; bad checkpoints and load arguments fail before any heavy work, saying
+what to do."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -9,9 +12,101 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config
 
-from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
+from hf_flexoffload import (
+    AutoFlexOffloadModelForCausalLM,
+    FlexOffloadOPTForCausalLM,
+    Policy,
+    QuantConfig,
+    Split,
+)
+from hf_flexoffload.checkpoint import SafetensorsCheckpoint, TorchCheckpoint, open_checkpoint
+
+from .conftest import (
+    batch,
+    build_llama,
+    build_model,
+    save_torch_bin,
+    tiny_config,
+    tiny_llama_config,
+)
+
+# (model, shards): OPT and both Llama head layouts, sharded with an index and as one file.
+BIN_MODELS = {
+    "opt_2_shards": (lambda: build_model(tiny_config("pre_ln")), 2),
+    "llama_gqa_tied_3_shards": (lambda: build_llama(tiny_llama_config(2, True)), 3),
+    "llama_untied_single_file": (lambda: build_llama(tiny_llama_config(4, False)), 1),
+}
+BIN_PLACEMENTS = {
+    "all_in_memory": Policy(),
+    "weights_mixed": Policy(weights=Split(device=0.2, host=0.5, disk=0.3)),
+    "weights_disk_direct_io_micro_batches": Policy(
+        micro_batch_size=2, num_micro_batches=2, weights=Split(disk=1.0), direct_io=True
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(BIN_MODELS), ids=list(BIN_MODELS))
+def bin_checkpoint(request, tmp_path_factory):
+    """(path, stock model loaded by transformers from the same ``.bin`` files)."""
+    build, shards = BIN_MODELS[request.param]
+    path = tmp_path_factory.mktemp(f"bin-{request.param}")
+    save_torch_bin(build(), path, shards)
+    return str(path), AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("policy", list(BIN_PLACEMENTS.values()), ids=list(BIN_PLACEMENTS))
+def test_torch_bin_checkpoint_generates_stock_tokens(bin_checkpoint, policy, tmp_path):
+    path, stock = bin_checkpoint
+    assert not any(name.endswith(".safetensors") for name in os.listdir(path))
+    ids, mask = batch()
+    expected = stock.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    with AutoFlexOffloadModelForCausalLM.from_pretrained(
+        path, offload_policy=policy, offload_dir=tmp_path
+    ) as model:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        report = model.placement_report
+    assert torch.equal(got, expected)
+    assert report.in_place_bytes == 0  # .bin archives are not raw bytes: disk rows are copied
+
+
+def test_checkpoint_format_preference(tmp_path):
+    model = build_model(tiny_config("pre_ln"))
+    model.save_pretrained(tmp_path)
+    save_torch_bin(model, tmp_path, shards=2)
+    assert isinstance(open_checkpoint(str(tmp_path)), SafetensorsCheckpoint)
+    assert isinstance(open_checkpoint(str(tmp_path), use_safetensors=True), SafetensorsCheckpoint)
+    both = open_checkpoint(str(tmp_path), use_safetensors=False)
+    assert isinstance(both, TorchCheckpoint)
+    name = "decoder.layers.1.fc1.weight"
+    rows = both.read_rows(name, 3, 9, torch.empty(6, 64))
+    assert torch.equal(rows, model.state_dict()["model." + name][3:9])
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"use_safetensors=True"):
+        open_checkpoint(str(tmp_path), use_safetensors=True)
+
+
+class _NotATensor:
+    pass
+
+
+def test_bin_with_arbitrary_objects_is_refused(tmp_path):
+    tiny_config("pre_ln").save_pretrained(tmp_path)
+    torch.save(
+        {"decoder.embed_tokens.weight": torch.zeros(2, 2), "x": _NotATensor()},
+        tmp_path / "pytorch_model.bin",
+    )
+    with pytest.raises(ValueError, match="never unpickles arbitrary objects"):
+        FlexOffloadOPTForCausalLM.from_pretrained(tmp_path, offload_policy=Policy())
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    save_torch_bin(build_model(tiny_config("pre_ln")), tmp_path, shards=2)
+    os.remove(tmp_path / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model-00002-of-00002\.bin"):
+        FlexOffloadOPTForCausalLM.from_pretrained(tmp_path, offload_policy=Policy())
 
 
 def test_not_opt(tmp_path):
@@ -20,12 +115,13 @@ def test_not_opt(tmp_path):
         FlexOffloadOPTForCausalLM.from_pretrained(tmp_path, offload_policy=Policy())
 
 
-def test_not_a_directory():
-    with pytest.raises(FileNotFoundError, match="not a local directory"):
+def test_hub_id_not_in_the_offline_cache():
+    # conftest keeps the tests offline, with an empty hub cache.
+    with pytest.raises(FileNotFoundError, match=r"facebook/opt-125m"):
         FlexOffloadOPTForCausalLM.from_pretrained("facebook/opt-125m")
 
 
-def test_no_safetensors(pre_ln_checkpoint, tmp_path):
+def test_no_weights(pre_ln_checkpoint, tmp_path):
     path, _ = pre_ln_checkpoint
     shutil.copy(os.path.join(path, "config.json"), tmp_path)
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
@@ -50,7 +146,7 @@ def test_missing_tensor_is_named(pre_ln_checkpoint, tmp_path):
     "kwargs, error, message",
     [
         (dict(device_map="auto"), ValueError, "device_map is not supported"),
-        (dict(revision="main"), TypeError, "unsupported arguments.*revision"),
+        (dict(subfolder="x"), TypeError, "unsupported arguments.*subfolder"),
         (dict(offload_policy=42), ValueError, "Invalid offload_policy"),
         (dict(max_memory={"gpu": "1GiB"}), ValueError, "max_memory keys"),
         (dict(max_memory={"device": "lots"}), ValueError, "Invalid max_memory"),
@@ -66,10 +162,12 @@ def test_bad_arguments(pre_ln_checkpoint, kwargs, error, message):
 
 def test_policy_that_cannot_fit_names_each_tier(pre_ln_checkpoint, tmp_path):
     path, _ = pre_ln_checkpoint
+    # bf16 weights from an fp32 checkpoint must be written to the disk tier: no room for them.
     with pytest.raises(MemoryError, match=r"(?s)too much on disk.*disk +needs.*has +10B"):
         FlexOffloadOPTForCausalLM.from_pretrained(
             path,
             offload_policy=Policy(weights=Split(disk=1.0)),
+            dtype=torch.bfloat16,
             max_memory={"disk": 10},
             offload_dir=tmp_path / "off",
         )
@@ -111,22 +209,22 @@ def _disk_files(directory):
 def test_offload_files_reused_and_interrupted_load_not_trusted(
     pre_ln_checkpoint, tmp_path, monkeypatch
 ):
-    path, stock = pre_ln_checkpoint
+    # bf16 from the fp32 checkpoint: the disk tier holds converted copies (not read in place).
+    path, _ = pre_ln_checkpoint
     offload = str(tmp_path / "off")
     policy = Policy(weights=Split(host=0.5, disk=0.5))
     ids = torch.randint(3, 90, (2, 5))
-    expected = stock.generate(ids, max_new_tokens=4, do_sample=False)
+    load = functools.partial(
+        FlexOffloadOPTForCausalLM.from_pretrained, path, dtype=torch.bfloat16, offload_dir=offload
+    )
 
-    FlexOffloadOPTForCausalLM.from_pretrained(
-        path, offload_policy=policy, offload_dir=offload
-    ).close()
+    with load(offload_policy=policy) as m:
+        expected = m.generate(ids, max_new_tokens=4, do_sample=False)
     first = _disk_files(offload)
     assert first and os.path.exists(os.path.join(offload, "weights", "index.json"))
 
     # Same checkpoint and policy: the files are adopted, not rewritten.
-    with FlexOffloadOPTForCausalLM.from_pretrained(
-        path, offload_policy=policy, offload_dir=offload
-    ) as m:
+    with load(offload_policy=policy) as m:
         assert torch.equal(m.generate(ids, max_new_tokens=4, do_sample=False), expected)
     assert _disk_files(offload) == first
 
@@ -143,9 +241,7 @@ def test_offload_files_reused_and_interrupted_load_not_trusted(
 
     monkeypatch.setattr(storage.TierStore, "put_chunks", flaky_put)
     with pytest.raises(KeyboardInterrupt):
-        FlexOffloadOPTForCausalLM.from_pretrained(
-            path, offload_policy=Policy(weights=Split(disk=1.0)), offload_dir=offload
-        )
+        load(offload_policy=Policy(weights=Split(disk=1.0)))
     monkeypatch.undo()
     assert not os.path.exists(os.path.join(offload, "weights", "index.json"))
 
@@ -153,9 +249,7 @@ def test_offload_files_reused_and_interrupted_load_not_trusted(
     victim = next(f for f in first if f.endswith(".bin"))
     with open(os.path.join(offload, "weights", victim), "r+b") as f:
         f.truncate(3)
-    with FlexOffloadOPTForCausalLM.from_pretrained(
-        path, offload_policy=policy, offload_dir=offload
-    ) as m:
+    with load(offload_policy=policy) as m:
         assert torch.equal(m.generate(ids, max_new_tokens=4, do_sample=False), expected)
     with open(os.path.join(offload, "weights", "index.json")) as f:
         assert json.load(f)["fingerprint"]["weights"] == [0.0, 0.5, 0.5]
@@ -179,7 +273,7 @@ def test_temporary_offload_dir_removed_on_close(pre_ln_checkpoint):
 
 
 def test_save_compressed_then_load_skips_quantization(pre_ln_checkpoint, tmp_path, monkeypatch):
-    from hf_flexoffload import checkpoint
+    from hf_flexoffload import checkpoint_store
 
     path, _ = pre_ln_checkpoint
     policy = Policy(compress_weights=QuantConfig(bits=4, group_size=32), weights=Split(disk=1.0))
@@ -196,7 +290,7 @@ def test_save_compressed_then_load_skips_quantization(pre_ln_checkpoint, tmp_pat
     def no_quantize(*args, **kwargs):
         raise AssertionError("a compressed checkpoint must not be quantized again")
 
-    monkeypatch.setattr(checkpoint, "quantize_rows_to_bytes", no_quantize)
+    monkeypatch.setattr(checkpoint_store, "quantize_rows_to_bytes", no_quantize)
     other = Policy(
         compress_weights=QuantConfig(bits=4, group_size=32, dim=0),  # the same, spelled out
         weights=Split(device=0.3, host=0.3, disk=0.4),

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 
 from hf_flexoffload.stats import Counters
-from hf_flexoffload.storage import DiskFile, TierStore, check_writable, direct_io_supported
-from hf_flexoffload.transfer import PAGE, aligned_empty
+from hf_flexoffload.storage import (
+    CheckpointChangedError,
+    DiskFile,
+    TierStore,
+    check_writable,
+    direct_io_supported,
+)
+from hf_flexoffload.transfer import PAGE, aligned_empty, at_phase
 
 
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
@@ -76,6 +83,8 @@ def _direct_file(tmp_path, nbytes: int) -> tuple[DiskFile, torch.Tensor]:
         (5 * PAGE + 7, 1000, 3),
         (0, (4 << 20) + 3 * PAGE + 5, 0),
         (17, (4 << 20) + PAGE, 0),
+        (PAGE + 100, 5 * PAGE, 100),
+        (100, 30, 100),
     ],
     ids=[
         "aligned",
@@ -86,6 +95,8 @@ def _direct_file(tmp_path, nbytes: int) -> tuple[DiskFile, torch.Tensor]:
         "small_unaligned",
         "larger_than_bounce",
         "unaligned_larger_than_bounce",
+        "same_phase",
+        "same_phase_within_a_page",
     ],
 )
 def test_direct_reads_equal_the_file(tmp_path, offset, length, buffer_skip):
@@ -94,6 +105,23 @@ def test_direct_reads_equal_the_file(tmp_path, offset, length, buffer_skip):
     out = aligned_empty((length + buffer_skip,), torch.uint8)[buffer_skip:]
     assert f.read_into(offset, out) == length
     assert torch.equal(out, data[offset : offset + length])
+    f.close()
+
+
+@needs_direct
+def test_direct_read_at_the_files_phase_bounces_only_the_edges(tmp_path, monkeypatch):
+    # A buffer as far past a page boundary as the file offset: whole blocks land in place.
+    f, data = _direct_file(tmp_path, 1 << 20)
+    bounced = []
+    real = DiskFile._read_bounced
+    monkeypatch.setattr(
+        DiskFile, "_read_bounced", lambda self, o, v: bounced.append(len(v)) or real(self, o, v)
+    )
+    offset, length = 3 * PAGE + 200, 10 * PAGE + 50
+    out = at_phase(aligned_empty((length + PAGE,), torch.uint8), length, offset % PAGE)
+    assert f.read_into(offset, out) == length
+    assert torch.equal(out, data[offset : offset + length])
+    assert bounced == [PAGE - 200, 250]  # the head to the first boundary, the tail after it
     f.close()
 
 
@@ -125,6 +153,32 @@ def test_store_reads_directly_where_supported(tmp_path):
     store.put("w", x, "disk")
     assert store.supports_direct_io()
     assert torch.equal(store.get("w"), x)
+
+
+def test_borrowed_file_is_read_in_place_never_written_and_checked(tmp_path):
+    data = torch.randn(10, 6)
+    source = tmp_path / "checkpoint.bin"
+    source.write_bytes(b"H" * 24 + data.numpy().tobytes())
+    store = TierStore(torch.device("cpu"), str(tmp_path / "store"), Counters())
+    os.makedirs(store.directory)
+    store.reference("w[4:10]", (6, 6), torch.float32, str(source), 24 + 4 * 24)
+    assert torch.equal(store.get("w[4:10]"), data[4:])
+    rows = store.read_rows("w[4:10]", [(1, 3)], torch.empty(2, 6))
+    assert torch.equal(rows, data[5:7])
+    assert store.borrowed_bytes() == 6 * 24 and store.bytes_per_tier()["disk"] == 6 * 24
+    (tmp_path / "store" / "stale.bin").write_bytes(b"left by an earlier placement")
+    store.prune()
+    store.write_index({"v": 1})
+    assert sorted(os.listdir(store.directory)) == ["index.json"]  # nothing of its own
+    store.check_borrowed()
+    with pytest.raises(ValueError, match="shorter than the tensor"):
+        store.reference("x", (100, 6), torch.float32, str(source), 0)
+    shutil.copy(source, tmp_path / "copy")
+    os.replace(tmp_path / "copy", source)  # same bytes, another file (re-downloaded): untrusted
+    with pytest.raises(CheckpointChangedError, match=r"checkpoint\.bin changed"):
+        store.check_borrowed()
+    store.remove("w[4:10]")
+    assert source.exists()
 
 
 def test_no_direct_io_falls_back_to_cached_reads(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from transformers import OPTConfig
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.compression import dequantize, quantize
-from hf_flexoffload.weights import layout_for, placement_report
+from hf_flexoffload.weight_layout import layout_for, placement_report
 
 from .conftest import batch, build_model, tiny_config
 
@@ -122,7 +122,9 @@ def test_loaded_model_bytes_per_tier_are_compressed(tmp_path):
         report = model.placement_report
         assert report.total_bytes <= 0.30 * report.plain_bytes
         files = sum(f.stat().st_size for f in (tmp_path / "off" / "weights").glob("*.bin"))
-        assert files == report.bytes_per_tier["disk"]
+        # Compressed bytes are written; plain bf16 vectors are read in place from the checkpoint.
+        assert 0 < report.in_place_bytes < files
+        assert files == report.bytes_per_tier["disk"] - report.in_place_bytes
         model.generate(torch.randint(3, 90, (4, 6)), max_new_tokens=3)
         stats = model.generation_stats
         # Every forward reads the decoder layers' disk share once, compressed; the embedding

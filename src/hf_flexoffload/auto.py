@@ -9,11 +9,12 @@ from typing import Any
 from transformers import AutoConfig
 
 from .architectures import ARCHITECTURES, check_supported
+from .hub import resolve_pretrained
 from .modeling import (
+    HUB_KWARGS,
     FlexOffloadCausalLMMixin,
     FlexOffloadLlamaForCausalLM,
     FlexOffloadOPTForCausalLM,
-    check_directory,
 )
 
 MODEL_CLASSES: MappingProxyType[str, type[FlexOffloadCausalLMMixin]] = MappingProxyType(
@@ -49,10 +50,11 @@ class AutoFlexOffloadModelForCausalLM:
         """Read the checkpoint's config and load it with the matching class.
 
         Args:
-            pretrained_model_name_or_path: A local checkpoint directory (``config.json`` and
-                safetensors weights, as written by ``save_pretrained``).
+            pretrained_model_name_or_path: A Hugging Face Hub repo id or a local checkpoint
+                directory (see ``FlexOffloadOPTForCausalLM.from_pretrained``).
             kwargs: Passed on to the class's ``from_pretrained`` (``offload_policy``,
-                ``offload_dir``, ``device``, ``dtype``, ``max_memory``, ``workload``, ...).
+                ``offload_dir``, ``device``, ``dtype``, ``max_memory``, ``workload``, the hub
+                arguments ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ...).
 
         Returns:
             A ``FlexOffloadOPTForCausalLM`` or ``FlexOffloadLlamaForCausalLM``.
@@ -60,8 +62,11 @@ class AutoFlexOffloadModelForCausalLM:
         Raises:
             ValueError: The model type is not supported (checked before any weight is read).
         """
-        path = os.fspath(pretrained_model_name_or_path)
-        check_directory(path)
+        path = resolve_pretrained(
+            pretrained_model_name_or_path,
+            use_safetensors=kwargs.get("use_safetensors"),
+            **{k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs},
+        )
         config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
         check_supported(config.model_type, repr(path))
         return MODEL_CLASSES[config.model_type].from_pretrained(path, config=config, **kwargs)

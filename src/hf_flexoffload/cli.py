@@ -22,6 +22,7 @@ from . import demo
 from .architectures import ARCHITECTURES, architecture_for
 from .budget import parse_size
 from .hardware import HardwareProfile, default_cache_dir
+from .hub import resolve_pretrained
 from .optimizer import InfeasiblePolicyError
 from .planning import plan_policy
 from .policy import TIERS, Workload
@@ -35,7 +36,7 @@ def profile(args: argparse.Namespace) -> int:
     """Measure (or show the cached) hardware profile of this machine."""
     matrix = (2048, 8192)
     if args.model:
-        arch = architecture_for(_model_config(args.model))
+        arch = architecture_for(_model_config(args))
         matrix = (arch.hidden, arch.ffn)
     measured = HardwareProfile.measure(
         resolve_device(args.device),
@@ -54,7 +55,7 @@ def profile(args: argparse.Namespace) -> int:
 
 def plan(args: argparse.Namespace) -> int:
     """Print the policy ``offload_policy="auto"`` would choose for a model, and its estimate."""
-    config = _model_config(args.model)
+    config = _model_config(args)
     workload = Workload(
         prompt_len=args.prompt_len,
         gen_len=args.gen_len,
@@ -63,7 +64,7 @@ def plan(args: argparse.Namespace) -> int:
     )
     try:
         policy, est, hw = plan_policy(
-            args.model,
+            config.name_or_path,
             config=config,
             device=resolve_device(args.device),
             dtype=args.dtype,
@@ -95,15 +96,19 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_config(path: str):
+def _model_config(args: argparse.Namespace):
+    """The config of ``--model`` (a local directory or a hub id, fetched at ``--revision``);
+    its ``name_or_path`` is the local directory."""
+    path = resolve_pretrained(args.model, revision=args.revision)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise _UsageError(f"--model {path!r} is not a checkpoint directory with a config.json.")
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in ARCHITECTURES:
         raise _UsageError(
-            f"--model {path!r} is a {config.model_type!r} model; supported model types: "
+            f"--model {args.model!r} is a {config.model_type!r} model; supported model types: "
             f"{', '.join(ARCHITECTURES)}."
         )
+    config.name_or_path = path
     return config
 
 
@@ -142,18 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     def machine_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default=None, help="compute device (default: cuda:0 or cpu)")
         p.add_argument("--offload-dir", default=None, help="where the disk tier will be")
+        p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model")
 
     p = sub.add_parser("profile", help="measure and cache this machine's hardware profile")
     machine_options(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--model", default=None, help="measure matmuls at this model's shape")
+    p.add_argument(
+        "--model", default=None, help="measure matmuls at this model's shape (directory or hub id)"
+    )
     p.add_argument("--force", action="store_true", help="measure again, ignoring the cache")
     p.add_argument("--output", default=None, help="also write the profile as JSON here")
     p.set_defaults(run=profile)
 
     p = sub.add_parser("plan", help="the policy offload_policy='auto' would choose, and why")
     machine_options(p)
-    p.add_argument("--model", required=True, help="checkpoint directory (config + safetensors)")
+    p.add_argument("--model", required=True, help="hub repo id or checkpoint directory")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=None, help="fix the block size")
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except InfeasiblePolicyError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INFEASIBLE
-    except (_UsageError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (_UsageError, ValueError, FileExistsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -20,7 +20,8 @@ class DiskFile:
 
     Args:
         path: The file.
-        create: Create it if missing.
+        create: Open it for writing, creating it if missing (otherwise it is only read, so
+            read-only files, such as a checkpoint in a shared hub cache, can be read).
         direct: Read with ``O_DIRECT``, bypassing the page cache: the disk's DMA fills the
             buffer and no CPU time goes to copying out of cached pages (which matters when a
             read overlaps compute on few cores), and reads cost what cold reads cost, steadily.
@@ -29,7 +30,7 @@ class DiskFile:
 
     def __init__(self, path: str, create: bool = False, direct: bool = False) -> None:
         self.path = path
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        flags = os.O_RDWR | os.O_CREAT if create else os.O_RDONLY
         self._fd = os.open(path, flags, 0o644)
         self._direct_fd = _open_direct(path) if direct else -1
 
@@ -62,14 +63,19 @@ class DiskFile:
         return done
 
     def _read_direct(self, offset: int, view: memoryview, address: int) -> int:
-        # The aligned body goes straight into ``out``; an unaligned buffer or file offset, and
-        # the tail that is not a whole block, go through a small aligned bounce buffer.
-        done = 0
-        if offset % PAGE == 0 and address % PAGE == 0:
-            body = len(view) // PAGE * PAGE
-            done = self._read_all(self._direct_fd, offset, view[:body])
-        if done < len(view):
-            self._read_bounced(offset + done, view[done:])
+        # When the buffer and the file offset are equally far from a block boundary, the
+        # block-aligned body goes straight into ``out``: only the unaligned head and tail go
+        # through a small aligned bounce buffer. Otherwise (a buffer not placed for this file
+        # offset) all of it is bounced.
+        head = -offset % PAGE if offset % PAGE == address % PAGE else len(view)
+        head = min(head, len(view))
+        if head:
+            self._read_bounced(offset, view[:head])
+        body = (len(view) - head) // PAGE * PAGE
+        if body:
+            self._read_all(self._direct_fd, offset + head, view[head : head + body])
+        if head + body < len(view):
+            self._read_bounced(offset + head + body, view[head + body :])
         return len(view)
 
     def _read_bounced(self, offset: int, view: memoryview) -> None:

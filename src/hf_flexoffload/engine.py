@@ -20,20 +20,13 @@ import torch
 from .activations import ActivationStore
 from .architectures import Architecture, architecture_for
 from .budget import Capacities, bound_heap_slack, return_freed_memory
-from .checkpoint import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    SafetensorsCheckpoint,
-    SavedCompression,
-    check_tensors,
-    load_chunk_bytes,
-    load_into_store,
-    save_store,
-)
+from .checkpoint import INDEX_FILE, SINGLE_FILE, check_tensors, open_checkpoint
+from .checkpoint_store import bytes_to_write, load_into_store
+from .compressed_checkpoint import SavedCompression, save_store
 from .cost_model import Estimate, estimate
 from .hardware import HardwareProfile
 from .kv_cache import TokenCodec
-from .memory_model import MODEL_ITEMS, Footprint, footprint
+from .memory_model import MODEL_ITEMS, Footprint, footprint, load_chunk_bytes
 from .offload_cache import FlexOffloadCache
 from .optimizer import optimize
 from .placement import PlacementReport
@@ -43,14 +36,14 @@ from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
 from .storage import TierStore, check_writable, dtype_name
 from .transfer import Mover, shares_host_memory
-from .weights import (
+from .weight_layout import (
     StageLayout,
-    WeightFetcher,
     layout_for,
     placement_report,
     storage_dtype,
     warn_if_inflated,
 )
+from .weights import WeightFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +147,10 @@ class OffloadEngine:
         offload_dir: str | None = None,
         max_memory: dict | None = None,
         workload: Workload | None = None,
+        use_safetensors: bool | None = None,
     ) -> OffloadEngine:
         arch = architecture_for(config)
-        ckpt = SafetensorsCheckpoint(path)
+        ckpt = open_checkpoint(path, use_safetensors)
         saved = ckpt.compression
         dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
         if saved is not None and dtype != saved.dtype:
@@ -173,11 +167,14 @@ class OffloadEngine:
         if auto:
             workload = workload or default_workload(arch)
             policy, chosen, _ = auto_policy(
-                arch, saved, dtype, storage, device, offload_dir, max_memory, workload
+                arch, ckpt, dtype, storage, device, offload_dir, max_memory, workload
             )
         layouts = layout_for(arch, policy, dtype, storage)
         check_tensors(ckpt, layouts, layouts[-1].aliases.values(), compressed=saved is not None)
         report = placement_report(layouts, policy.weights)
+        to_write = bytes_to_write(ckpt, layouts)
+        in_place = report.bytes_per_tier["disk"] - to_write  # read from the checkpoint's files
+        report = replace(report, in_place_bytes=in_place)
         warn_if_inflated(report)
         quantizing = policy.compress_weights is not None and saved is None
         held, load_peak = footprint(
@@ -191,6 +188,7 @@ class OffloadEngine:
         )
         held = held.only(MODEL_ITEMS)
         report = replace(report, memory=held)
+        caps = replace(caps, disk=caps.disk + in_place)  # the checkpoint's bytes are there already
         caps.check(held.per_tier, "The weight placement", detail=held.table())
         caps.check({"host": load_peak}, "Loading the weights (resident share + load buffers)")
 
@@ -199,7 +197,7 @@ class OffloadEngine:
         counters = Counters()
         store = TierStore(device, os.path.join(directory, "weights"), counters)
         try:
-            check_writable(store.directory, report.bytes_per_tier["disk"])
+            check_writable(store.directory, to_write)
             store.direct_io = _direct_io(policy, store)
             fingerprint = {
                 "format": FORMAT_VERSION,
@@ -214,7 +212,8 @@ class OffloadEngine:
             start = time.perf_counter()
             load_into_store(ckpt, layouts, store, load_chunk_bytes(arch.largest_layer_tensor))
             return_freed_memory()
-            if report.bytes_per_tier["disk"]:
+            store.prune()
+            if to_write:
                 store.write_index(fingerprint)
             logger.info("Placed weights in %.1fs:\n%s", time.perf_counter() - start, report)
         except BaseException:
@@ -426,6 +425,8 @@ class OffloadEngine:
         prefill = cache.get_seq_length() == 0
         policy = self._run.policy
         b, m = input_ids.shape[0], policy.micro_batch_size
+        if prefill:
+            self.store.check_borrowed()
         if prefill and not self._run.generating:  # a forward of its own: check it fits first
             s = input_ids.shape[1]
             self.check_fits(b, s, 0, policy, logits_to_keep or s)

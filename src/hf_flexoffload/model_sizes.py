@@ -17,7 +17,7 @@ from .kv_cache import TokenCodec
 from .placement import assign_units
 from .policy import TIERS, Policy, Split
 from .streamed import chunk_rows
-from .weights import layout_for, placement_report
+from .weight_layout import layout_for, placement_report
 
 KINDS = ("weights", "cache", "activations")
 VARIABLES = tuple(f"{kind}.{tier}" for kind in KINDS for tier in TIERS)
@@ -64,7 +64,7 @@ def fractions_of(policy: Policy) -> dict[str, float]:
 class ModelSizes:
     """The byte and FLOP counts of one model under one compression choice.
 
-    Plain weights are stored in the storage dtype (``weights.storage_dtype``) and computed in
+    Plain weights are stored in the storage dtype (``weight_layout.storage_dtype``) and computed in
     ``itemsize``-byte elements; the ``*_plain`` counts are in the compute dtype.
     """
 

@@ -26,6 +26,7 @@ from .cache_keyword import CACHE_KEYWORD, cache_argument, output_with_cache
 from .cost_model import Estimate
 from .engine import OffloadEngine
 from .generation_options import check_generate_options
+from .hub import resolve_pretrained
 from .offload_cache import FlexOffloadCache
 from .placement import PlacementReport
 from .policy import Policy, Workload
@@ -34,7 +35,9 @@ from .transfer import resolve_device
 
 logger = logging.getLogger(__name__)
 
-_FROM_PRETRAINED_KWARGS = ("config", "local_files_only", "trust_remote_code", "use_safetensors")
+# Where the checkpoint comes from, as transformers' from_pretrained takes it (hub.py).
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+_FROM_PRETRAINED_KWARGS = ("config", "trust_remote_code", "use_safetensors", *HUB_KWARGS)
 
 
 def resolve_policy(offload_policy: Policy | dict | str | os.PathLike) -> Policy | str:
@@ -61,15 +64,6 @@ def positions_from_mask(
         return torch.arange(past, past + new).expand(batch, new)
     mask = attention_mask.long()
     return (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
-
-
-def check_directory(path: str) -> None:
-    """Raise unless ``path`` is a local checkpoint directory."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"{path!r} is not a local directory. hf_flexoffload loads checkpoints saved with "
-            "save_pretrained (config.json + safetensors) from disk."
-        )
 
 
 class FlexOffloadCausalLMMixin:
@@ -102,11 +96,13 @@ class FlexOffloadCausalLMMixin:
         workload: Workload | None = None,
         **kwargs: Any,
     ) -> FlexOffloadCausalLMMixin:
-        """Load a checkpoint directory and place its weights by ``offload_policy``.
+        """Load a checkpoint and place its weights by ``offload_policy``.
 
         Args:
-            pretrained_model_name_or_path: A local directory with ``config.json`` and
-                safetensors weights (as written by ``save_pretrained``).
+            pretrained_model_name_or_path: A Hugging Face Hub repo id (``"facebook/opt-1.3b"``,
+                resolved through the local hub cache and downloaded if missing: only the
+                config, generation config and weights) or a local directory, holding
+                ``config.json`` and safetensors or PyTorch ``.bin`` weights, single or sharded.
             offload_policy: A ``Policy``, its dict, a path to its JSON, or ``"auto"``.
             offload_dir: Directory for the disk tier. Files there are reused by a later load of
                 the same checkpoint and policy. Default: a temporary directory removed on
@@ -118,6 +114,10 @@ class FlexOffloadCausalLMMixin:
             workload: What ``offload_policy="auto"`` optimizes for (prompt and generation
                 lengths, block size, whether compression is allowed); default
                 ``Workload()``: prompts of 512 tokens, 32 new tokens, no compression.
+            kwargs: As transformers takes them: ``revision``, ``token``, ``cache_dir``,
+                ``local_files_only``, ``force_download`` (for hub ids; ``HF_HUB_OFFLINE=1``
+                works too), ``use_safetensors`` (None prefers safetensors, False reads
+                ``.bin``), ``config``, ``torch_dtype`` (an alias of ``dtype``).
 
         Returns:
             The model, ready for ``generate``.
@@ -148,8 +148,11 @@ class FlexOffloadCausalLMMixin:
                 "offload_policy, offload_dir, device, dtype, max_memory, workload, "
                 + ", ".join(_FROM_PRETRAINED_KWARGS)
             )
-        path = os.fspath(pretrained_model_name_or_path)
-        check_directory(path)
+        path = resolve_pretrained(
+            pretrained_model_name_or_path,
+            use_safetensors=kwargs.get("use_safetensors"),
+            **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs},
+        )
         config = kwargs.get("config") or AutoConfig.from_pretrained(path)
         if config.model_type != cls.supported_model_type:
             raise ValueError(
@@ -168,6 +171,7 @@ class FlexOffloadCausalLMMixin:
             offload_dir=os.fspath(offload_dir) if offload_dir is not None else None,
             max_memory=max_memory,
             workload=workload,
+            use_safetensors=kwargs.get("use_safetensors"),
         )
         config.dtype = engine.dtype
         model = cls(config, engine)

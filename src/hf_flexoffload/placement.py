@@ -116,6 +116,8 @@ class PlacementReport:
             ``total_bytes`` without weight compression).
         memory: What the model holds besides the weights' own bytes, item by item, set by
             loading (the batch-independent items of memory_model.py).
+        in_place_bytes: Disk-tier bytes read in place from the checkpoint's files (not copied
+            to the offload directory), set by loading.
     """
 
     requested: Split
@@ -123,6 +125,7 @@ class PlacementReport:
     per_stage: tuple[dict[str, int], ...]
     plain_bytes: int = 0
     memory: Footprint | None = None
+    in_place_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -147,6 +150,7 @@ class PlacementReport:
             "per_stage": [dict(s) for s in self.per_stage],
             "plain_bytes": self.plain_bytes,
             "memory": self.memory.to_dict() if self.memory is not None else None,
+            "in_place_bytes": self.in_place_bytes,
         }
 
     def __str__(self) -> str:
@@ -160,6 +164,12 @@ class PlacementReport:
         if self.compression_ratio < 1.0:
             lines.append(
                 f"compressed: {self.compression_ratio:.1%} of {human_bytes(self.plain_bytes)}"
+            )
+        if self.in_place_bytes:
+            lines.append(
+                f"disk: {human_bytes(self.in_place_bytes)} read in place from the checkpoint "
+                f"files, {human_bytes(self.bytes_per_tier['disk'] - self.in_place_bytes)} "
+                "written to offload_dir"
             )
         if self.memory is not None:
             lines += ["", "memory the model holds before any batch:", self.memory.table()]

@@ -4,16 +4,17 @@ policy ``offload_policy="auto"`` chooses, from a checkpoint's config and tensor 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from .architectures import Architecture, architecture_for
-from .checkpoint import SafetensorsCheckpoint, SavedCompression
+from .checkpoint import Checkpoint, open_checkpoint
 from .cost_model import Estimate
 from .hardware import HardwareProfile
 from .optimizer import optimize
 from .policy import Policy, Workload
-from .weights import storage_dtype
+from .weight_layout import storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def plan_policy(
     offload_dir: str | None = None,
     max_memory: dict | None = None,
     workload: Workload | None = None,
+    use_safetensors: bool | None = None,
 ) -> tuple[Policy, Estimate, HardwareProfile]:
     """What ``offload_policy="auto"`` would choose for the checkpoint at ``path``, without
     loading it (only its config and tensor headers are read).
@@ -52,17 +54,17 @@ def plan_policy(
         The policy, its estimate and the hardware profile it was planned for.
     """
     arch = architecture_for(config)
-    ckpt = SafetensorsCheckpoint(path)
+    ckpt = open_checkpoint(path, use_safetensors)
     saved = ckpt.compression
     dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
     workload = workload or default_workload(arch)
     storage = storage_dtype(ckpt.dtype(), dtype)
-    return auto_policy(arch, saved, dtype, storage, device, offload_dir, max_memory, workload)
+    return auto_policy(arch, ckpt, dtype, storage, device, offload_dir, max_memory, workload)
 
 
 def auto_policy(
     arch: Architecture,
-    saved: SavedCompression | None,
+    ckpt: Checkpoint,
     dtype: torch.dtype,
     storage: torch.dtype,
     device: torch.device,
@@ -70,6 +72,11 @@ def auto_policy(
     max_memory: dict | None,
     workload: Workload,
 ) -> tuple[Policy, Estimate, HardwareProfile]:
+    """The policy ``offload_policy="auto"`` chooses for ``ckpt``, its estimate and the profile.
+
+    The disk tier's capacity counts the checkpoint's own bytes when they can be read in place
+    (safetensors in the storage dtype, nothing to quantize): placing them on disk writes nothing.
+    """
     profile = HardwareProfile.measure(
         device,
         dtype,
@@ -77,6 +84,10 @@ def auto_policy(
         matrix=(arch.hidden, arch.ffn),
         max_memory=max_memory,
     )
+    saved = ckpt.compression
+    if ckpt.dtype() == storage and all(t.offset is not None for t in ckpt.tensors.values()):
+        in_place = sum(t.row_bytes * (t.shape[0] if t.shape else 1) for t in ckpt.tensors.values())
+        profile = replace(profile, disk_space=profile.disk_space + in_place)
     compression = (saved.config, saved.embeddings) if saved is not None else None
     policy, chosen = optimize(
         arch, dtype, profile, workload, compression=compression, storage=storage

@@ -2,9 +2,13 @@
 
 Knows no model. Disk tensors are raw little-endian bytes in one file each, written atomically
 (temporary name, then rename) and read back with positional reads into fresh or caller-given
-buffers; no copy is kept in RAM. An ``index.json`` written last records what a directory holds and
-for which source, so a later load can reuse the files, and a load interrupted before the index was
-written is never trusted.
+buffers; no copy is kept in RAM. An ``index.json`` written last records what a directory holds
+and for which source, so a later load can reuse the files, and a load interrupted before the
+index was written is never trusted.
+
+A disk tensor can also be *borrowed*: bytes at an offset of a file the store does not own (a
+checkpoint read in place), never written or removed, and checked for changes before each run
+(``check_borrowed``).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class Entry:
     dtype: torch.dtype
     tensor: torch.Tensor | None = None  # device and host tiers
     path: str | None = None  # disk tier
+    offset: int = 0  # where the bytes start in ``path``
+    borrowed: bool = False  # ``path`` is someone else's file: read only
 
     @property
     def nbytes(self) -> int:
@@ -76,6 +82,7 @@ class TierStore:
         self._direct_supported: bool | None = None
         self._entries: dict[str, Entry] = {}
         self._reusable: dict[str, dict[str, Any]] = {}
+        self._borrowed: dict[str, tuple[int, ...]] = {}  # file -> identity when first borrowed
 
     def supports_direct_io(self) -> bool:
         """Whether ``directory``'s filesystem takes ``O_DIRECT`` reads (probed once)."""
@@ -114,7 +121,7 @@ class TierStore:
         tensors = {
             key: {"shape": list(e.shape), "dtype": dtype_name(e.dtype), "nbytes": e.nbytes}
             for key, e in self._entries.items()
-            if e.tier == "disk"
+            if e.tier == "disk" and not e.borrowed
         }
         tmp = os.path.join(self.directory, INDEX_FILE + ".tmp")
         with open(tmp, "w") as f:
@@ -132,6 +139,40 @@ class TierStore:
         self._entries[key] = entry
         self.counters.alloc("disk", entry.nbytes)
         return True
+
+    # -- borrowed files ------------------------------------------------------------------------
+
+    def reference(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype, path: str, offset: int
+    ) -> None:
+        """Store ``key`` as the bytes at ``offset`` of ``path``, a file the store only reads."""
+        self.remove(key)
+        path = os.path.realpath(path)  # a hub cache's symlink may be re-pointed later
+        if path not in self._borrowed:
+            self._borrowed[path] = _identity(path)
+        entry = Entry("disk", tuple(shape), dtype, path=path, offset=offset, borrowed=True)
+        if offset + entry.nbytes > self._borrowed[path][0]:
+            raise ValueError(f"{path} is shorter than the tensor {key} it should hold.")
+        self._entries[key] = entry
+        self.counters.alloc("disk", entry.nbytes)
+
+    def borrowed_bytes(self) -> int:
+        """Bytes of the disk tier read in place from files the store does not own."""
+        return sum(e.nbytes for e in self._entries.values() if e.borrowed)
+
+    def check_borrowed(self) -> None:
+        """Raise ``CheckpointChangedError`` if a borrowed file changed since it was borrowed."""
+        for path, identity in self._borrowed.items():
+            try:
+                now = _identity(path)
+            except OSError:
+                now = None
+            if now != identity:
+                raise CheckpointChangedError(
+                    f"{path} changed (or was removed) after the model was loaded; the disk tier "
+                    "reads weights straight from this checkpoint file, so they can no longer be "
+                    "trusted. Load the model again with from_pretrained."
+                )
 
     # -- put / get -----------------------------------------------------------------------------
 
@@ -225,15 +266,18 @@ class TierStore:
         entry = self._entries[key]
         f = DiskFile(entry.path, direct=self.direct_io)
         try:
-            self.counters.add_moved("disk_to_host", f.read_into(0, out))
+            self.counters.add_moved("disk_to_host", f.read_into(entry.offset, out))
         finally:
             f.close()
         return out
 
-    def read_rows(self, key: str, runs: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+    def read_rows(
+        self, key: str, runs: list[tuple[int, int]], out: torch.Tensor, direct: bool = False
+    ) -> torch.Tensor:
         """Rows ``[a, b)`` of the stored tensor for each run, one after another, into the
         contiguous host tensor ``out`` (as many rows as the runs hold); disk tensors are read
-        with one positional read per run."""
+        with one positional read per run, with ``O_DIRECT`` when ``direct`` and the store reads
+        directly (worth it for large runs only)."""
         entry = self._entries[key]
         done = 0
         if entry.tensor is not None:
@@ -242,10 +286,10 @@ class TierStore:
                 done += b - a
             return out
         row_bytes = entry.nbytes // max(1, entry.shape[0])
-        f = DiskFile(entry.path)  # row runs are small: not worth O_DIRECT's alignment
+        f = DiskFile(entry.path, direct=direct and self.direct_io)
         try:
             for a, b in runs:
-                n = f.read_into(a * row_bytes, out[done : done + b - a])
+                n = f.read_into(entry.offset + a * row_bytes, out[done : done + b - a])
                 self.counters.add_moved("disk_to_host", n)
                 done += b - a
         finally:
@@ -265,7 +309,7 @@ class TierStore:
         if entry is None:
             return
         self.counters.free(entry.tier, entry.nbytes)
-        if entry.path is not None and os.path.exists(entry.path):
+        if entry.path is not None and not entry.borrowed and os.path.exists(entry.path):
             os.remove(entry.path)
 
     def bytes_per_tier(self) -> dict[str, int]:
@@ -279,6 +323,25 @@ class TierStore:
         for entry in self._entries.values():
             self.counters.free(entry.tier, entry.nbytes)
         self._entries.clear()
+        self._borrowed.clear()
+
+    def prune(self) -> None:
+        """Remove tensor files in ``directory`` that no entry uses (left by an earlier load
+        that placed or stored the weights differently), so they take no disk space."""
+        used = {e.path for e in self._entries.values() if e.path is not None}
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if name.endswith(".bin") and path not in used:
+                os.remove(path)
+
+
+class CheckpointChangedError(RuntimeError):
+    """A checkpoint file the disk tier reads in place changed after the model was loaded."""
+
+
+def _identity(path: str) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
 def check_writable(directory: str, needed_bytes: int) -> None:

@@ -44,11 +44,20 @@ PAGE = 4096
 _ALIGN_FROM = 1 << 20
 
 
-def host_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def host_empty(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, phase: int | None = None
+) -> torch.Tensor:
     """An uninitialized host tensor, pinned when ``device`` is CUDA (for async copies).
 
     Large CPU buffers start on a page boundary so direct disk reads can fill them in place.
+    ``phase``: start this many bytes past a page boundary instead (any size, pinned or not), to
+    match the file offset a direct read will fill the buffer from.
     """
+    if phase is not None:
+        raw = torch.empty(
+            _nbytes(shape, dtype) + PAGE, dtype=torch.uint8, pin_memory=device.type == "cuda"
+        )
+        return at_phase(raw, _nbytes(shape, dtype), phase).view(dtype).view(shape)
     if device.type == "cuda":
         return torch.empty(shape, dtype=dtype, pin_memory=True)  # pinned pages are aligned
     return (
@@ -62,9 +71,16 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor whose data starts on a ``PAGE`` boundary."""
     nbytes = _nbytes(shape, dtype)
     raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
-    skip = -raw.data_ptr() % PAGE
     # The view keeps ``raw``'s storage alive; the padding is at most one page.
-    return raw[skip : skip + nbytes].view(dtype).view(shape)
+    return at_phase(raw, nbytes, 0).view(dtype).view(shape)
+
+
+def at_phase(raw: torch.Tensor, nbytes: int, phase: int) -> torch.Tensor:
+    """``nbytes`` of the flat uint8 buffer ``raw`` (at least ``nbytes + PAGE`` long) starting
+    ``phase`` bytes past a page boundary: a direct disk read from a file offset with the same
+    phase fills all its whole blocks in place."""
+    skip = (phase - raw.data_ptr()) % PAGE
+    return raw[skip : skip + nbytes]
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

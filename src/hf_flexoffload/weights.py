@@ -1,202 +1,32 @@
-"""The placed weights of a model: where each row of each tensor lives, and fetching a stage.
+"""Fetching a stage's placed weights onto the compute device.
 
-A stage's tensors are cut into row segments by ``placement``; each segment is one entry of the
-``TierStore``. Fetching a stage gathers its tensors onto the compute device: a tensor wholly on
-the device (or, on a CPU machine, in host RAM) is used in place; anything else is read from disk
-and/or copied to the device once per fetch, i.e. once per layer per forward pass.
-
-Plain tensors are stored in the *storage* dtype: the checkpoint's when it is narrower than the
-compute dtype (a bf16 checkpoint computed in fp32 keeps bf16 bytes on every tier and link), and
-are converted into a reused buffer when fetched. The plain embedding and head matrices are not
-gathered at all: they are handed to the math as ``StreamedMatrix`` (streamed.py), which reads the
-rows a lookup needs and projects a chunk of rows at a time.
-
-A compressed weight is stored as its quantized bytes (``compression.to_bytes``), a flat uint8
-tensor placed and split like any other, so every tier holds, and every link moves, only the
-compressed bytes; it is dequantized on the compute device right after it arrives.
+Each segment of a stage's tensors (``weight_layout``) is one entry of the ``TierStore``.
+Fetching a stage gathers its tensors onto the compute device: a tensor wholly on the device
+(or, on a CPU machine, in host RAM) is used in place; anything else is read from disk and/or
+copied to the device once per fetch, i.e. once per layer per forward pass. Plain tensors stored
+in a narrower dtype are converted into a reused buffer as they arrive. The plain embedding and
+head matrices are not gathered at all: they are handed to the math as ``StreamedMatrix``
+(streamed.py), which reads the rows a lookup needs and projects a chunk of rows at a time.
+Compressed weights move as their quantized bytes and are dequantized on the compute device
+right after they arrive.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+import math
 
 import torch
 
-from .architectures import Architecture
-from .compression import QuantFormat, QuantizedTensor, dequantize, from_bytes
-from .placement import PlacementReport, Segment, TensorSpec, place_tensors, segment_bytes
-from .policy import TIERS, Policy, Split
+from .compression import QuantizedTensor, dequantize, from_bytes
+from .placement import Segment, TensorSpec
 from .stats import Counters
 from .storage import TierStore
 from .streamed import ChunkBuffers, StreamedMatrix, chunk_rows
-from .transfer import host_empty, shares_host_memory
+from .transfer import PAGE, at_phase, host_empty, shares_host_memory
+from .weight_layout import StageLayout, is_streamed, segment_key
 
 # Disk rows converted to the compute dtype go through a bounce buffer of this size.
 BOUNCE_BYTES = 4 << 20
-
-logger = logging.getLogger(__name__)
-
-
-def segment_key(seg: Segment, spec: TensorSpec) -> str:
-    """Store key of a segment: the tensor name, with a row range when the tensor is split."""
-    if seg.start == 0 and seg.stop == spec.rows:
-        return seg.name
-    return f"{seg.name}[{seg.start}:{seg.stop}]"
-
-
-@dataclass(frozen=True)
-class StageLayout:
-    """Where one stage's tensors live.
-
-    Attributes:
-        specs: The stage's own tensors as stored (checkpoint names; quantized ones as bytes).
-        local: Checkpoint name -> name the math uses.
-        segments: Row segments of every own tensor.
-        aliases: Local name -> checkpoint name of a tensor stored by another stage (a tied LM
-            head reads the embedding matrix).
-        dtype: The dtype plain (not quantized) tensors are stored in.
-        formats: Checkpoint name -> format of the tensors stored quantized.
-        compute: The dtype the math uses (``dtype`` when None).
-    """
-
-    specs: tuple[TensorSpec, ...]
-    local: dict[str, str]
-    segments: tuple[Segment, ...]
-    aliases: dict[str, str]
-    dtype: torch.dtype = torch.float32
-    formats: dict[str, QuantFormat] = field(default_factory=dict)
-    compute: torch.dtype | None = None
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.compute or self.dtype
-
-    def segments_of(self, name: str) -> list[Segment]:
-        return [s for s in self.segments if s.name == name]
-
-    def storage_dtype(self, name: str) -> torch.dtype:
-        return torch.uint8 if name in self.formats else self.dtype
-
-
-def plan_layout(
-    stages: list[list[tuple[str, str, tuple[int, ...]]]],
-    aliases: list[dict[str, str]],
-    split: Split,
-    dtype: torch.dtype,
-    formats: dict[str, QuantFormat],
-    storage: torch.dtype | None = None,
-) -> list[StageLayout]:
-    """Place every stage's tensors by ``split``.
-
-    Args:
-        stages: Per stage, (checkpoint name, local name, shape) of its tensors, in cut order.
-        aliases: Per stage, local name -> checkpoint name of tensors it borrows.
-        split: The weight split.
-        dtype: The compute dtype.
-        formats: Checkpoint name -> quantized format, for the tensors to store compressed.
-        storage: The dtype plain tensors are stored in (``dtype`` when None).
-    """
-    storage = storage or dtype
-    layouts = []
-    for tensors, alias in zip(stages, aliases, strict=True):
-        specs = [
-            TensorSpec(name, (formats[name].nbytes,), 1)
-            if name in formats
-            else TensorSpec(name, dims, storage.itemsize)
-            for name, _, dims in tensors
-        ]
-        layouts.append(
-            StageLayout(
-                specs=tuple(specs),
-                local={name: local for name, local, _ in tensors},
-                segments=tuple(place_tensors(specs, split)),
-                aliases=alias,
-                dtype=storage,
-                formats={name: formats[name] for name, _, _ in tensors if name in formats},
-                compute=dtype,
-            )
-        )
-    return layouts
-
-
-def placement_report(layouts: list[StageLayout], split: Split) -> PlacementReport:
-    per_stage = []
-    for layout in layouts:
-        per_stage.append(segment_bytes(list(layout.segments), {s.name: s for s in layout.specs}))
-    total = {t: sum(s[t] for s in per_stage) for t in TIERS}
-    plain = sum(
-        layout.formats[s.name].plain_nbytes if s.name in layout.formats else s.nbytes
-        for layout in layouts
-        for s in layout.specs
-    )
-    return PlacementReport(
-        requested=split, bytes_per_tier=total, per_stage=tuple(per_stage), plain_bytes=plain
-    )
-
-
-def storage_dtype(checkpoint: torch.dtype, compute: torch.dtype) -> torch.dtype:
-    """The dtype plain weights are stored in: the checkpoint's when it takes fewer bytes than
-    the compute dtype (converted when used), else the compute dtype (converted once, at load)."""
-    if checkpoint.is_floating_point and checkpoint.itemsize < compute.itemsize:
-        return checkpoint
-    return compute
-
-
-def layout_for(
-    arch: Architecture, policy: Policy, dtype: torch.dtype, storage: torch.dtype | None = None
-) -> list[StageLayout]:
-    """Where every weight of ``arch`` goes under ``policy``, and which are stored quantized.
-
-    ``dtype`` is the compute dtype; ``storage`` the dtype plain weights are stored in (see
-    ``storage_dtype``; ``dtype`` when None)."""
-    stages, formats = [], {}
-    for stage, tensors in enumerate(arch.stage_tensors()):
-        named = [(arch.checkpoint_name(stage, local), local, dims) for local, dims in tensors]
-        stages.append(named)
-        for name, local, dims in named:
-            if _compressed(policy, arch, local, dims):
-                formats[name] = QuantFormat.of(dims, dtype, policy.compress_weights, default_dim=0)
-    aliases = [{} for _ in stages]
-    for local_name, (stage, name) in arch.head_aliases().items():
-        aliases[-1][local_name] = arch.checkpoint_name(stage, name)
-    return plan_layout(stages, aliases, policy.weights, dtype, formats, storage)
-
-
-def _compressed(policy: Policy, arch: Architecture, local: str, dims: tuple[int, ...]) -> bool:
-    if policy.compress_weights is None or len(dims) < 2:
-        return False
-    return policy.compress_embeddings or local not in arch.embeddings
-
-
-def warn_if_inflated(report: PlacementReport) -> None:
-    if report.total_bytes > report.plain_bytes:
-        logger.warning(
-            "Compressed weights take %.0f%% of their uncompressed size: the group size is larger "
-            "than the model's dimensions, so padding outweighs the savings. Use a smaller "
-            "group_size.",
-            100 * report.compression_ratio,
-        )
-
-
-def in_place(segments: list[Segment], shared: bool) -> bool:
-    """Whether a tensor stored as ``segments`` is used where it lies: one segment in compute
-    memory (on a CPU machine host RAM is compute memory)."""
-    memory = ("device", "host") if shared else ("device",)
-    return len(segments) == 1 and segments[0].tier in memory
-
-
-def is_streamed(
-    layout: StageLayout, name: str, local: str, embeddings: frozenset[str], shared: bool
-) -> bool:
-    """Whether the math gets this tensor as a ``StreamedMatrix``: a plain embedding or head
-    matrix that is not already usable in place in the compute dtype."""
-    if local not in embeddings or name in layout.formats:
-        return False
-    spec = next(s for s in layout.specs if s.name == name)
-    if len(spec.shape) != 2:
-        return False
-    return layout.dtype != layout.compute_dtype or not in_place(layout.segments_of(name), shared)
 
 
 class WeightFetcher:
@@ -278,15 +108,22 @@ class WeightFetcher:
         pooled = stage in self.pooled_stages
         pool = self._pools[stage % 2] if pooled else self._kept
 
-        def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        def buffer(
+            key: str, shape: tuple[int, ...], dtype: torch.dtype, phase: int = 0
+        ) -> torch.Tensor:
+            # Host buffers get a page of slack, so each fetch can place the tensor at the page
+            # phase of its rows' file offset (it differs between layers) for direct reads.
+            nbytes = dtype.itemsize * math.prod(shape)
+            shared = shares_host_memory(self.device)
             if key not in pool:
                 pool[key] = (
-                    host_empty(shape, dtype, self.device)  # page-aligned for direct reads
-                    if shares_host_memory(self.device)
-                    else torch.empty(shape, dtype=dtype, device=self.device)
+                    host_empty((nbytes + PAGE,), torch.uint8, self.device)
+                    if shared
+                    else torch.empty(nbytes, dtype=torch.uint8, device=self.device)
                 )
-                self.counters.alloc("device", pool[key].numel() * pool[key].element_size())
-            return pool[key]
+                self.counters.alloc("device", pool[key].numel())
+            raw = at_phase(pool[key], nbytes, phase) if shared else pool[key]
+            return raw.view(dtype).view(shape)
 
         out = {}
         names = [(local, name) for name, local in layout.local.items()]
@@ -305,7 +142,10 @@ class WeightFetcher:
             elif convert:  # gathered and converted in one pass, straight into the buffer
                 stored = self._gather(name, buffer(key, spec.shape, layout.compute_dtype))
             else:
-                stored = self._gather(name, buffer(f"{key}#stored", spec.shape, self._dtypes[name]))
+                phase = self._disk_phase(name)
+                stored = self._gather(
+                    name, buffer(f"{key}#stored", spec.shape, self._dtypes[name], phase)
+                )
             if fmt is None and stored.dtype != layout.compute_dtype:
                 value = buffer(key, spec.shape, layout.compute_dtype).copy_(stored)
             elif fmt is None:
@@ -323,20 +163,34 @@ class WeightFetcher:
     def close(self) -> None:
         for pool in (*self._pools, self._kept):
             for t in pool.values():
-                self.counters.free("device", t.numel() * t.element_size())
+                self.counters.free("device", t.numel())
             pool.clear()
         self._ready.clear()
         self._buffers.release()
 
     def _read_converted(self, key: str, dtype: torch.dtype, rows: torch.Tensor) -> None:
         """Disk rows of ``key`` (stored as ``dtype``) into ``rows`` (another dtype), a bounce
-        buffer's worth at a time."""
-        per = max(1, BOUNCE_BYTES // max(1, rows[0].numel() * dtype.itemsize))
-        bounce = self._buffers.get("convert", min(per, rows.shape[0]) * rows[0].numel(), dtype)
+        buffer's worth at a time (direct reads land in place: see ``_disk_phase``)."""
+        row_bytes = rows[0].numel() * dtype.itemsize
+        per = max(1, BOUNCE_BYTES // max(1, row_bytes))
+        raw = self._buffers.get("convert", min(per, rows.shape[0]) * row_bytes + PAGE, torch.uint8)
+        offset = self.store.entry(key).offset
         for a in range(0, rows.shape[0], per):
             b = min(rows.shape[0], a + per)
-            part = bounce[: (b - a) * rows[0].numel()].view(b - a, *rows.shape[1:])
-            rows[a:b].copy_(self.store.read_rows(key, [(a, b)], part))
+            phase = _phase(offset + a * row_bytes, dtype)
+            part = at_phase(raw, (b - a) * row_bytes, phase).view(dtype)
+            part = part.view(b - a, *rows.shape[1:])
+            rows[a:b].copy_(self.store.read_rows(key, [(a, b)], part, direct=True))
+
+    def _disk_phase(self, name: str) -> int:
+        """The page phase at which a buffer for ``name`` in its stored dtype must start so its
+        disk rows land at their file offset's phase (and direct reads skip the bounce)."""
+        spec = self._specs[name]
+        for seg in self._segments[name]:
+            entry = self.store.entry(segment_key(seg, spec))
+            if entry.tier == "disk":
+                return _phase(entry.offset - seg.start * spec.row_bytes, entry.dtype)
+        return 0
 
     def _in_place(self, name: str) -> bool:
         """Used where it is stored: one segment, already in compute-device memory."""
@@ -364,8 +218,9 @@ class WeightFetcher:
                     self._read_converted(key, entry.dtype, rows)
                 continue
             if entry.tier == "disk":
+                phase = _phase(entry.offset, entry.dtype)
                 source = self.store.read_into(
-                    key, host_empty(entry.shape, entry.dtype, self.device)
+                    key, host_empty(entry.shape, entry.dtype, self.device, phase)
                 )
             else:
                 source = entry.tensor
@@ -373,3 +228,12 @@ class WeightFetcher:
                 self.counters.add_moved("host_to_device", entry.nbytes)
             rows.copy_(source, non_blocking=source.is_pinned())
         return out
+
+
+def _phase(offset: int, dtype: torch.dtype) -> int:
+    """``offset``'s distance past a page boundary, when a ``dtype`` buffer can start there.
+
+    Compressed bytes (uint8) hold wider fields that are viewed in place, so every buffer needs
+    8-byte alignment."""
+    phase = offset % PAGE
+    return phase if phase % max(8, dtype.itemsize) == 0 else 0

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from ..auto import AutoFlexOffloadModelForCausalLM
 from ..budget import available_ram
+from ..hub import resolve_pretrained
 from ..policy import Workload
 from ..transfer import resolve_device
 from .distributed import Ranks
@@ -41,8 +42,8 @@ def add_parser(sub, machine_options, parse_max_memory) -> None:
         description=__doc__.splitlines()[0],
     )
     machine_options(p)
-    p.add_argument("--model", required=True, help="checkpoint directory (config + safetensors)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--model", required=True, help="hub repo id or checkpoint directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model's)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--scenario",
@@ -115,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     ranks = Ranks.from_env()
     run_dir = run_directory(args.output, spec)
     run_dir.check(make_run_spec(spec, args.model), args.resume)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    # A hub id is fetched once (weights and tokenizer files) and read from the cache after.
+    path = resolve_pretrained(args.model, revision=args.revision, tokenizer=not args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or path)
     workload = _workload(spec, instances, tokenizer)
     max_memory = args.parse_max_memory(args.max_memory) or None
     device = resolve_device(args.device)
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         if max_memory is None and ranks.local_world_size > 1:
             max_memory = {"host": available_ram() // ranks.local_world_size}
     with AutoFlexOffloadModelForCausalLM.from_pretrained(
-        args.model,
+        path,
         offload_policy=args.offload_policy,
         offload_dir=offload_dir,
         device=device,
