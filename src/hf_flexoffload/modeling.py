@@ -35,7 +35,6 @@ from .transfer import resolve_device
 
 logger = logging.getLogger(__name__)
 
-# Where the checkpoint comes from, as transformers' from_pretrained takes it (hub.py).
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 _FROM_PRETRAINED_KWARGS = ("config", "trust_remote_code", "use_safetensors", *HUB_KWARGS)
 
@@ -114,10 +113,9 @@ class FlexOffloadCausalLMMixin:
             workload: What ``offload_policy="auto"`` optimizes for (prompt and generation
                 lengths, block size, whether compression is allowed); default
                 ``Workload()``: prompts of 512 tokens, 32 new tokens, no compression.
-            kwargs: As transformers takes them: ``revision``, ``token``, ``cache_dir``,
-                ``local_files_only``, ``force_download`` (for hub ids; ``HF_HUB_OFFLINE=1``
-                works too), ``use_safetensors`` (None prefers safetensors, False reads
-                ``.bin``), ``config``, ``torch_dtype`` (an alias of ``dtype``).
+            kwargs: transformers' ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
+                ``force_download`` (hub ids; ``HF_HUB_OFFLINE=1`` too), ``use_safetensors``
+                (None prefers safetensors), ``config``, ``torch_dtype`` (alias of ``dtype``).
 
         Returns:
             The model, ready for ``generate``.
@@ -160,13 +158,11 @@ class FlexOffloadCausalLMMixin:
                 f"model_type {cls.supported_model_type!r}. AutoFlexOffloadModelForCausalLM picks "
                 "the class from the checkpoint's config."
             )
-        policy = resolve_policy(offload_policy)
-        compute = resolve_device(device)
         engine = OffloadEngine.load(
             path,
             config=config,
-            policy=policy,
-            device=compute,
+            policy=resolve_policy(offload_policy),
+            device=resolve_device(device),
             dtype=dtype,
             offload_dir=os.fspath(offload_dir) if offload_dir is not None else None,
             max_memory=max_memory,
