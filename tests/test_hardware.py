@@ -109,3 +109,11 @@ def test_measure_caches_rates_but_reads_capacities_again(tmp_path):
     assert again.matmul_flops == first.matmul_flops  # from the cache
     assert again.host_memory == again.device_memory == 10**9
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".hf_flexoffload-disk-probe")]
+
+
+def test_cuda_device_name_uses_torch_cuda(monkeypatch):
+    # Runs on CPU: the CUDA branch only asks torch.cuda for the name (issue 19's crash).
+    from hf_flexoffload import probes
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"fake GPU {device}")
+    assert probes.device_name(torch.device("cuda", 0)) == "fake GPU cuda:0"
