@@ -213,3 +213,19 @@ def save_torch_bin(model: torch.nn.Module, directory, shards: int = 2) -> None:
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+
+
+class FakeDriver:
+    """Records (address, nbytes) registrations the way cudaHostRegister would see them."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, int] = {}
+
+    def register(self, address: int, nbytes: int) -> None:
+        assert address % 4096 == 0 and nbytes % 4096 == 0, "whole pages only"
+        for a, n in self.live.items():  # the driver refuses a page registered twice
+            assert address + nbytes <= a or a + n <= address, "overlapping registration"
+        self.live[address] = nbytes
+
+    def unregister(self, address: int) -> None:
+        del self.live[address]

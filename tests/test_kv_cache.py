@@ -190,3 +190,26 @@ def test_compressed_cache_moves_compressed_bytes(pre_ln_checkpoint):
             assert written[name] == expected
     # fp32 d=16: 64 bytes per head and token; 4-bit: 8 bytes of codes + 8 of scale/min.
     assert written["4bit"] == written["plain"] // 4
+
+
+def test_host_attention_widens_history_into_reused_buffers():
+    """fp16 history attended on the host is widened to fp32 in two reused buffers (keys,
+    values), not a fresh copy per layer and micro-batch, and counted as host memory."""
+    from hf_flexoffload.kv_cache import HistoryBuffers
+
+    counters = Counters()
+    scratch = HistoryBuffers(torch.device("cpu"), counters)
+    full = torch.randn(12, 2, 3, 2, 4).half()  # (S, 2, b, H_kv, d)
+    keys, values = (full[:, i].permute(1, 2, 0, 3) for i in range(2))  # (b, H_kv, S, d)
+    k1, v1 = scratch.widen(keys, values, torch.float32)
+    assert k1.dtype == torch.float32 and torch.equal(k1, keys.float())
+    assert torch.equal(v1, values.float())
+    held = counters.live["host"]
+    assert held == 2 * keys.numel() * 4
+    shorter = full[:7]
+    k2, v2 = scratch.widen(*(shorter[:, i].permute(1, 2, 0, 3) for i in range(2)), torch.float32)
+    assert k2.data_ptr() == k1.data_ptr() and v2.data_ptr() == v1.data_ptr()
+    assert torch.equal(v2, shorter[:, 1].permute(1, 2, 0, 3).float())
+    assert counters.live["host"] == held
+    scratch.close()
+    assert counters.live["host"] == 0

@@ -24,8 +24,9 @@ def test_split_defaults_and_validation():
         (dict(weights={"device": 1.0}), "weights"),
         (dict(overlap="yes"), "overlap"),
         (dict(compress_cache=4), "compress_cache"),
+        (dict(pin_weights=1), "pin_weights"),
     ],
-    ids=["zero_micro_batch", "float_count", "dict_split", "str_flag", "int_quant"],
+    ids=["zero_micro_batch", "float_count", "dict_split", "str_flag", "int_quant", "int_pin"],
 )
 def test_policy_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"Policy\.{field}="):
@@ -47,6 +48,7 @@ def test_json_round_trip(tmp_path):
         cache=Split(host=1.0),
         overlap=False,
         compress_weights=QuantConfig(bits=4, group_size=64),
+        pin_weights=False,
     )
     assert Policy.from_json(policy.to_json()) == policy
     path = tmp_path / "policy.json"
@@ -66,8 +68,13 @@ def test_unknown_keys_are_rejected():
 
 def test_from_flexgen():
     policy = Policy.from_flexgen(
-        [20, 50, 0, 100, 100, 0], gpu_batch_size=16, num_gpu_batches=4, cpu_cache_compute=False
+        [20, 50, 0, 100, 100, 0],
+        gpu_batch_size=16,
+        num_gpu_batches=4,
+        cpu_cache_compute=False,
+        pin_weight=False,
     )
+    assert policy.pin_weights is False
     assert policy.weights == Split(device=0.2, host=0.5, disk=0.3)
     assert policy.cache == Split(host=1.0)
     assert policy.activations == Split(device=1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
 
@@ -41,3 +42,27 @@ def _disk_bytes(layout, name):
     return sum(
         (g.stop - g.start) * spec.row_bytes for g in layout.segments_of(name) if g.tier == "disk"
     )
+
+
+@pytest.mark.parametrize(
+    "policy, threaded",
+    [
+        (Policy(overlap=True), set()),
+        (Policy(overlap=True, activations=Split(disk=1.0)), {"read", "write"}),
+        (Policy(overlap=True, weights=Split(disk=1.0)), {"weights"}),
+        (Policy(overlap=True, cache=Split(disk=1.0)), {"read", "write"}),
+    ],
+    ids=["all_resident", "activations_disk", "weights_disk", "cache_disk"],
+)
+def test_tasks_that_move_nothing_run_inline(pre_ln_checkpoint, policy, threaded):
+    """A thread hand-off per (layer, micro-batch) costs more than a task that moves nothing;
+    tasks that move bytes still go to their background queue."""
+    path, stock = pre_ln_checkpoint
+    ids, mask = batch(rows=4)
+    expected = stock.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        # Pools start their thread on the first submitted task.
+        used = {kind for kind, pool in model.engine.mover._pools.items() if pool._threads}
+    assert torch.equal(got, expected)
+    assert used == threaded

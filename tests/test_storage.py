@@ -14,7 +14,9 @@ from hf_flexoffload.storage import (
     check_writable,
     direct_io_supported,
 )
-from hf_flexoffload.transfer import PAGE, aligned_empty, at_phase
+from hf_flexoffload.transfer import PAGE, PinnedHost, aligned_empty, at_phase
+
+from .conftest import FakeDriver
 
 
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
@@ -195,3 +197,24 @@ def test_no_direct_io_falls_back_to_cached_reads(tmp_path, monkeypatch):
     f.read_into(0, out)
     assert torch.equal(out, x)
     f.close()
+
+
+def test_host_tier_is_pinned_exactly_and_unpinned_on_removal(tmp_path):
+    """Host-tier tensors are page-locked at their own size (not rounded to a power of two), and
+    every registration is undone when the entry goes."""
+    driver = FakeDriver()
+    store = TierStore(torch.device("cpu"), str(tmp_path), Counters())
+    store.pinned = PinnedHost(
+        torch.device("cpu"), register=driver.register, unregister=driver.unregister
+    )
+    a = torch.randn(300, 70)
+    store.put("a", a, "host")
+    store.allocate("b", (5000,), torch.float16, "host").fill_(1)
+    store.put("c", torch.randn(4), "device")
+    assert torch.equal(store.get("a"), a)
+    assert len(driver.live) == 2
+    assert sum(driver.live.values()) == sum(-(-n // PAGE) * PAGE for n in (300 * 70 * 4, 10000))
+    store.remove("a")
+    assert len(driver.live) == 1
+    store.release()
+    assert driver.live == {}

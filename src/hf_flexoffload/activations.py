@@ -56,12 +56,17 @@ class ActivationStore:
     def tier(self, stage: int, micro_batch: int) -> str:
         return self.tiers[stage * self.k + micro_batch]
 
+    def resident(self, stage: int, micro_batch: int) -> bool:
+        """Whether the output of ``stage`` for ``micro_batch`` stays in compute memory (so
+        getting it moves nothing)."""
+        tier = self.tier(stage, micro_batch)
+        return tier == "device" or (tier == "host" and shares_host_memory(self.device))
+
     def put(self, stage: int, micro_batch: int, x: torch.Tensor) -> None:
         """Keep the (b, s, h) output of ``stage`` for ``micro_batch``."""
-        tier = self.tier(stage, micro_batch)
-        if tier == "device" or (tier == "host" and shares_host_memory(self.device)):
+        if self.resident(stage, micro_batch):
             self._held[stage, micro_batch] = Pending(value=x)
-        elif tier == "host":
+        elif self.tier(stage, micro_batch) == "host":
             self._held[stage, micro_batch] = self.mover.write(self._to_host, x)
         else:
             self._held[stage, micro_batch] = self.mover.write(self._to_disk, micro_batch, x)
@@ -74,7 +79,7 @@ class ActivationStore:
                 self.counters.add_moved("host_to_device", held.numel() * held.element_size())
             return to_compute(held, self.device)
         shape, dtype = held
-        x = host_empty(shape, dtype, self.device)
+        x = host_empty(shape, dtype, self.device, pin=True)
         self.counters.add_moved("disk_to_host", self._files[micro_batch].read_into(0, x))
         if not shares_host_memory(self.device):
             self.counters.add_moved("host_to_device", x.numel() * x.element_size())

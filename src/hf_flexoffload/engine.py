@@ -195,7 +195,9 @@ class OffloadEngine:
         owns_dir = offload_dir is None
         directory = tempfile.mkdtemp(prefix="hf_flexoffload-") if owns_dir else offload_dir
         counters = Counters()
-        store = TierStore(device, os.path.join(directory, "weights"), counters)
+        store = TierStore(
+            device, os.path.join(directory, "weights"), counters, pin=policy.pin_weights
+        )
         try:
             check_writable(store.directory, to_write)
             store.direct_io = _direct_io(policy, store)

@@ -31,7 +31,16 @@ from .compression import QuantConfig, QuantFormat, dequantize, from_bytes, quant
 from .layers import attention
 from .stats import Counters
 from .storage import DiskFile
-from .transfer import Mover, Pending, host_empty, shares_host_memory, to_compute
+from .transfer import (
+    Mover,
+    Pending,
+    host_empty,
+    host_ready,
+    shares_host_memory,
+    to_compute,
+    to_host,
+    upload,
+)
 
 CPU = torch.device("cpu")
 
@@ -88,6 +97,7 @@ class HistoryBuffers:
         self.device = device
         self.counters = counters
         self._buffers: list[torch.Tensor | None] = [None, None]
+        self._wide: list[torch.Tensor | None] = [None, None]  # host attention's fp32 keys, values
         self._turn = 0
 
     def take(self, tokens: int, record_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -103,11 +113,29 @@ class HistoryBuffers:
             self._buffers[i] = buf
         return buf[:need].view(dtype).view(tokens, *record_shape)
 
+    def widen(
+        self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, H_kv, S, d) keys and values converted to ``dtype`` in two reused host buffers
+        (valid until the next call)."""
+        out = []
+        for i, t in enumerate((keys, values)):
+            need = t.numel() * dtype.itemsize
+            buf = self._wide[i]
+            if buf is None or buf.numel() < need:
+                if buf is not None:
+                    self.counters.free("host", buf.numel())
+                buf = self._wide[i] = host_empty((need,), torch.uint8, self.device)
+                self.counters.alloc("host", need)
+            out.append(buf[:need].view(dtype).view(t.shape).copy_(t))
+        return out[0], out[1]
+
     def close(self) -> None:
-        for buf in self._buffers:
+        for buf in (*self._buffers, *self._wide):
             if buf is not None:
                 self.counters.free("host", buf.numel())
         self._buffers = [None, None]
+        self._wide = [None, None]
 
 
 class KVUnit:
@@ -241,8 +269,12 @@ class KVUnit:
         where = CPU if on_host else self.device
         new = torch.stack((k, v)).permute(2, 0, 1, 3, 4)  # (s, 2, b, H_kv, d)
         stored = self.codec.encode(new)  # (s, *record_shape), on the device
-        crosses = on_host and not shares_host_memory(self.device)
-        if crosses:
+        if on_host and not shares_host_memory(self.device):
+            # The query and the new tokens cross once each, with one wait for all the copies;
+            # the write-back then stores the host copy instead of copying the tokens again.
+            q, stored = to_host(q, self.device), to_host(stored, self.device)
+            new = stored if self.codec.config is None else to_host(new, self.device)
+            host_ready(self.device)
             self.counters.add_moved(
                 "device_to_host", q.numel() * q.element_size() + stored.numel() * stored.itemsize
             )
@@ -263,24 +295,41 @@ class KVUnit:
         else:
             full = torch.cat([self.codec.decode(history), new.to(where)])
         self.length = start + s
-        dtype = torch.float32 if where.type == "cpu" and q.dtype == torch.float16 else q.dtype
-        keys = full[:, 0].permute(1, 2, 0, 3).to(dtype)  # (b, H_kv, S, d)
-        values = full[:, 1].permute(1, 2, 0, 3).to(dtype)
-        out = attention(q.to(where, dtype).transpose(1, 2), keys, values, key_mask, scale)
-        if crosses:
+        keys = full[:, 0].permute(1, 2, 0, 3)  # (b, H_kv, S, d)
+        values = full[:, 1].permute(1, 2, 0, 3)
+        dtype = q.dtype
+        if where.type == "cpu" and q.dtype == torch.float16:
+            # Host attention runs fp16 in fp32 (CPU fp16 matmuls are slow or missing), in reused
+            # buffers rather than a fresh fp32 copy of the history per layer and micro-batch.
+            dtype = torch.float32
+            if self._scratch is not None:
+                keys, values = self._scratch.widen(keys, values, dtype)
+        out = attention(
+            q.to(where, dtype).transpose(1, 2), keys.to(dtype), values.to(dtype), key_mask, scale
+        )
+        if on_host and not shares_host_memory(self.device):
             self.counters.add_moved("host_to_device", out.numel() * q.element_size())
-        return to_compute(out.to(q.dtype), self.device)
+            return upload(out.to(q.dtype), self.device)  # the host goes on without waiting
+        return out.to(q.dtype)
 
     def _store(self, start: int, new: torch.Tensor) -> None:
-        host = new.to(CPU).contiguous()
-        if not shares_host_memory(self.device):
-            self.counters.add_moved("device_to_host", host.numel() * host.element_size())
+        if new.device.type != "cpu":
+            self.counters.add_moved("device_to_host", new.numel() * new.element_size())
         if self.tier == "host":
-            self._append_memory(start, host)
+            self._append_memory(start, new)  # straight into the host buffer: one copy
         else:
-            nbytes = self._file.write(start * self.token_bytes, host)
+            # One copy to host memory, which the file write needs; it waits for its own copy.
+            nbytes = self._file.write(start * self.token_bytes, new.to(CPU).contiguous())
             self.counters.add_moved("host_to_disk", nbytes)
             self.counters.alloc("disk", nbytes)
+
+    def fetch_idle(self) -> bool:
+        """Whether ``fetch`` would move nothing and wait for nothing, so it can run inline."""
+        return self._pending is None and (
+            self.length == 0
+            or self.in_compute_memory
+            or (self.tier == "host" and self._attends_on_host())
+        )
 
     def close(self) -> None:
         self.wait_pending()

@@ -25,7 +25,8 @@ class Split:
 
     Args:
         device: Fraction on the compute device (GPU memory; on a CPU-only machine, RAM).
-        host: Fraction in host RAM (pinned when the device is CUDA).
+        host: Fraction in host RAM (weights pinned on CUDA unless ``Policy.pin_weights`` is
+            off; the KV cache is never pinned, as in FlexGen).
         disk: Fraction in files under the offload directory.
 
     Fields default to 0 and must sum to 1.
@@ -135,6 +136,10 @@ class Policy:
             compute even on few cores, and the weights do not crowd the page cache. Worth it
             when the disk tier does not fit in free RAM anyway. Falls back to cached reads
             (with a warning) where the filesystem has no ``O_DIRECT`` (e.g. tmpfs).
+        pin_weights: On CUDA, page-lock the host tier's weights (exactly their size), so their
+            copies to the device run asynchronously at full link speed (FlexGen's
+            ``--pin-weight``). Turn off where page-locked memory is limited (``ulimit -l``,
+            containers); copies are then synchronous. No effect on CPU.
 
     Example:
         >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
@@ -154,6 +159,7 @@ class Policy:
     compress_cache: QuantConfig | None = None
     compress_embeddings: bool = True
     direct_io: bool = False
+    pin_weights: bool = True
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "num_micro_batches"):
@@ -167,7 +173,13 @@ class Policy:
         for name in ("weights", "cache", "activations"):
             value = getattr(self, name)
             _require(isinstance(value, Split), f"Policy.{name}", value, "must be a Split")
-        for name in ("overlap", "host_attention", "compress_embeddings", "direct_io"):
+        for name in (
+            "overlap",
+            "host_attention",
+            "compress_embeddings",
+            "direct_io",
+            "pin_weights",
+        ):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"Policy.{name}", value, "must be True or False")
         for name in ("compress_weights", "compress_cache"):
@@ -203,6 +215,7 @@ class Policy:
         cpu_cache_compute: bool = True,
         compress_weight: QuantConfig | None = None,
         compress_cache: QuantConfig | None = None,
+        pin_weight: bool = True,
     ) -> Policy:
         """Translate FlexGen's command-line policy.
 
@@ -215,6 +228,7 @@ class Policy:
             cpu_cache_compute: FlexGen's ``--cpu-cache-compute`` (our ``host_attention``).
             compress_weight: FlexGen's ``--compress-weight`` as a QuantConfig.
             compress_cache: FlexGen's ``--compress-cache`` as a QuantConfig.
+            pin_weight: FlexGen's ``--pin-weight``.
 
         Returns:
             The equivalent Policy.
@@ -238,6 +252,7 @@ class Policy:
             host_attention=cpu_cache_compute,
             compress_weights=compress_weight,
             compress_cache=compress_cache,
+            pin_weights=pin_weight,
         )
 
     # -- JSON round-trip -----------------------------------------------------------------------

@@ -69,20 +69,30 @@ def run_block(
         history = cache.units[j - 1][k].fetch() if 0 < j < head_stage else None
         return x, history
 
-    weights: dict[int, Pending] = {0: mover.read_weights(fetcher.fetch, 0)}
-    inputs = mover.read(read_inputs, *order[0])
+    def prefetch_inputs(j: int, k: int) -> Pending:
+        # Inputs already where they are computed on need no thread hand-off.
+        idle = (j == 0 or activations.resident(j - 1, k)) and (
+            not 0 < j < head_stage or cache.units[j - 1][k].fetch_idle()
+        )
+        return mover.read(read_inputs, j, k, idle=idle)
+
+    def prefetch_weights(j: int) -> Pending:
+        return mover.read_weights(fetcher.fetch, j, idle=fetcher.idle(j))
+
+    weights: dict[int, Pending] = {0: prefetch_weights(0)}
+    inputs = prefetch_inputs(*order[0])
     logits = []
     for i, (j, k) in enumerate(order):
         if k == 0:
             w = weights.pop(j).wait()
             if j + 1 < num_stages:
-                weights[j + 1] = mover.read_weights(fetcher.fetch, j + 1)
+                weights[j + 1] = prefetch_weights(j + 1)
         x, history = inputs.wait()
         following = order[i + 1] if i + 1 < len(order) else None
         # Prefetch the next inputs now, unless they are this step's output (one micro-batch).
         early = following is not None and following != (j + 1, k)
         if early:
-            inputs = mover.read(read_inputs, *following)
+            inputs = prefetch_inputs(*following)
         mb = micro_batches[k]
         if j == 0:
             out = arch.embed(w, mb.input_ids, mb.position_ids)
@@ -99,5 +109,5 @@ def run_block(
             continue
         activations.put(j, k, out)
         if following is not None and not early:
-            inputs = mover.read(read_inputs, *following)
+            inputs = prefetch_inputs(*following)
     raise AssertionError("the order ends with the head stage")

@@ -25,7 +25,7 @@ import torch
 
 from .disk_file import DiskFile, direct_io_supported
 from .stats import Counters
-from .transfer import host_empty
+from .transfer import PinnedHost, host_empty
 
 INDEX_FILE = "index.json"
 
@@ -70,12 +70,19 @@ class TierStore:
         counters: Byte counters updated on every put, read and removal.
         direct_io: Read disk-tier tensors with ``O_DIRECT`` (see ``DiskFile``); may be changed
             between runs.
+        pin: Page-lock host-tier tensors on CUDA (``Policy.pin_weights``), exactly their size.
     """
 
     def __init__(
-        self, device: torch.device, directory: str, counters: Counters, direct_io: bool = False
+        self,
+        device: torch.device,
+        directory: str,
+        counters: Counters,
+        direct_io: bool = False,
+        pin: bool = True,
     ) -> None:
         self.device = device
+        self.pinned = PinnedHost(device, enabled=pin)
         self.directory = directory
         self.counters = counters
         self.direct_io = direct_io
@@ -190,7 +197,7 @@ class TierStore:
         if tier == "device":
             tensor = torch.empty(shape, dtype=dtype, device=self.device)
         else:
-            tensor = host_empty(shape, dtype, self.device)
+            tensor = self.pinned.empty(shape, dtype)
         entry = Entry(tier, tuple(shape), dtype, tensor=tensor)
         self._entries[key] = entry
         self.counters.alloc(tier, entry.nbytes)
@@ -203,7 +210,7 @@ class TierStore:
         if tier == "device":
             entry = Entry(tier, shape, dtype, tensor=tensor.to(self.device, copy=True).contiguous())
         elif tier == "host":
-            host = host_empty(shape, dtype, self.device)
+            host = self.pinned.empty(shape, dtype)
             host.copy_(tensor)
             entry = Entry(tier, shape, dtype, tensor=host)
         elif tier == "disk":
@@ -309,6 +316,8 @@ class TierStore:
         if entry is None:
             return
         self.counters.free(entry.tier, entry.nbytes)
+        if entry.tier == "host":
+            self.pinned.release(entry.tensor)
         if entry.path is not None and not entry.borrowed and os.path.exists(entry.path):
             os.remove(entry.path)
 
@@ -322,6 +331,7 @@ class TierStore:
         """Forget every entry; memory-tier tensors are freed, disk files stay for reuse."""
         for entry in self._entries.values():
             self.counters.free(entry.tier, entry.nbytes)
+        self.pinned.release()
         self._entries.clear()
         self._borrowed.clear()
 

@@ -22,7 +22,7 @@ from .placement import Segment, TensorSpec
 from .stats import Counters
 from .storage import TierStore
 from .streamed import ChunkBuffers, StreamedMatrix, chunk_rows
-from .transfer import PAGE, at_phase, host_empty, shares_host_memory
+from .transfer import PAGE, StagingRing, at_phase, host_empty, shares_host_memory
 from .weight_layout import StageLayout, is_streamed, segment_key
 
 # Disk rows converted to the compute dtype go through a bounce buffer of this size.
@@ -76,6 +76,7 @@ class WeightFetcher:
         self._kept: dict[str, torch.Tensor] = {}  # outer stages' buffers, by checkpoint name
         self._ready: dict[str, torch.Tensor] = {}  # outer stages' weights as the math gets them
         self._buffers = ChunkBuffers(self.device, counters)
+        self._staging = StagingRing(store.pinned)  # disk -> device copies on CUDA
         self._streamed = self._streamed_matrices(chunk_budget)
 
     def _streamed_matrices(self, budget: int) -> dict[str, StreamedMatrix]:
@@ -160,6 +161,19 @@ class WeightFetcher:
         self.counters.count_stage_load(stage)
         return out
 
+    def idle(self, stage: int) -> bool:
+        """Whether fetching ``stage`` moves and converts nothing (every tensor used where it is
+        stored, streamed, or kept from an earlier fetch), so it can run inline."""
+        layout = self.layouts[stage]
+        pooled = stage in self.pooled_stages
+        for name in layout.local:
+            if name in self._streamed or (not pooled and name in self._ready):
+                continue
+            fmt, stored = self._formats.get(name), self._dtypes[name]
+            if fmt is not None or stored != layout.compute_dtype or not self._in_place(name):
+                return False
+        return True
+
     def close(self) -> None:
         for pool in (*self._pools, self._kept):
             for t in pool.values():
@@ -167,6 +181,8 @@ class WeightFetcher:
             pool.clear()
         self._ready.clear()
         self._buffers.release()
+        self.counters.free("host", self._staging.nbytes)
+        self._staging.close()
 
     def _read_converted(self, key: str, dtype: torch.dtype, rows: torch.Tensor) -> None:
         """Disk rows of ``key`` (stored as ``dtype``) into ``rows`` (another dtype), a bounce
@@ -219,15 +235,23 @@ class WeightFetcher:
                 continue
             if entry.tier == "disk":
                 phase = _phase(entry.offset, entry.dtype)
-                source = self.store.read_into(
-                    key, host_empty(entry.shape, entry.dtype, self.device, phase)
-                )
+                source = self.store.read_into(key, self._stage(entry.shape, entry.dtype, phase))
             else:
                 source = entry.tensor
             if entry.tier != "device" and not shares_host_memory(self.device):
                 self.counters.add_moved("host_to_device", entry.nbytes)
             rows.copy_(source, non_blocking=source.is_pinned())
+            if entry.tier == "disk":
+                self._staging.copied()
         return out
+
+    def _stage(self, shape: tuple[int, ...], dtype: torch.dtype, phase: int) -> torch.Tensor:
+        """A reused pinned buffer that disk rows bound for the device land in (counted as host
+        memory while held)."""
+        before = self._staging.nbytes
+        buf = self._staging.take(shape, dtype, phase)
+        self.counters.alloc("host", self._staging.nbytes - before)
+        return buf
 
 
 def _phase(offset: int, dtype: torch.dtype) -> int:
