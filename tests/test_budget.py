@@ -3,8 +3,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Workload
-from hf_flexoffload.budget import Capacities, InsufficientMemoryError, parse_size
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split, Workload
+from hf_flexoffload.budget import (
+    AllocatorState,
+    Capacities,
+    InsufficientMemoryError,
+    device_capacity,
+    parse_size,
+)
+
+GiB = 2**30
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.parametrize(
@@ -115,3 +124,114 @@ def test_no_cgroup_limit_means_no_room_cap(tmp_path):
     (tmp_path / "cgroup").write_text("0::/\n")
     assert cgroup_room(str(tmp_path / "cgroup"), str(tmp_path)) is None
     assert cgroup_room(str(tmp_path / "missing"), str(tmp_path)) is None
+
+
+# -- device capacity from the CUDA allocator's state ---------------------------------------------
+
+
+def test_blocks_the_allocator_keeps_after_a_run_are_capacity():
+    # After a generate the cache and workspace are freed into the caching allocator: the driver
+    # reports them used, but the next run's tensors reuse them.
+    state = AllocatorState(free=10 * GiB, total=80 * GiB, reserved=30 * GiB, allocated=5 * GiB)
+    assert device_capacity(state) == 10 * GiB + 25 * GiB
+
+
+def test_memory_live_tensors_hold_is_not_capacity():
+    state = AllocatorState(free=10 * GiB, total=80 * GiB, reserved=30 * GiB, allocated=30 * GiB)
+    assert device_capacity(state) == 10 * GiB
+
+
+@pytest.mark.parametrize(
+    "allocated, expected",
+    [(0, 20 * GiB), (8 * GiB, 12 * GiB), (25 * GiB, 0)],
+    ids=["nothing-live", "some-live", "over-the-cap"],
+)
+def test_per_process_fraction_caps_what_the_process_may_reserve(allocated, expected):
+    state = AllocatorState(
+        free=60 * GiB,
+        total=80 * GiB,
+        reserved=max(allocated, 4 * GiB),
+        allocated=allocated,
+        fraction=0.25,
+    )
+    assert device_capacity(state) == expected
+
+
+def _fake_cuda(monkeypatch, *, free, total, reserved, allocated, fraction=None):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+    if fraction is None:  # a torch without the getter
+        monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction", raising=False)
+    else:
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: fraction)
+
+
+@pytest.mark.parametrize("fraction, expected", [(None, 14 * GiB), (0.1, 6 * GiB)])
+def test_measure_reads_the_allocator_state_on_cuda(monkeypatch, tmp_path, fraction, expected):
+    # Runs on CPU: torch.cuda's memory queries are faked.
+    _fake_cuda(
+        monkeypatch,
+        free=10 * GiB,
+        total=80 * GiB,
+        reserved=6 * GiB,
+        allocated=2 * GiB,
+        fraction=fraction,
+    )
+    caps = Capacities.measure(torch.device("cuda", 0), str(tmp_path), {"host": "1GiB"})
+    assert (caps.device, caps.host, caps.shared) == (expected, GiB, False)
+
+
+def test_buffers_kept_from_a_run_are_counted_once(pre_ln_checkpoint, monkeypatch):
+    # The weight staging pools outlive a generate. Free memory is measured with them allocated
+    # and the memory model counts them again, so what the model holds is added back: all of it,
+    # in the profile the auto policy is re-planned with as in the pre-generate check.
+    path, _ = pre_ln_checkpoint
+    policy = Policy(weights=Split(device=0.5, disk=0.5))
+    with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+        model.generate(torch.randint(3, 90, (2, 4)), max_new_tokens=2, do_sample=False)
+        engine = model.engine
+        live, weights = engine.counters.live, engine.store.bytes_per_tier()
+        assert live["device"] > weights["device"], "the staging pools are kept"
+        fixed = Capacities(device=GiB, host=GiB, disk=100 * GiB, shared=True)
+        monkeypatch.setattr(Capacities, "measure", classmethod(lambda cls, *a, **k: fixed))
+        expected = GiB + live["device"] + live["host"]
+        assert engine.capacities().device == expected
+        assert engine.profile().device_memory == expected
+
+
+@cuda_only
+def test_freed_cuda_tensors_stay_capacity(tmp_path):
+    device = torch.device("cuda", 0)
+    torch.cuda.empty_cache()  # so the tensor below is a new block the driver reports used
+    before = Capacities.measure(device, str(tmp_path)).device
+    x = torch.empty(GiB, dtype=torch.uint8, device=device)
+    during = Capacities.measure(device, str(tmp_path)).device
+    del x  # back to the caching allocator, not to the driver
+    assert torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) >= GiB
+    after = Capacities.measure(device, str(tmp_path)).device
+    assert during < before - GiB // 2
+    assert after > before - GiB // 4  # other processes may take a little meanwhile
+
+
+@cuda_only
+def test_per_process_fraction_caps_cuda_capacity(tmp_path):
+    device = torch.device("cuda", 0)
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info(device)[1]
+    free = torch.cuda.mem_get_info(device)[0]
+    fraction = 0.25
+    if free < 0.5 * total:
+        pytest.skip("the GPU is too busy for the fraction to be what binds")
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        cap = Capacities.measure(device, str(tmp_path)).device
+        assert cap == pytest.approx(fraction * total - torch.cuda.memory_allocated(device), abs=1)
+        # The capacity is what can be allocated: a bit less fits, a bit more is refused.
+        x = torch.empty(cap - 256 * 2**20, dtype=torch.uint8, device=device)
+        del x
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(cap + 256 * 2**20, dtype=torch.uint8, device=device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()

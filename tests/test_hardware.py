@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_flexoffload import HardwareProfile
-from hf_flexoffload.probes import MAX_OVERLAP_PENALTY
+from hf_flexoffload.overlap_probe import MAX_OVERLAP_PENALTY
 from hf_flexoffload.storage import direct_io_supported
 
 

@@ -167,6 +167,57 @@ def check_max_memory(max_memory: dict[str, int | str] | None) -> None:
         parse_size(cap, f"max_memory[{tier!r}]")
 
 
+@dataclass(frozen=True, kw_only=True)
+class AllocatorState:
+    """One CUDA device's memory as the driver and torch's caching allocator report it.
+
+    Attributes:
+        free, total: The driver's free and total bytes (``torch.cuda.mem_get_info``). ``free``
+            excludes everything this process's allocator has reserved, in use or not.
+        reserved: Bytes the caching allocator holds (``torch.cuda.memory_reserved``).
+        allocated: Bytes of those in live tensors (``torch.cuda.memory_allocated``).
+        fraction: The cap ``torch.cuda.set_per_process_memory_fraction`` set on what this
+            process may reserve, as a share of ``total`` (1.0: none).
+    """
+
+    free: int
+    total: int
+    reserved: int = 0
+    allocated: int = 0
+    fraction: float = 1.0
+
+    @classmethod
+    def read(cls, device: torch.device) -> AllocatorState:
+        free, total = torch.cuda.mem_get_info(device)
+        # Reading the fraction back is a newer API; without it no cap can be known (1.0).
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        return cls(
+            free=free,
+            total=total,
+            reserved=torch.cuda.memory_reserved(device),
+            allocated=torch.cuda.memory_allocated(device),
+            fraction=1.0 if getter is None else float(getter(device)),
+        )
+
+
+def device_capacity(state: AllocatorState) -> int:
+    """Bytes new tensors on a CUDA device can get.
+
+    The driver's free bytes plus the blocks the caching allocator reserved but no tensor uses
+    (after one ``generate`` they hold the freed cache and workspace: the allocator reuses them,
+    and releases them to retry a failed ``cudaMalloc``), and no more than the per-process cap
+    leaves: the allocator refuses to reserve past ``fraction * total``, and what live tensors
+    hold is inside that reservation.
+
+    Example:
+        >>> device_capacity(AllocatorState(free=10, total=100, reserved=50, allocated=20))
+        40
+    """
+    reusable = max(0, state.reserved - state.allocated)
+    cap = int(state.fraction * state.total) - state.allocated
+    return max(0, min(state.free + reusable, cap))
+
+
 @dataclass(frozen=True)
 class Capacities:
     """Bytes available per tier.
@@ -188,10 +239,12 @@ class Capacities:
         offload_dir: str | None,
         max_memory: dict[str, int | str] | None = None,
     ) -> Capacities:
-        """Free memory now, capped by ``max_memory`` (keys ``device``, ``host``, ``disk``)."""
+        """Memory new allocations can get now, capped by ``max_memory`` (keys ``device``,
+        ``host``, ``disk``). On CUDA: ``device_capacity`` of the allocator's state, so what
+        the process's own live tensors hold is not counted (callers add back what they own)."""
         check_max_memory(max_memory)
         ram = available_ram()
-        dev = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else ram
+        dev = device_capacity(AllocatorState.read(device)) if device.type == "cuda" else ram
         probe = offload_dir if offload_dir and os.path.isdir(offload_dir) else tempfile.gettempdir()
         free = shutil.disk_usage(probe).free
         return cls(device=dev, host=ram, disk=free, shared=device.type != "cuda").capped(max_memory)

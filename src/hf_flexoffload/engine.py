@@ -252,7 +252,7 @@ class OffloadEngine:
             offload_dir=self.offload_dir,
             matrix=(self.arch.hidden, self.arch.ffn),
         )
-        held = self.store.bytes_per_tier()
+        held = self._held()
         if profile.shared:
             ram = profile.host_memory + held["device"] + held["host"]
             free = {"device_memory": ram, "host_memory": ram}
@@ -306,18 +306,24 @@ class OffloadEngine:
         """What the model may hold per tier: free now plus what it holds already (weights,
         buffers), capped by ``max_memory`` and the container's memory limit."""
         caps = Capacities.measure(self.device, self.offload_dir, None)
-        live = self.counters.live
-        held = {
-            "device": live["device"],
-            "host": live["host"],
-            "disk": self.store.bytes_per_tier()["disk"],
-        }
+        held = self._held()
         if caps.shared:
             ram = caps.host + held["device"] + held["host"]
             free = {"device": ram, "host": ram, "disk": caps.disk + held["disk"]}
         else:
             free = {t: getattr(caps, t) + held[t] for t in TIERS}
         return Capacities(**free, shared=caps.shared).capped(self.max_memory)
+
+    def _held(self) -> dict[str, int]:
+        """Bytes the model holds per tier: its weights and the staging and chunk buffers kept
+        from the last run. Capacities are measured with all of them allocated, and the memory
+        model counts them again as items, so each is added back exactly once."""
+        live = self.counters.live
+        return {
+            "device": live["device"],
+            "host": live["host"],
+            "disk": self.store.bytes_per_tier()["disk"],
+        }
 
     def check_fits(
         self,

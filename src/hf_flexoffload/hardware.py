@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from .budget import Capacities
+from .overlap_probe import MAX_OVERLAP_PENALTY
 from .policy import TIERS
-from .probes import MAX_OVERLAP_PENALTY, cpu_name, device_name, measure_rates
+from .probes import cpu_name, device_name, measure_rates
 from .storage import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,11 @@ class HardwareProfile:
         dequantize_bytes: 4-bit dequantization on the device, output bytes per s.
         op_seconds: Time of one small torch op (Python and dispatch overhead).
         overlap_penalty: How much of the shorter of two concurrent tasks (matmuls on one
-            staging buffer while a thread reads the next weights into the other) still adds to
-            the longer one's time: 0 for perfect overlap, 1 for none, up to 2 when the tasks
-            slow each other (more busy threads than cores: overlapping is then slower than
-            running in turn).
+            staging buffer while a thread reads the next weights into the other; on CUDA, GEMMs
+            on the compute stream while a thread reads into pinned staging and copies to the
+            device on a side stream) still adds to the longer one's time: 0 for perfect
+            overlap, 1 for none, up to 2 when the tasks slow each other (more busy threads
+            than cores: overlapping is then slower than running in turn).
         direct_overlap_penalty: The same with ``O_DIRECT`` reads (``None`` where the offload
             directory's filesystem has no O_DIRECT): policies with ``direct_io`` use it.
         matrix: The (in, out) shape the matmul rates were measured on.

@@ -7,25 +7,25 @@ of a few runs, since on a shared machine noise only ever makes a run slower.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 from .compression import QuantConfig, dequantize, quantize
+from .overlap_probe import measure_overlap
+from .probe_timing import timed, timed_each
 from .storage import DiskFile, dtype_name
-from .transfer import aligned_empty
+from .transfer import PinnedHost
+
+logger = logging.getLogger(__name__)
 
 MATMUL_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 _DISK_PROBE_BYTES = 256 * 2**20
 _STREAM_BYTES = 512 * 2**20
-# Above 1 the threads slow each other; capped so one noisy probe cannot dominate the model.
-MAX_OVERLAP_PENALTY = 2.0
 
 
 def cpu_name() -> str:
@@ -48,25 +48,6 @@ def device_name(device: torch.device) -> str:
 # -- measurements ------------------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    """Best seconds of ``fn`` over ``repeats`` after one warm-up call (on a shared machine,
-    noise only ever makes a run slower)."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure_rates(
     device: torch.device, dtype: torch.dtype, matrix: tuple[int, int], probe_dir: str
 ) -> dict:
@@ -87,6 +68,8 @@ def measure_rates(
     rates["dequantize_bytes"] = _dequantize(device, dtype, matrix)
     rates["op_seconds"] = _op_overhead(device)
     rates.update(_disk(probe_dir, device, dtype, matrix))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the probes' blocks back to the driver (and other processes)
     return rates
 
 
@@ -117,22 +100,29 @@ def _matmul(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -
     out = {}
     for rows in MATMUL_ROWS:
         inputs = {d: torch.randn(rows, d, device=device).to(dtype) for d in {hidden, ffn}}
-        seconds = _timed(lambda x=inputs: run(x), device, repeats=2 if rows > 64 else 3)
+        seconds = timed(lambda x=inputs: run(x), device, repeats=2 if rows > 64 else 3)
         out[rows] = rows * flops_per_row / seconds
     return out
 
 
 def _copy_bandwidth(device: torch.device) -> dict[str, float]:
     nbytes = 128 * 2**20
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    host.random_(0, 255)
     if device.type != "cuda":
+        host = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)
         target = torch.empty_like(host)
-        rate = nbytes / _timed(lambda: target.copy_(host), device)
+        rate = nbytes / timed(lambda: target.copy_(host), device)
         return {"host_to_device": rate, "device_to_host": rate}
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    h2d = nbytes / _timed(lambda: dev.copy_(host, non_blocking=True), device)
-    d2h = nbytes / _timed(lambda: host.copy_(dev, non_blocking=True), device)
+    # Pinned as the host tier is: ``pin_memory=True`` would leave 128 MiB page-locked in torch's
+    # caching host allocator for the rest of the process, outside every budget.
+    pinned = PinnedHost(device)
+    try:
+        host = pinned.empty((nbytes,), torch.uint8).random_(0, 255)
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        h2d = nbytes / timed(lambda: dev.copy_(host, non_blocking=True), device)
+        d2h = nbytes / timed(lambda: host.copy_(dev, non_blocking=True), device)
+    finally:
+        torch.cuda.synchronize(device)
+        pinned.release()
     return {"host_to_device": h2d, "device_to_host": d2h}
 
 
@@ -145,7 +135,7 @@ def _attention(device: torch.device, dtype: torch.dtype) -> float:
     kv = torch.randn(2, length, b, heads, d, device=device).to(dtype)
     keys, values = kv[0].permute(1, 2, 0, 3), kv[1].permute(1, 2, 0, 3)  # (b, H, S, d) views
     bias = torch.zeros(b, 1, 1, length, device=device, dtype=dtype)
-    seconds = _timed(
+    seconds = timed_each(
         lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=bias), device
     )
     return kv.numel() * kv.element_size() / seconds
@@ -155,7 +145,8 @@ def _dequantize(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int
     weight = torch.randn(matrix[1], matrix[0], device=device).to(dtype)
     q = quantize(weight, QuantConfig(bits=4, group_size=64), default_dim=0)
     out = torch.empty_like(weight)
-    return weight.numel() * weight.element_size() / _timed(lambda: dequantize(q, out=out), device)
+    seconds = timed_each(lambda: dequantize(q, out=out), device)
+    return weight.numel() * weight.element_size() / seconds
 
 
 def _op_overhead(device: torch.device) -> float:
@@ -167,7 +158,7 @@ def _op_overhead(device: torch.device) -> float:
         for _ in range(n):
             y = y + 1
 
-    return _timed(ops, device) / n
+    return timed(ops, device) / n
 
 
 def _disk(
@@ -191,13 +182,13 @@ def _disk(
             start = time.perf_counter()
             f.read_into(0, out)
             cold_times.append(time.perf_counter() - start)
-        cached = _DISK_PROBE_BYTES / _timed(lambda: f.read_into(0, out), torch.device("cpu"), 3)
-        penalty = _overlap_penalty(f, device, dtype, matrix)
+        cached = _DISK_PROBE_BYTES / timed(lambda: f.read_into(0, out), torch.device("cpu"), 3)
+        penalty = measure_overlap(f, device, dtype, matrix)
         direct = DiskFile(path, direct=True)
         try:
             # Direct reads are DMA into the buffer: they may overlap where cached copies do not.
             direct_penalty = (
-                _overlap_penalty(direct, device, dtype, matrix, max_steps=8)
+                measure_overlap(direct, device, dtype, matrix, max_steps=8)
                 if direct.direct
                 else None
             )
@@ -214,59 +205,6 @@ def _disk(
         "overlap_penalty": penalty,
         "direct_overlap_penalty": direct_penalty,
     }
-
-
-def _overlap_penalty(
-    f: DiskFile,
-    device: torch.device,
-    dtype: torch.dtype,
-    matrix: tuple[int, int],
-    max_steps: int | None = None,
-) -> float:
-    """The schedule's pattern: a thread reads the next weight matrix from an offload file (cached,
-    or direct when ``f`` reads with O_DIRECT) into one staging buffer while matmuls run on the
-    other. Compute and reads are timed alone,
-    then together: the extra time over the longer, relative to the shorter."""
-    cols = matrix[0]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    # A layer-sized matrix (at least 16 MiB: the runtime never reads in smaller pieces than a
-    # tensor, and tiny reads would time thread hand-offs), at most half the file.
-    rows = max(matrix[1], -(-16 * 2**20 // (cols * itemsize)))
-    rows = max(1, min(rows, _DISK_PROBE_BYTES // 2 // (cols * itemsize)))
-    staging = [aligned_empty((rows, cols), dtype).zero_() for _ in range(2)]  # (out, in) host
-    nbytes = rows * cols * itemsize
-    chunks = _DISK_PROBE_BYTES // nbytes
-    steps = 2 * chunks if max_steps is None else min(2 * chunks, max_steps)
-    x = torch.randn(64, cols, device=device).to(dtype)
-    on_device = [t.to(device) for t in staging]  # CUDA computes on its own copies
-
-    def read(i: int) -> None:
-        f.read_into((i % chunks) * nbytes, staging[i % 2])
-
-    def compute(i: int) -> None:
-        F.linear(x, on_device[i % 2])
-
-    def alone(task: Callable[[int], None]) -> Callable[[], None]:
-        return lambda: [task(i) for i in range(steps)]
-
-    def together() -> None:
-        with ThreadPoolExecutor(1) as reader:
-            for i in range(steps):
-                pending = reader.submit(read, i + 1)  # the next matrix, into the other buffer
-                compute(i)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                pending.result()
-
-    # Interference on a shared machine comes and goes: the median of rounds that each time all
-    # three is steadier than a ratio of separately taken minimums.
-    penalties = []
-    for _ in range(5):
-        compute_s = _timed(alone(compute), device, 1)
-        read_s = _timed(alone(read), torch.device("cpu"), 1)
-        both_s = _timed(together, device, 1)
-        penalties.append((both_s - max(compute_s, read_s)) / min(compute_s, read_s))
-    return min(MAX_OVERLAP_PENALTY, max(0.0, statistics.median(penalties)))
 
 
 def _drop_cached(fd: int) -> None:
