@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .stats import Counters
 from .storage import TierStore
-from .transfer import host_empty, shares_host_memory
+from .transfer import PinnedHost, StagingRing, host_empty, shares_host_memory
 
 # Chunk buffers are at least this large, so tiny models do not run thousands of tiny matmuls.
 MIN_CHUNK_BYTES = 1 << 20
@@ -32,34 +32,55 @@ def chunk_rows(rows: int, row_bytes: int, budget: int) -> int:
 
 
 class ChunkBuffers:
-    """Named reusable buffers, grown on demand and counted as device memory."""
+    """Named reusable buffers, grown on demand and counted as device memory, and the pinned
+    staging ring that disk rows bound for a CUDA device pass through (counted as host memory).
 
-    def __init__(self, device: torch.device, counters: Counters) -> None:
+    Args:
+        pinned: Where staging buffers come from (the store's, so ``Policy.pin_weights`` holds).
+    """
+
+    def __init__(
+        self, device: torch.device, counters: Counters, pinned: PinnedHost | None = None
+    ) -> None:
         self.device = device
         self.counters = counters
         self._buffers: dict[str, torch.Tensor] = {}
+        self._staging = StagingRing(pinned if pinned is not None else PinnedHost(device))
 
-    def get(self, name: str, numel: int, dtype: torch.dtype, host: bool = False) -> torch.Tensor:
-        """A flat buffer of at least ``numel`` elements of ``dtype`` (pinned host memory when
-        ``host`` on a CUDA machine)."""
-        key = f"{name}:{dtype}:{host}"
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements of ``dtype`` on the compute device."""
+        key = f"{name}:{dtype}"
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             self.release(key)
-            if host or shares_host_memory(self.device):
+            if shares_host_memory(self.device):
                 buf = host_empty((numel,), dtype, self.device)
             else:
                 buf = torch.empty(numel, dtype=dtype, device=self.device)
             self._buffers[key] = buf
-            self.counters.alloc("host" if host else "device", buf.numel() * buf.element_size())
+            self.counters.alloc("device", buf.numel() * buf.element_size())
         return buf[:numel]
+
+    def stage(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host buffer to read rows into before copying them to the device; call
+        ``staged`` once the copy is enqueued (the buffer is refilled only after it has run, so a
+        chunk's copy overlaps the next chunk's read)."""
+        before = self._staging.nbytes
+        buf = self._staging.take(shape, dtype)
+        self.counters.alloc("host", self._staging.nbytes - before)
+        return buf
+
+    def staged(self) -> None:
+        self._staging.copied()
 
     def release(self, key: str | None = None) -> None:
         for name in [key] if key is not None else list(self._buffers):
             buf = self._buffers.pop(name, None)
             if buf is not None:
-                tier = "host" if name.endswith(":True") else "device"
-                self.counters.free(tier, buf.numel() * buf.element_size())
+                self.counters.free("device", buf.numel() * buf.element_size())
+        if key is None:
+            self.counters.free("host", self._staging.nbytes)
+            self._staging.close()
 
 
 class StreamedMatrix:
@@ -134,9 +155,9 @@ class StreamedMatrix:
             elif shares_host_memory(self.device):
                 self.store.read_rows(key, [(a, b)], source)
             else:
-                bounce = self.buffers.get("bounce", self.rows_per_chunk * cols, entry.dtype, True)
-                bounce = bounce[: n * cols].view(n, cols)
+                bounce = self.buffers.stage((n, cols), entry.dtype)
                 source.copy_(self.store.read_rows(key, [(a, b)], bounce), non_blocking=True)
+                self.buffers.staged()
         if source.dtype == self.dtype:
             return source
         converted = self.buffers.get("converted", self.rows_per_chunk * cols, self.dtype)

@@ -75,7 +75,7 @@ class WeightFetcher:
         self._pools: tuple[dict[str, torch.Tensor], ...] = ({}, {})
         self._kept: dict[str, torch.Tensor] = {}  # outer stages' buffers, by checkpoint name
         self._ready: dict[str, torch.Tensor] = {}  # outer stages' weights as the math gets them
-        self._buffers = ChunkBuffers(self.device, counters)
+        self._buffers = ChunkBuffers(self.device, counters, store.pinned)
         self._staging = StagingRing(store.pinned)  # disk -> device copies on CUDA
         self._streamed = self._streamed_matrices(chunk_budget)
 
