@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hf_flexoffload.stats import Counters
 from hf_flexoffload.storage import TierStore
 from hf_flexoffload.streamed import ChunkBuffers, StreamedMatrix, _runs, chunk_rows
+from hf_flexoffload.transfer import PinnedHost
 
 
 def streamed(tmp_path, matrix: torch.Tensor, storage: torch.dtype, rows_per_chunk: int):
@@ -66,3 +67,23 @@ def test_runs_and_chunk_rows():
     assert _runs([1, 2, 3, 7, 9, 10]) == [(1, 4), (7, 8), (9, 11)]
     assert chunk_rows(rows=10, row_bytes=4, budget=0) == 10  # at most every row
     assert chunk_rows(rows=10**6, row_bytes=2**12, budget=2**22) == 2**10
+
+
+def test_chunk_staging_is_reused_counted_and_released():
+    """Disk chunks bound for a CUDA device pass through a two-buffer pinned ring: no allocation
+    per chunk, counted as host memory while held, released with the buffers."""
+    from .conftest import FakeDriver
+
+    driver = FakeDriver()
+    counters = Counters()
+    cpu = torch.device("cpu")
+    pinned = PinnedHost(cpu, register=driver.register, unregister=driver.unregister)
+    buffers = ChunkBuffers(cpu, counters, pinned)
+    seen = set()
+    for _ in range(6):
+        seen.add(buffers.stage((64, 128), torch.float16).data_ptr())
+        buffers.staged()
+    assert len(seen) == 2 and len(driver.live) == 2
+    assert counters.live["host"] == 2 * (64 * 128 * 2 + 4096)  # two slots, a page of slack each
+    buffers.release()
+    assert driver.live == {} and counters.live["host"] == 0
