@@ -122,6 +122,16 @@ def test_rotary_cos_sin_match_transformers(rope, dtype):
     assert torch.equal(ours_cos[:, :, 0], cos) and torch.equal(ours_sin[:, :, 0], sin)
 
 
+def test_rotary_frequencies_are_built_once_per_device():
+    """Every layer of every step asks for them: built once per device, not per call (on CUDA a
+    per-call build is a host-to-device copy each time)."""
+    rope = Rope(dim=16, theta=1e4)
+    first = rope.inv_freq(torch.device("cpu"))
+    assert rope.inv_freq(torch.device("cpu")) is first
+    assert rope == Rope(dim=16, theta=1e4), "the cache is not part of the value"
+    assert torch.equal(first, 1.0 / (1e4 ** (torch.arange(0, 16, 2).float() / 16)))
+
+
 def test_unsupported_rope_types_are_refused():
     yarn = LlamaConfig(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0))
     with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):

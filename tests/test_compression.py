@@ -188,3 +188,16 @@ def test_blockwise_quantization_gives_the_same_bytes(dim, bits, dtype):
     blockwise = quantize_rows_to_bytes(read, fmt, block_bytes=1000)
     assert len(reads) > 3 and max(reads) < 203
     assert torch.equal(blockwise, to_bytes(quantize(matrix, config)))
+
+
+def test_scales_round_up_so_no_group_is_clipped():
+    """fp32 -> bf16 rounding of a group's range goes towards +inf (branch-free, the same result
+    whether or not any value needed it)."""
+    from hf_flexoffload.compression import _round_up
+
+    values = torch.tensor([1.0, 1.0 + 2**-10, 3.0, -1.0 - 2**-12])
+    out = _round_up(values, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.all(out.float() >= values)
+    assert torch.equal(out[[0, 2]].float(), values[[0, 2]]), "exact values stay"
+    assert out[1].float() == 1.0 + 2**-7, "rounded up to the next bf16"

@@ -111,3 +111,22 @@ def test_weight_copies_run_on_a_side_stream(pre_ln_checkpoint, tmp_path):
     }
     compute_stream = kernels.most_common(1)[0][0]
     assert copies - {compute_stream}, (copies, kernels)
+
+
+def test_hot_path_helpers_do_not_sync():
+    """Quantizing, dequantizing, rotary angles and a streamed lookup never wait for the GPU."""
+    from hf_flexoffload.architectures import Rope
+    from hf_flexoffload.compression import QuantConfig, dequantize, quantize
+
+    x = torch.randn(64, 256, device=CUDA, dtype=torch.float16)
+    rope = Rope(dim=64, theta=1e4)
+    positions = torch.arange(16, device=CUDA)[None]
+    rope.cos_sin(positions, torch.float16)  # the first call builds the frequencies
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        q = quantize(x, QuantConfig(bits=4, group_size=64), default_dim=0)
+        dequantize(q)
+        rope.cos_sin(positions, torch.float16)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

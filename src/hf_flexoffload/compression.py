@@ -197,10 +197,9 @@ def quantize(
 def _round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``values`` (fp32) in ``dtype``, rounded towards +inf so no group's range is clipped."""
     out = values.to(dtype)
-    low = out.float() < values
-    if low.any():
-        out = torch.where(low, torch.nextafter(out, torch.full_like(out, math.inf)), out)
-    return out
+    # Branch-free: testing ``low.any()`` first would wait for the device on every call.
+    up = torch.nextafter(out, torch.full_like(out, math.inf))
+    return torch.where(out.float() < values, up, out)
 
 
 def dequantize(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:

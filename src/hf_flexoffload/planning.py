@@ -22,18 +22,48 @@ logger = logging.getLogger(__name__)
 def resolve_dtype(
     requested: torch.dtype | str | None, checkpoint: torch.dtype, device: torch.device
 ) -> torch.dtype:
-    """The compute dtype: ``requested``, else the checkpoint's; never fp16 on a CPU."""
+    """The compute dtype: ``requested``, else the checkpoint's; never fp16 on a CPU, never bf16
+    on a GPU without native bf16 (fp16 there).
+
+    TF32 is left as the user set it (``torch.backends.cuda.matmul.allow_tf32``): turning it on
+    would make fp32 checkpoints compute differently from stock transformers.
+    """
     if requested is not None and requested != "auto":
         dtype = getattr(torch, requested) if isinstance(requested, str) else requested
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"Invalid dtype={requested!r}: use a floating torch.dtype.")
+        if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
+            logger.warning(
+                "dtype=bfloat16 on %s, which has no native bf16: it will be emulated (slow). "
+                "float16 is this GPU's fast half precision.",
+                device,
+            )
         return dtype
     if checkpoint == torch.float16 and device.type == "cpu":
         logger.info(
             "fp16 checkpoint on CPU: computing in bfloat16 (fp16 matmuls are very slow on CPU)."
         )
         return torch.bfloat16
+    if device.type == "cuda":
+        return gpu_dtype(checkpoint, native_bf16(device))
     return checkpoint
+
+
+def gpu_dtype(checkpoint: torch.dtype, has_bf16: bool) -> torch.dtype:
+    """The compute dtype on a GPU for a checkpoint's dtype: its own, except bf16 on a GPU
+    without bf16 units (compute capability < 8.0, e.g. a T4), which computes in fp16."""
+    if checkpoint == torch.bfloat16 and not has_bf16:
+        logger.info(
+            "bf16 checkpoint on a GPU without native bf16: computing in float16 (its fast half "
+            "precision); pass dtype=torch.bfloat16 to keep bf16."
+        )
+        return torch.float16
+    return checkpoint
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` (CUDA) has bf16 units, not emulation: compute capability >= 8.0."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def plan_policy(

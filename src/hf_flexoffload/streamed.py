@@ -117,8 +117,9 @@ class StreamedMatrix:
     def take(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (any shape) -> (*ids.shape, cols) in the compute dtype, reading only
         those rows."""
-        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)  # sorted
-        wanted = unique.cpu()
+        # The rows are read on the host, so the ids go there once (one copy, where they live on
+        # a GPU) and everything about them is worked out there; only ``inverse`` goes back.
+        wanted, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)  # sorted
         found = []
         for key, start, stop in self.parts:
             local = wanted[(wanted >= start) & (wanted < stop)] - start

@@ -11,7 +11,7 @@ positions, then cast to the compute dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,10 @@ class Rope:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
+    # Built per device on first use (not part of the value: equality and repr ignore it).
+    _inv_freq: dict[torch.device, torch.Tensor] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -84,7 +88,15 @@ class Rope:
         )
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
-        """(dim / 2,) fp32 inverse frequencies."""
+        """(dim / 2,) fp32 inverse frequencies on ``device``, built once per device: every layer
+        of every step asks, and building them there (or copying them there) each time is a few
+        tiny kernels and, on CUDA, a host-to-device copy per call."""
+        cached = self._inv_freq.get(device)
+        if cached is None:
+            cached = self._inv_freq[device] = self._build_inv_freq(device)
+        return cached
+
+    def _build_inv_freq(self, device: torch.device) -> torch.Tensor:
         steps = torch.arange(0, self.dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
         inv_freq = 1.0 / (self.theta ** (steps / self.dim))
         if self.rope_type == "default":

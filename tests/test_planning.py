@@ -1,0 +1,55 @@
+"""planning: the compute dtype per device."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from hf_flexoffload import planning
+from hf_flexoffload.planning import gpu_dtype, resolve_dtype
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, has_bf16, expected",
+    [
+        (torch.bfloat16, False, torch.float16),
+        (torch.bfloat16, True, torch.bfloat16),
+        (torch.float16, False, torch.float16),
+        (torch.float32, False, torch.float32),
+        (torch.float32, True, torch.float32),
+    ],
+    ids=["bf16_on_t4", "bf16_on_a100", "fp16_kept", "fp32_kept_t4", "fp32_kept_a100"],
+)
+def test_gpu_dtype(checkpoint, has_bf16, expected):
+    assert gpu_dtype(checkpoint, has_bf16) == expected
+
+
+@pytest.mark.parametrize(
+    "capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)]
+)
+def test_bf16_checkpoint_on_cuda_follows_the_capability(monkeypatch, caplog, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with caplog.at_level(logging.INFO, logger=planning.__name__):
+        assert resolve_dtype(None, torch.bfloat16, GPU) == expected
+        assert resolve_dtype("auto", torch.bfloat16, GPU) == expected
+    assert ("float16" in caplog.text) == (expected == torch.float16)
+
+
+def test_explicit_dtype_wins_with_a_warning_when_emulated(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with caplog.at_level(logging.WARNING, logger=planning.__name__):
+        assert resolve_dtype(torch.bfloat16, torch.float32, GPU) == torch.bfloat16
+    assert "no native bf16" in caplog.text
+    assert resolve_dtype("float32", torch.bfloat16, GPU) == torch.float32
+
+
+def test_cpu_is_unchanged():
+    assert resolve_dtype(None, torch.float16, CPU) == torch.bfloat16
+    assert resolve_dtype(None, torch.bfloat16, CPU) == torch.bfloat16
+    assert resolve_dtype(None, torch.float32, CPU) == torch.float32
+    with pytest.raises(ValueError, match="dtype="):
+        resolve_dtype("int8", torch.float32, CPU)
