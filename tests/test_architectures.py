@@ -132,6 +132,49 @@ def test_rotary_frequencies_are_built_once_per_device():
     assert torch.equal(first, 1.0 / (1e4 ** (torch.arange(0, 16, 2).float() / 16)))
 
 
+def test_rotary_angles_build_the_frequencies_once_per_device(monkeypatch):
+    """Repeated layers and steps reuse one frequency tensor per device (a ``meta`` device stands
+    in for a second one) and get the same angles as the first call."""
+    builds = []
+    build = Rope._build_inv_freq
+    monkeypatch.setattr(Rope, "_build_inv_freq", lambda self, d: builds.append(d) or build(self, d))
+    config = LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        rope_parameters=LLAMA3_ROPE,
+    )
+    rope = architecture_for(config).rope
+    positions = torch.tensor([[0, 5, 255]])
+    first = rope.cos_sin(positions, torch.float32)
+    for _ in range(3):
+        again = rope.cos_sin(positions, torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    meta = rope.inv_freq(torch.device("meta"))
+    assert rope.inv_freq(torch.device("meta")) is meta and meta.device.type == "meta"
+    assert builds == [torch.device("cpu"), torch.device("meta")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["default", "llama3"])
+def test_rotary_on_cuda_matches_transformers_without_syncing(rope):
+    cuda = torch.device("cuda", 0)
+    config = LlamaConfig(
+        hidden_size=128, num_attention_heads=2, max_position_embeddings=256, rope_parameters=rope
+    )
+    arch = architecture_for(config)
+    positions = torch.tensor([[0, 1, 2, 3, 100, 255]], device=cuda)
+    cos, sin = LlamaRotaryEmbedding(config).to(cuda)(torch.zeros(1, device=cuda), positions)
+    arch.rope.cos_sin(positions, torch.float32)  # the first call builds the frequencies
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ours_cos, ours_sin = arch.rope.cos_sin(positions, torch.float32)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.equal(ours_cos[:, :, 0], cos) and torch.equal(ours_sin[:, :, 0], sin)
+
+
 def test_unsupported_rope_types_are_refused():
     yarn = LlamaConfig(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0))
     with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -201,3 +203,47 @@ def test_scales_round_up_so_no_group_is_clipped():
     assert torch.all(out.float() >= values)
     assert torch.equal(out[[0, 2]].float(), values[[0, 2]]), "exact values stay"
     assert out[1].float() == 1.0 + 2**-7, "rounded up to the next bf16"
+
+
+def _round_up_with_a_branch(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The round-up as it was before it became branch-free (``if low.any()``: a device wait)."""
+    out = values.to(dtype)
+    low = out.float() < values
+    if low.any():
+        out = torch.where(low, torch.nextafter(out, torch.full_like(out, math.inf)), out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_branch_free_round_up_quantizes_identically(monkeypatch, dtype, bits):
+    """Same bytes as the branching round-up, for groups whose range needs rounding up, groups
+    that do not (fp32 never does), all-negative groups and constant groups."""
+    from hf_flexoffload import compression
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 96) * 3
+    x[:16] = -x[:16].abs() - 5  # groups entirely below zero
+    x[16:24] = -2.5  # constant groups: zero range
+    x = x.to(dtype)
+    config = QuantConfig(bits=bits, group_size=32, dim=1)
+    ours = to_bytes(quantize(x, config))
+    monkeypatch.setattr(compression, "_round_up", _round_up_with_a_branch)
+    assert torch.equal(ours, to_bytes(quantize(x, config)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantize_and_dequantize_do_not_sync_on_cuda():
+    cuda = torch.device("cuda", 0)
+    x = (torch.randn(64, 256) * 3).to(cuda, torch.float16)
+    config = QuantConfig(bits=4, group_size=64, dim=0)
+    expected = quantize(x.cpu(), config)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        q = quantize(x, config)
+        y = dequantize(q)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.equal(to_bytes(q).cpu(), to_bytes(expected))
+    assert torch.equal(y.cpu(), dequantize(expected))

@@ -53,3 +53,28 @@ def test_cpu_is_unchanged():
     assert resolve_dtype(None, torch.float32, CPU) == torch.float32
     with pytest.raises(ValueError, match="dtype="):
         resolve_dtype("int8", torch.float32, CPU)
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (9, 0)])
+@pytest.mark.parametrize("checkpoint", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fp32_and_fp16_checkpoints_keep_their_dtype_on_cuda(monkeypatch, capability, checkpoint):
+    """Token equality with stock transformers: only bf16 on a GPU without it changes dtype."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype(None, checkpoint, GPU) == checkpoint
+
+
+def test_the_capability_is_asked_of_the_compute_device(monkeypatch):
+    """Two GPUs of different generations: the model's device decides, not the current one."""
+    capabilities = {0: (8, 0), 1: (7, 5)}
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device=None: capabilities[device.index]
+    )
+    assert resolve_dtype(None, torch.bfloat16, torch.device("cuda", 1)) == torch.float16
+    assert resolve_dtype(None, torch.bfloat16, torch.device("cuda", 0)) == torch.bfloat16
+
+
+def test_explicit_bf16_on_a_bf16_gpu_does_not_warn(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    with caplog.at_level(logging.INFO, logger=planning.__name__):
+        assert resolve_dtype("bfloat16", torch.float16, GPU) == torch.bfloat16
+    assert caplog.text == ""

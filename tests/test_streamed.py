@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +13,19 @@ from hf_flexoffload.storage import TierStore
 from hf_flexoffload.streamed import ChunkBuffers, StreamedMatrix, _runs, chunk_rows
 from hf_flexoffload.transfer import PinnedHost
 
+CPU = torch.device("cpu")
 
-def streamed(tmp_path, matrix: torch.Tensor, storage: torch.dtype, rows_per_chunk: int):
+
+def streamed(
+    tmp_path,
+    matrix: torch.Tensor,
+    storage: torch.dtype,
+    rows_per_chunk: int,
+    device: torch.device = CPU,
+):
     """``matrix`` stored in ``storage`` as three row segments: device, host, disk."""
     counters = Counters()
-    store = TierStore(torch.device("cpu"), str(tmp_path), counters)
+    store = TierStore(device, str(tmp_path), counters)
     n = matrix.shape[0]
     cuts = [(0, n // 5, "device"), (n // 5, n // 2, "host"), (n // 2, n, "disk")]
     parts = []
@@ -29,7 +39,7 @@ def streamed(tmp_path, matrix: torch.Tensor, storage: torch.dtype, rows_per_chun
         shape=tuple(matrix.shape),
         dtype=matrix.dtype,
         rows_per_chunk=rows_per_chunk,
-        buffers=ChunkBuffers(torch.device("cpu"), counters),
+        buffers=ChunkBuffers(device, counters),
     ), counters
 
 
@@ -87,3 +97,39 @@ def test_chunk_staging_is_reused_counted_and_released():
     assert counters.live["host"] == 2 * (64 * 128 * 2 + 4096)  # two slots, a page of slack each
     buffers.release()
     assert driver.live == {} and counters.live["host"] == 0
+
+
+def test_lookup_of_any_shape_equals_embedding(tmp_path):
+    """Scalars, 1-D, 3-D and non-contiguous ids: the ids go to the host flattened, the result
+    comes back in the ids' shape."""
+    whole = torch.randn(301, 8)
+    matrix, _ = streamed(tmp_path, whole, torch.float32, rows_per_chunk=37)
+    ids = torch.tensor([[300, 0, 150], [7, 7, 299]])
+    for case in (ids[0, 1], ids[1], ids[None].expand(2, 2, 3), ids.t()):
+        assert torch.equal(matrix.take(case), F.embedding(case, whole)), case.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lookup_on_cuda_waits_only_for_ids_on_the_device(tmp_path):
+    """Rows from all three tiers: host ids never make the host wait; device ids once (their
+    copy to the host, which reading the rows there needs)."""
+    cuda = torch.device("cuda", 0)
+    whole = torch.randn(301, 24)
+    matrix, _ = streamed(tmp_path, whole, torch.float32, rows_per_chunk=37, device=cuda)
+    ids = torch.tensor([[300, 0, 150, 151, 152], [7, 7, 299, 60, 151]])
+    device_ids, expected = ids.to(cuda), F.embedding(ids, whole)
+    matrix.take(ids)  # warms the caching host allocator up
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        from_host_ids = matrix.take(ids)
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from_device_ids = matrix.take(device_ids)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert torch.equal(from_host_ids.cpu(), expected)
+    assert torch.equal(from_device_ids.cpu(), expected)

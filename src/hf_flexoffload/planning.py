@@ -63,6 +63,8 @@ def gpu_dtype(checkpoint: torch.dtype, has_bf16: bool) -> torch.dtype:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` (CUDA) has bf16 units, not emulation: compute capability >= 8.0."""
+    # Asked of ``device`` itself: ``torch.cuda.is_bf16_supported`` only answers for the current
+    # device, which need not be the one the model runs on.
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 
 from .stats import Counters
 from .storage import TierStore
-from .transfer import PinnedHost, StagingRing, host_empty, shares_host_memory
+from .transfer import (
+    PinnedHost,
+    StagingRing,
+    host_empty,
+    shares_host_memory,
+    to_compute,
+    upload,
+)
 
 # Chunk buffers are at least this large, so tiny models do not run thousands of tiny matmuls.
 MIN_CHUNK_BYTES = 1 << 20
@@ -116,17 +123,23 @@ class StreamedMatrix:
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (any shape) -> (*ids.shape, cols) in the compute dtype, reading only
-        those rows."""
-        # The rows are read on the host, so the ids go there once (one copy, where they live on
-        # a GPU) and everything about them is worked out there; only ``inverse`` goes back.
-        wanted, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)  # sorted
+        those rows.
+
+        The host decides which rows to read, so it needs the ids: where they live on a GPU they
+        are copied to the host once, here, and that copy is the lookup's only wait for the
+        device. Everything about them is worked out on that copy; what goes back to the device
+        (the row order, the rows) goes through pinned memory without blocking.
+        """
+        host_ids = ids.reshape(-1).cpu()  # the one device-to-host copy (no-op on CPU)
+        wanted, inverse = torch.unique(host_ids, return_inverse=True)  # sorted
         found = []
         for key, start, stop in self.parts:
             local = wanted[(wanted >= start) & (wanted < stop)] - start
             if local.numel():
                 found.append(self._rows_at(key, local))
         rows = torch.cat(found) if len(found) > 1 else found[0]
-        return rows.to(self.dtype)[inverse.to(self.device)].reshape(*ids.shape, self.shape[1])
+        order = upload(inverse, self.device)
+        return rows.to(self.dtype).index_select(0, order).reshape(*ids.shape, self.shape[1])
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, matrix)``: (..., cols) -> (..., rows), one chunk of rows at a time."""
@@ -165,13 +178,17 @@ class StreamedMatrix:
         return converted[: n * cols].view(n, cols).copy_(source)
 
     def _rows_at(self, key: str, local: torch.Tensor) -> torch.Tensor:
-        """Rows ``local`` (sorted) of one segment, on the device in the stored dtype."""
+        """Rows ``local`` (sorted, on the host) of one segment, on the device in the stored
+        dtype; host rows cross through pinned memory, so nothing here waits for the device."""
         entry = self.store.entry(key)
+        if entry.tensor is not None and entry.tensor.device.type != "cpu":
+            return entry.tensor.index_select(0, upload(local, entry.tensor.device))
+        out = host_empty((local.numel(), self.shape[1]), entry.dtype, self.device, pin=True)
         if entry.tensor is not None:
-            return entry.tensor.index_select(0, local.to(entry.tensor.device)).to(self.device)
-        out = host_empty((local.numel(), self.shape[1]), entry.dtype, self.device)
-        self.store.read_rows(key, _runs(local.tolist()), out)
-        return out.to(self.device, non_blocking=out.is_pinned())
+            torch.index_select(entry.tensor, 0, local, out=out)
+        else:
+            self.store.read_rows(key, _runs(local.tolist()), out)
+        return to_compute(out, self.device)
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:
