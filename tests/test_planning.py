@@ -78,3 +78,21 @@ def test_explicit_bf16_on_a_bf16_gpu_does_not_warn(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger=planning.__name__):
         assert resolve_dtype("bfloat16", torch.float16, GPU) == torch.bfloat16
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    "device, requested, expected",
+    [(CPU, None, torch.float16), (GPU, "auto", torch.float16), (CPU, "float32", torch.float32)],
+    ids=["cpu_default", "gpu_auto", "explicit_wins"],
+)
+def test_compressed_checkpoint_computes_in_its_saved_dtype(device, requested, expected):
+    """A compressed checkpoint's bytes were quantized from one dtype: by default it computes in
+    that dtype (fp16 on a CPU too), whatever the device's preferred half precision."""
+    from types import SimpleNamespace
+
+    from hf_flexoffload.planning import checkpoint_compute_dtype
+
+    ckpt = SimpleNamespace(
+        compression=SimpleNamespace(dtype=torch.float16), dtype=lambda: torch.uint8
+    )
+    assert checkpoint_compute_dtype(requested, ckpt, device) == expected

@@ -30,12 +30,12 @@ from .memory_model import MODEL_ITEMS, Footprint, footprint, load_chunk_bytes
 from .offload_cache import FlexOffloadCache
 from .optimizer import optimize
 from .placement import PlacementReport
-from .planning import auto_policy, default_workload, resolve_dtype
+from .planning import auto_policy, checkpoint_compute_dtype, default_workload
 from .policy import TIERS, Policy, Workload
 from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
 from .storage import TierStore, check_writable, dtype_name
-from .transfer import Mover, shares_host_memory
+from .transfer import Mover, shares_host_memory, upload
 from .weight_layout import (
     StageLayout,
     layout_for,
@@ -152,7 +152,7 @@ class OffloadEngine:
         arch = architecture_for(config)
         ckpt = open_checkpoint(path, use_safetensors)
         saved = ckpt.compression
-        dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
+        dtype = checkpoint_compute_dtype(dtype, ckpt, device)
         if saved is not None and dtype != saved.dtype:
             raise ValueError(
                 f"{path!r} is a compressed checkpoint for dtype {saved.dtype}; load it with "
@@ -442,9 +442,9 @@ class OffloadEngine:
         cache.allocate(tuple(e - s for s, e in bounds))
         micro_batches = [
             MicroBatch(
-                input_ids[s:e].to(self.device),
-                position_ids[s:e].to(self.device),
-                None if key_mask is None else key_mask[s:e].to(self.device),
+                upload(input_ids[s:e], self.device),  # host inputs: no wait for the device
+                upload(position_ids[s:e], self.device),
+                None if key_mask is None else upload(key_mask[s:e], self.device),
             )
             for s, e in bounds
         ]

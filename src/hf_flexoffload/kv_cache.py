@@ -274,6 +274,8 @@ class KVUnit:
             # the write-back then stores the host copy instead of copying the tokens again.
             q, stored = to_host(q, self.device), to_host(stored, self.device)
             new = stored if self.codec.config is None else to_host(new, self.device)
+            if key_mask is not None:
+                key_mask = to_host(key_mask, self.device)
             host_ready(self.device)
             self.counters.add_moved(
                 "device_to_host", q.numel() * q.element_size() + stored.numel() * stored.itemsize

@@ -49,6 +49,18 @@ def resolve_dtype(
     return checkpoint
 
 
+def checkpoint_compute_dtype(
+    requested: torch.dtype | str | None, ckpt, device: torch.device
+) -> torch.dtype:
+    """The compute dtype for the opened checkpoint ``ckpt``: a compressed checkpoint computes in
+    the dtype it was saved for (its bytes were quantized from it), unless the user asks for
+    another (which the engine then refuses, saying so); any other follows ``resolve_dtype``."""
+    saved = ckpt.compression
+    if saved is not None and requested in (None, "auto"):
+        return saved.dtype
+    return resolve_dtype(requested, saved.dtype if saved else ckpt.dtype(), device)
+
+
 def gpu_dtype(checkpoint: torch.dtype, has_bf16: bool) -> torch.dtype:
     """The compute dtype on a GPU for a checkpoint's dtype: its own, except bf16 on a GPU
     without bf16 units (compute capability < 8.0, e.g. a T4), which computes in fp16."""
@@ -87,8 +99,7 @@ def plan_policy(
     """
     arch = architecture_for(config)
     ckpt = open_checkpoint(path, use_safetensors)
-    saved = ckpt.compression
-    dtype = resolve_dtype(dtype, saved.dtype if saved else ckpt.dtype(), device)
+    dtype = checkpoint_compute_dtype(dtype, ckpt, device)
     workload = workload or default_workload(arch)
     storage = storage_dtype(ckpt.dtype(), dtype)
     return auto_policy(arch, ckpt, dtype, storage, device, offload_dir, max_memory, workload)
