@@ -164,11 +164,22 @@ def _fake_cuda(monkeypatch, *, free, total, reserved, allocated, fraction=None):
     if fraction is None:  # a torch without the getter
         monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction", raising=False)
     else:
-        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: fraction)
+
+        def get_fraction(device):
+            # As torch's getter: a device without an index is refused.
+            if isinstance(device, torch.device) and device.index is None:
+                raise ValueError(f"Expected a torch.device with a specified index: {device}")
+            return fraction
+
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", get_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
 
+@pytest.mark.parametrize("index", [0, None], ids=["cuda:0", "cuda"])
 @pytest.mark.parametrize("fraction, expected", [(None, 14 * GiB), (0.1, 6 * GiB)])
-def test_measure_reads_the_allocator_state_on_cuda(monkeypatch, tmp_path, fraction, expected):
+def test_measure_reads_the_allocator_state_on_cuda(
+    monkeypatch, tmp_path, fraction, expected, index
+):
     # Runs on CPU: torch.cuda's memory queries are faked.
     _fake_cuda(
         monkeypatch,
@@ -178,14 +189,16 @@ def test_measure_reads_the_allocator_state_on_cuda(monkeypatch, tmp_path, fracti
         allocated=2 * GiB,
         fraction=fraction,
     )
-    caps = Capacities.measure(torch.device("cuda", 0), str(tmp_path), {"host": "1GiB"})
+    caps = Capacities.measure(torch.device("cuda", index), str(tmp_path), {"host": "1GiB"})
     assert (caps.device, caps.host, caps.shared) == (expected, GiB, False)
 
 
-def test_buffers_kept_from_a_run_are_counted_once(pre_ln_checkpoint, monkeypatch):
+@pytest.mark.parametrize("shared", [True, False], ids=["one-ram", "separate-device"])
+def test_buffers_kept_from_a_run_are_counted_once(pre_ln_checkpoint, monkeypatch, shared):
     # The weight staging pools outlive a generate. Free memory is measured with them allocated
     # and the memory model counts them again, so what the model holds is added back: all of it,
-    # in the profile the auto policy is re-planned with as in the pre-generate check.
+    # in the profile the auto policy is re-planned with as in the pre-generate check. Unshared
+    # (as on CUDA), each tier gets back what the model holds on it.
     path, _ = pre_ln_checkpoint
     policy = Policy(weights=Split(device=0.5, disk=0.5))
     with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
@@ -193,11 +206,16 @@ def test_buffers_kept_from_a_run_are_counted_once(pre_ln_checkpoint, monkeypatch
         engine = model.engine
         live, weights = engine.counters.live, engine.store.bytes_per_tier()
         assert live["device"] > weights["device"], "the staging pools are kept"
-        fixed = Capacities(device=GiB, host=GiB, disk=100 * GiB, shared=True)
+        # As ``measure`` returns them: capped, so one RAM has one size.
+        fixed = Capacities(device=GiB, host=2 * GiB, disk=100 * GiB, shared=shared).capped(None)
         monkeypatch.setattr(Capacities, "measure", classmethod(lambda cls, *a, **k: fixed))
-        expected = GiB + live["device"] + live["host"]
-        assert engine.capacities().device == expected
-        assert engine.profile().device_memory == expected
+        if shared:
+            device = host = GiB + live["device"] + live["host"]
+        else:
+            device, host = GiB + live["device"], 2 * GiB + live["host"]
+        caps, profile = engine.capacities(), engine.profile()
+        assert (caps.device, caps.host) == (device, host)
+        assert (profile.device_memory, profile.host_memory) == (device, host)
 
 
 @cuda_only

@@ -188,6 +188,8 @@ class AllocatorState:
 
     @classmethod
     def read(cls, device: torch.device) -> AllocatorState:
+        if device.index is None:  # "cuda": the fraction getter refuses a device without index
+            device = torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(device)
         # Reading the fraction back is a newer API; without it no cap can be known (1.0).
         getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
