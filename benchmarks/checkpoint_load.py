@@ -19,6 +19,7 @@ docs/benchmarks.md.
 Usage::
 
     python benchmarks/checkpoint_load.py --before 0438bfb
+    python benchmarks/checkpoint_load.py --before 0438bfb --device cuda   # computed on the GPU
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from hf_flexoffload.hardware import default_cache_dir
 from hf_flexoffload.probes import cpu_name
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _device
 from _common import write_between_markers
 from checkpoints import opt_config, write_random_checkpoint
 
@@ -130,20 +132,27 @@ def child(spec: dict) -> dict:
 
     offload = tempfile.mkdtemp(dir=spec["scratch"])
     policy = Policy(weights=Split(disk=1.0), direct_io=spec["direct_io"])
+    device = _device.resolve(spec["device"])
+    _device.reset_peaks(device)
     dropped = drop_page_cache()
     start = time.perf_counter()
     model = FlexOffloadOPTForCausalLM.from_pretrained(
-        spec["checkpoint"], offload_policy=policy, dtype=spec["dtype"], offload_dir=offload
+        spec["checkpoint"],
+        offload_policy=policy,
+        device=device,
+        dtype=spec["dtype"],
+        offload_dir=offload,
     )
     load = time.perf_counter() - start
     written = _dir_bytes(offload)
     # Both versions then fill the page cache the same way, by reading: pages a load has just
     # written are copied out measurably faster than pages read in from disk.
     drop_page_cache()
-    ids = torch.randint(3, 50000, (spec["batch"], spec["prompt"]))
+    ids = torch.randint(3, 50000, (spec["batch"], spec["prompt"])).to(device)
     model.generate(ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm-up
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=spec["new"], min_new_tokens=spec["new"], do_sample=False)
+    _device.synchronize(device)
     seconds = time.perf_counter() - start
     stats = model.generation_stats
     model.close()
@@ -155,6 +164,7 @@ def child(spec: dict) -> dict:
         "written_bytes": written,
         "tokens_per_second": spec["batch"] * spec["new"] / seconds,
         "disk_read_per_step": stats.bytes_moved.get("disk_to_host", 0) / max(1, stats.forwards),
+        **_device.peaks(device),
     }
 
 
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new", type=int, default=8)
     parser.add_argument("--dir", default=default_cache_dir(), help="checkpoints and scratch")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    _device.add_device_arguments(parser)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -199,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype, matmul = fastest_dtype(
         config.hidden_size, config.ffn_dim, args.batch, args.prompt, args.new
     )
+    if _device.is_cuda(torch.device(args.device)):
+        dtype = "bfloat16"  # the checkpoint's: the CPU's fp32-vs-bf16 race says nothing there
     dtype = args.dtype or dtype
     shard = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors"))[0]
     rates = read_rates(os.path.join(checkpoint, shard))
@@ -223,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                         batch=args.batch,
                         prompt=args.prompt,
                         new=args.new,
+                        device=args.device,
                     )
                     result = run_version(src, spec)
                     print(label, mode, result, flush=True)
@@ -238,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     lines = [
         f"Measured on {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, {time.strftime('%Y-%m-%d')}, with "
+        f"{torch.__version__}, {time.strftime('%Y-%m-%d')}, computed on {args.device}, with "
         f"`python benchmarks/checkpoint_load.py --before {args.before}`.",
         f"{args.shape} shape, random bf16 safetensors checkpoint ({size / 2**30:.2f} GiB), "
         f"`Policy(weights=Split(disk=1.0))`, compute dtype {dtype} (the faster here: one "
@@ -255,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         + f" Medians of {args.repeats} alternating runs (each in brackets), each a fresh process.",
         "",
         "| version | disk reads | load s | written to offload_dir | read per step "
-        "| tokens/s (runs) |",
-        "|---|---|---|---|---|---|",
+        f"| tokens/s (runs) | {_device.PEAK_HEADER} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (label, mode), results in runs.items():
         load = statistics.median(r["load_seconds"] for r in results)
@@ -265,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(
             f"| {label} | {mode} | {load:.1f} | {r['written_bytes'] / 2**30:.2f} GiB | "
             f"{r['disk_read_per_step'] / 2**30:.2f} GiB | {statistics.median(speed):.2f} "
-            f"({', '.join(f'{v:.2f}' for v in speed)}) |"
+            f"({', '.join(f'{v:.2f}' for v in speed)}) | {' | '.join(_device.peak_cells(r))} |"
         )
     lines += [
         "",

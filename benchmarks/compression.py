@@ -14,6 +14,10 @@ Usage::
 
     python benchmarks/compression.py                      # defaults below, ~10 minutes on 2 cores
     python benchmarks/compression.py --repeats 1 --gen-len 4 --no-write   # a quick look
+    python benchmarks/compression.py --device cuda --dtype bfloat16         # on the GPU
+
+On CUDA the budget is the GPU's (``--budget`` becomes ``--device-cap`` unless that is given) and
+the table adds the GPU's peaks (n/a on the CPU).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import statistics
 import sys
 import time
 
+import _device
 import torch
 from _common import in_fresh_process, peak_rss, write_between_markers
 from transformers import OPTConfig
@@ -68,10 +73,13 @@ def policies(config: OPTConfig, budget: int, batch: int, dtype: torch.dtype) -> 
 
 def _measure(path: str, policy: Policy, offload_dir: str, args) -> dict:
     """One load + generate, in a fresh process so its peak RSS is its own."""
+    device = _device.resolve(args.device)
+    _device.cap_memory(device, args.device_cap)
+    _device.reset_peaks(device)
     torch.manual_seed(0)
-    ids = torch.randint(3, 50000, (args.batch, args.prompt_len))
+    ids = torch.randint(3, 50000, (args.batch, args.prompt_len)).to(device)
     with FlexOffloadOPTForCausalLM.from_pretrained(
-        path, offload_policy=policy, offload_dir=offload_dir, dtype=args.dtype
+        path, offload_policy=policy, offload_dir=offload_dir, device=device, dtype=args.dtype
     ) as model:
         report = model.placement_report
         loaded = peak_rss()
@@ -89,20 +97,27 @@ def _measure(path: str, policy: Policy, offload_dir: str, args) -> dict:
         "peak_rss": peak,
         "resident": report.bytes_per_tier["device"],
         "disk": report.bytes_per_tier["disk"],
+        **_device.peaks(device),
     }
 
 
-def dequant_per_layer(config: OPTConfig, dtype: torch.dtype, repeats: int) -> float:
-    """Seconds to dequantize one decoder layer's matrices (4-bit g64), median."""
+def dequant_per_layer(
+    config: OPTConfig, dtype: torch.dtype, repeats: int, device: torch.device
+) -> float:
+    """Seconds to dequantize one decoder layer's matrices (4-bit g64) on ``device``, median."""
     h, f = config.hidden_size, config.ffn_dim
     shapes = [(h, h)] * 4 + [(f, h), (h, f)]
-    packed = [quantize(torch.randn(s, dtype=dtype), Q4, default_dim=0) for s in shapes]
-    outs = [torch.empty(s, dtype=dtype) for s in shapes]
+    packed = [
+        quantize(torch.randn(s, dtype=dtype, device=device), Q4, default_dim=0) for s in shapes
+    ]
+    outs = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
     times = []
     for _ in range(repeats):
+        _device.synchronize(device)
         start = time.perf_counter()
         for q, out in zip(packed, outs, strict=True):
             dequantize(q, out=out)
+        _device.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -123,8 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", default=os.path.join(default_cache_dir(), "opt-1.3b-bf16"))
     parser.add_argument("--offload-dir", default=os.path.join(default_cache_dir(), "bench-offload"))
     parser.add_argument("--no-write", action="store_true", help="print only")
+    _device.add_device_arguments(parser)
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
+    device = _device.resolve(args.device)
+    if _device.is_cuda(device) and args.device_cap is None:
+        args.device_cap = parse_size(args.budget)  # the budget is the GPU's there
 
     config = OPTConfig(**OPT_1_3B)
     print(f"checkpoint: {args.model_dir} (building it once takes a few minutes)", flush=True)
@@ -140,20 +159,22 @@ def main(argv: list[str] | None = None) -> None:
             )
             results[name].append(out)
             print(f"[{repeat + 1}/{args.repeats}] {name:<18} {out['tokens_per_s']:6.2f} tok/s")
-    dequant = dequant_per_layer(config, args.dtype, repeats=5)
+    dequant = dequant_per_layer(config, args.dtype, repeats=5, device=device)
 
     dtype_name = str(args.dtype).removeprefix("torch.")
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}; OPT-1.3B shape, random bf16 "
-        f"checkpoint computed in {dtype_name}; batch {args.batch} (2 micro-batches), prompt "
+        f"checkpoint computed in {dtype_name} on {args.device}; batch {args.batch} "
+        "(2 micro-batches), prompt "
         f"{args.prompt_len}, {args.gen_len} new tokens; budget {args.budget}; medians of "
         f"{args.repeats} alternating repeats, each run in a fresh process (peak RSS is the whole "
         "process's, Python and torch included, at the end of loading and of generating).",
         "",
         "| weights | resident | disk | read from disk per forward | peak RSS: load | "
-        "peak RSS: generate | prefill s | decode s/step | tokens/s | vs plain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS: generate | prefill s | decode s/step | tokens/s | vs plain | "
+        f"{_device.PEAK_HEADER} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = statistics.median(r["tokens_per_s"] for r in results["plain"])
     for name, runs in results.items():
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{human_bytes(max(r['peak_rss'] for r in runs))} | "
             f"{statistics.median(r['prefill_s'] for r in runs):.2f} | "
             f"{statistics.median(r['decode_s_per_step'] for r in runs):.2f} | "
-            f"{tps:.2f} | {tps / base:.2f}x |"
+            f"{tps:.2f} | {tps / base:.2f}x | {' | '.join(_device.peak_cells(runs[-1]))} |"
         )
     per_token = [
         statistics.median(r["decode_ms_per_token"] for r in results[name])

@@ -14,6 +14,10 @@ Usage::
 
     python benchmarks/policy.py                        # defaults below, ~15 minutes on 2 cores
     python benchmarks/policy.py --repeats 1 --only auto --no-write    # a quick look
+    python benchmarks/policy.py --device cuda --device-cap 16GiB      # on the GPU
+
+With ``--device cuda`` the budget still caps RAM (``max_memory`` host), ``--device-cap`` caps the
+GPU, and the table adds the GPU's peaks (n/a on the CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import platform
 import statistics
 import time
 
+import _device
 import torch
 from _common import (
     describe_policy,
@@ -77,16 +82,21 @@ def hand_policies() -> dict[str, Policy]:
 
 def _measure(path: str, policy: Policy | str, args: argparse.Namespace) -> dict:
     """One load + generate of one block (runs in a fresh process)."""
+    device = _device.resolve(args.device)
+    _device.cap_memory(device, args.device_cap)
     baseline = rss()
     reset_peak_rss()
+    _device.reset_peaks(device)
     workload = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, max_batch_size=64)
     auto = policy == "auto"
+    caps = {"host": args.budget, "device": args.device_cap} if auto else {}
     with FlexOffloadOPTForCausalLM.from_pretrained(
         path,
         offload_policy=policy,
         offload_dir=args.offload_dir,
+        device=device,
         dtype=args.dtype,
-        max_memory={"host": args.budget} if auto else None,
+        max_memory={k: v for k, v in caps.items() if v is not None} or None,
         workload=workload if auto else None,
     ) as model:
         loaded = peak_rss()
@@ -94,9 +104,10 @@ def _measure(path: str, policy: Policy | str, args: argparse.Namespace) -> dict:
         chosen = model.offload_policy
         batch = chosen.block_size
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, 50000, (batch, args.prompt_len), generator=g)
+        ids = torch.randint(3, 50000, (batch, args.prompt_len), generator=g).to(device)
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
+        _device.synchronize(device)
         wall = time.perf_counter() - start
         stats = model.generation_stats
         peak = peak_rss()
@@ -111,6 +122,7 @@ def _measure(path: str, policy: Policy | str, args: argparse.Namespace) -> dict:
         "peak_rss_load": loaded - baseline,
         "peak_rss_generate": peak - baseline,
         "baseline_rss": baseline,
+        **_device.peaks(device),
     }
 
 
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", default=os.path.join(default_cache_dir(), "opt-1.3b-bf16"))
     parser.add_argument("--offload-dir", default=os.path.join(default_cache_dir(), "bench-policy"))
     parser.add_argument("--no-write", action="store_true", help="print only")
+    _device.add_device_arguments(parser)
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     budget = parse_size(args.budget)
@@ -135,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     build_random_checkpoint(args.model_dir, config, torch.bfloat16)
     os.makedirs(args.offload_dir, exist_ok=True)
     profile = HardwareProfile.measure(
-        "cpu", args.dtype, offload_dir=args.offload_dir, matrix=(shape.hidden, shape.ffn)
+        _device.resolve(args.device),
+        args.dtype,
+        offload_dir=args.offload_dir,
+        matrix=(shape.hidden, shape.ffn),
     )
     print(profile.describe(), flush=True)
     compared: dict[str, Policy | str] = {**hand_policies(), "auto": "auto"}
@@ -173,15 +189,16 @@ def report(results: dict[str, list[dict]], args, budget: int, profile: HardwareP
     dtype = str(args.dtype).removeprefix("torch.")
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()} "
-        f"({profile.device_name}), torch {torch.__version__}; OPT-1.3B shape, random bf16 "
+        f"({profile.device_name}), torch {torch.__version__}, on {args.device}; OPT-1.3B shape, "
+        "random bf16 "
         f"checkpoint computed in {dtype}; prompt {args.prompt_len}, {args.gen_len} new tokens; "
         f"RAM budget {human_bytes(budget)}; medians of {args.repeats} alternating repeats, each "
         "run in a fresh process. Placement fractions are device/host/disk percentages; on a "
         "CPU machine device and host are the same RAM.",
         "",
         "| policy | block | placement | measured tok/s | predicted tok/s | error | "
-        "peak RSS above baseline: load / generate | within budget |",
-        "|---|---|---|---|---|---|---|---|",
+        f"peak RSS above baseline: load / generate | within budget | {_device.PEAK_HEADER} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     best = max(statistics.median(r["tokens_per_s"] for r in runs) for runs in results.values())
     for name, runs in results.items():
@@ -196,7 +213,7 @@ def report(results: dict[str, list[dict]], args, budget: int, profile: HardwareP
             f"{describe_policy(runs[0]['run_policy'])} | "
             f"{measured:.2f} ({measured / best:.0%} of best) "
             f"| {predicted:.2f} | {error:+.0%} | {human_bytes(load)} / {human_bytes(gen)} | "
-            f"{'yes' if peak <= budget else 'NO'} |"
+            f"{'yes' if peak <= budget else 'NO'} | {' | '.join(_device.peak_cells(runs[-1]))} |"
         )
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ Usage::
     python benchmarks/quality.py          # SmolLM2-135M-Instruct, all configurations
     python benchmarks/quality.py --max-tokens 2048 --instances 16 --no-write   # a quick look
     python benchmarks/quality.py --toy --no-write   # tiny random OPT: checks the script runs
+    python benchmarks/quality.py --device cuda      # every configuration's model on the GPU
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import _device
 import torch
 import torch.nn.functional as F
 from _common import write_between_markers
@@ -101,11 +103,13 @@ def configurations(group_sizes: list[int]) -> list[Config]:
     return out
 
 
-def load_model(path: str, config: Config, batch: int):
-    """The model of one configuration, in fp32 (CPUs without AVX-512 BF16 are far slower in
-    bf16). The offloaded model keeps everything in RAM: this measures quality, not offloading."""
+def load_model(path: str, config: Config, batch: int, device: torch.device):
+    """The model of one configuration on ``device``, in fp32 (CPUs without AVX-512 BF16 are far
+    slower in bf16). The offloaded model keeps everything on the device: this measures quality,
+    not offloading."""
     if config.stock:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = model.to(device).eval()
         if config.weights is not None:
             with torch.no_grad():
                 for weight in model.parameters():  # tied weights are listed once
@@ -116,7 +120,9 @@ def load_model(path: str, config: Config, batch: int):
     policy = Policy(
         micro_batch_size=batch, compress_weights=config.weights, compress_cache=config.cache
     )
-    return OFFLOADED.from_pretrained(path, offload_policy=policy, dtype=torch.float32)
+    return OFFLOADED.from_pretrained(
+        path, offload_policy=policy, device=device, dtype=torch.float32
+    )
 
 
 # -- perplexity --------------------------------------------------------------------------------
@@ -159,6 +165,7 @@ def perplexity(
     for (context, scored), begins in spans.items():
         for i in range(0, len(begins), batch):
             rows = torch.stack([ids[b : b + context + scored + 1] for b in begins[i : i + batch]])
+            rows = rows.to(model.device)
             nll += _window_nll(model, rows, context, chunk)
             count += rows.shape[0] * scored
             bar.update(rows.shape[0] * scored)
@@ -194,7 +201,7 @@ def _window_nll(model, rows: torch.Tensor, context: int, chunk: int) -> float:
 
 
 def measure(path: str, tokenizer, ids: torch.Tensor, config: Config, args) -> dict:
-    model = load_model(path, config, args.batch)
+    model = load_model(path, config, args.batch, _device.resolve(args.device))
     try:
         began = time.perf_counter()
         ppl, scored = perplexity(
@@ -291,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     )
     parser.add_argument("--doc", default=DOC, help="where to write the table")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    _device.add_device_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.stride <= args.window - 1 or args.chunk < 1 or args.batch < 1:
         parser.error("need 0 < --stride < --window, --chunk >= 1 and --batch >= 1")
@@ -334,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}; model: {source}, computed in fp32 "
-        f"through `{model_class}` (all in RAM). Perplexity: "
+        f"through `{model_class}` (all "
+        f"{'in RAM' if args.device == 'cpu' else f'on {args.device}'}). Perplexity: "
         f"`{os.path.relpath(args.text, os.path.join(HERE, '..'))}`, {len(ids)} tokens, "
         f"{next(iter(results.values()))['scored_tokens']} scored, windows of {args.window} "
         f"tokens moved by {args.stride}, scored tokens in chunks of {args.chunk}. Scenario: "

@@ -24,23 +24,28 @@ Usage::
 
     python benchmarks/throughput.py                 # the CPU suite (make bench)
     python benchmarks/throughput.py --repeats 1 --no-write --only ours
+    python benchmarks/throughput.py --device cuda --device-cap 16GiB   # every system on the GPU
+
+On CUDA every system runs on the GPU (stock wholly, accelerate with ``max_memory={0: cap,
+"cpu": budget}``, ours with ``device=``), under ``--device-cap``, and the table adds the GPU's
+allocated and reserved peaks and torch's pinned-host peak (n/a on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field, replace
 
+import _device
 import torch
-from _common import describe_policy, in_fresh_process, write_between_markers
+from _common import AnonPeak, in_fresh_process, write_between_markers
+from _throughput_report import best_rows, plot, report
 from checkpoints import opt_config, write_random_checkpoint
-from transformers import LogitsProcessor, LogitsProcessorList, OPTForCausalLM
+from transformers import LogitsProcessorList, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split, Workload
 from hf_flexoffload.architectures.opt import OPTShape
@@ -81,6 +86,7 @@ class Result:
     weights_read_per_step: float = 0.0
     chosen: dict | None = None
     batch: int = 0  # what ran: the auto policy picks its own block
+    device_peaks: dict = field(default_factory=dict)  # GPU and pinned-host peaks (CUDA)
 
     @property
     def size(self) -> int:
@@ -152,54 +158,16 @@ def plan_runs(
 # -- one run, in a fresh process -----------------------------------------------------------------
 
 
-class _FirstToken(LogitsProcessor):
-    """Records when the first logits arrive: the end of the prefill."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.at is None:
-            self.at = time.perf_counter()
-        return scores
-
-
-class _AnonPeak:
-    """Peak anonymous RSS (heap, not page cache or mapped files), sampled in a thread."""
-
-    def __init__(self) -> None:
-        self.peak = self.baseline = _anon_rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _anon_rss())
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, _anon_rss()) - self.baseline
-
-
-def _anon_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
     """Load, then generate one batch; the whole of it is timed and its memory sampled."""
     torch.set_num_threads(args.threads)
+    device = _device.resolve(args.device)
+    _device.cap_memory(device, args.device_cap)
     dtype = getattr(torch, args.compute_dtype)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50000, (run.batch, args.prompt_len), generator=g)
-    mask = torch.ones_like(ids)
-    first = _FirstToken()
-    memory = _AnonPeak()
+    first = _device.FirstToken(device)
+    memory = AnonPeak()
     offload_dir = os.path.join(args.work_dir, f"offload-{os.getpid()}")
     out: dict = {}
     try:
@@ -208,9 +176,10 @@ def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
                 path,
                 offload_policy=run.policy if run.policy == "auto" else Policy.from_dict(run.policy),
                 offload_dir=offload_dir,
+                device=device,
                 dtype=dtype,
                 # Fixed policies get the budget too: one over it is refused up front.
-                max_memory={"host": run.budget} if run.budget else None,
+                max_memory=_ours_caps(run.budget, args.device_cap),
                 workload=Workload(
                     prompt_len=args.prompt_len,
                     gen_len=args.gen_len,
@@ -222,15 +191,19 @@ def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
                 path,
                 dtype=dtype,
                 device_map="auto",
-                max_memory={"cpu": int(run.budget - args.working_memory)},
+                max_memory=_device.accelerate_max_memory(
+                    device, args.device_cap, run.budget - args.working_memory
+                ),
                 offload_folder=offload_dir,
             )
         else:
-            model = OPTForCausalLM.from_pretrained(path, dtype=dtype)
+            model = OPTForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         if run.policy == "auto":  # the block the auto policy planned, not the sweep's size
             b = model.offload_policy.block_size
             ids = torch.randint(3, 50000, (b, args.prompt_len), generator=g)
-            mask = torch.ones_like(ids)
+        ids = ids.to(device)
+        mask = torch.ones_like(ids)
+        _device.reset_peaks(device)
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(
@@ -241,7 +214,12 @@ def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
                 do_sample=False,
                 logits_processor=LogitsProcessorList([first]),
             )
+        _device.synchronize(device)
         wall = time.perf_counter() - start
+        out["device_peaks"] = {
+            **_device.peaks(device),
+            "registered_host_bytes": _device.registered_host_bytes(model),
+        }
         out["tokens_per_s"] = ids.shape[0] * args.gen_len / wall
         out["prefill_s"] = first.at - start
         out["decode_s"] = wall - out["prefill_s"]
@@ -260,155 +238,10 @@ def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
     return out
 
 
-# -- roofline ------------------------------------------------------------------------------------
-
-
-def roofline_seconds(
-    shape: OPTShape,
-    profile: HardwareProfile,
-    batch: int,
-    prompt_len: int,
-    gen_len: int,
-    read_seconds: float,
-) -> float:
-    """The time of the workload with compute at the measured matmul rate and ``read_seconds``
-    of disk reads per step, each step's reads fully hidden under its compute (or the reverse)."""
-    h, f, v = shape.hidden, shape.ffn, shape.vocab
-
-    def step(rows: int, context: float, heads_rows: int) -> float:
-        layer = 2 * (4 * h * h + 2 * h * f) + 4 * h * context  # per token: matmuls + attention
-        flops = rows * shape.layers * layer + heads_rows * 2 * h * v
-        compute = flops / profile.matmul_rate(rows)
-        return max(compute, read_seconds)
-
-    total = step(batch * prompt_len, prompt_len / 2, batch)  # the head runs on the last position
-    for t in range(1, gen_len):
-        total += step(batch, prompt_len + t, batch)
-    return total
-
-
-def _read_seconds(r: Result, profile: HardwareProfile) -> float:
-    """Disk time per step at the measured rates: weights read directly (O_DIRECT) at the cold
-    rate, everything else (and cached weights) at the page-cache rate."""
-    policy = r.chosen or (r.run.policy if isinstance(r.run.policy, dict) else None)
-    direct = bool(policy and policy.get("direct_io"))
-    weights = r.weights_read_per_step
-    rest = max(0.0, r.disk_read_per_step - weights)
-    weights_rate = profile.disk_read if direct else profile.cached_disk_read
-    return weights / weights_rate + rest / profile.cached_disk_read
-
-
-# -- report --------------------------------------------------------------------------------------
-
-
-def best_rows(results: list[Result]) -> dict[tuple[str, str], Result]:
-    """Each (configuration, system)'s best batch among those that fit its budget."""
-    best: dict[tuple[str, str], Result] = {}
-    for r in results:
-        key = (r.run.config, r.run.system)
-        ok = r.fits and r.tokens_per_s
-        if ok and (key not in best or r.median > best[key].median):
-            best[key] = r
-    return best
-
-
-def report(
-    results: list[Result],
-    args: argparse.Namespace,
-    profile: HardwareProfile,
-    shape: OPTShape,
-    weight_bytes: int,
-) -> str:
-    best = best_rows(results)
-    stock = [r for (c, s), r in best.items() if s == "stock transformers"]
-    ceiling = max(stock, key=lambda r: r.median) if stock else None
-    accel = best.get(("offload", "accelerate device_map"))
-    budget = int(args.weights_in_ram * weight_bytes) + args.working_memory
-    lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {profile.device_name}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}; {args.model} shape, random "
-        f"{args.checkpoint_dtype} checkpoint computed in {args.compute_dtype}; prompt "
-        f"{args.prompt_len}, {args.gen_len} new tokens; medians of {args.repeats} alternating "
-        f"repeats, each run in a fresh process. Offload budget: {human_bytes(budget)} of RAM "
-        f"({args.weights_in_ram:.0%} of the {human_bytes(weight_bytes)} of weights + "
-        f"{human_bytes(args.working_memory)} for the KV cache and activations); accelerate gets "
-        f"the weight share as `max_memory`. Roofline: matmul rate "
-        f"{profile.matmul_rate(1) / 1e9:.0f}-{max(profile.matmul_flops.values()) / 1e9:.0f} "
-        f"GFLOP/s by rows, disk {profile.cached_disk_read / 1e9:.1f} GB/s cached, "
-        f"{profile.disk_read / 1e9:.2f} GB/s direct.",
-        "",
-        "| configuration | system | batch | tokens/s | prefill s | decode s | peak RAM above "
-        "baseline | vs stock (same batch) | vs stock best | vs accelerate | roofline tokens/s "
-        "| of roofline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    stock_at = {r.run.batch: r for r in results if r.run.kind == "stock" and r.tokens_per_s}
-    for (config, system), r in best.items():
-        tps = r.median
-        same = stock_at.get(r.size)
-        bound_s = roofline_seconds(
-            shape, profile, r.size, args.prompt_len, args.gen_len, _read_seconds(r, profile)
-        )
-        bound = r.size * args.gen_len / bound_s
-        auto = r.chosen and r.run.policy == "auto"
-        cells = [
-            config,
-            system + (f" ({describe_policy(r.chosen)})" if auto else ""),
-            str(r.size),
-            f"{tps:.2f}",
-            f"{statistics.median(r.prefill_s):.1f}",
-            f"{statistics.median(r.decode_s):.1f}",
-            human_bytes(max(r.peak)) + ("" if r.run.budget is None else " (fits)"),
-            f"{tps / same.median:.2f}x" if same and r.run.kind != "stock" else "",
-            f"{tps / ceiling.median:.2f}x" if ceiling else "",
-            f"{tps / accel.median:.2f}x" if accel and r.run.kind == "ours" and r.run.budget else "",
-            f"{bound:.2f}",
-            f"{tps / bound:.0%}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    over = [r for r in results if not r.fits]
-    if over:
-        lines += [
-            "",
-            "Over the budget (not eligible): "
-            + "; ".join(
-                f"{r.run.system} at batch {r.run.batch}: {max(r.peak) / 2**20:.0f} MiB for a "
-                f"budget of {r.run.budget / 2**20:.0f} MiB, {r.median:.2f} tok/s"
-                for r in over
-            )
-            + ".",
-        ]
-    lines += ["", "All runs (median tokens/s by batch):", ""]
-    for r in results:
-        lines.append(
-            f"- {r.run.config}, {r.run.system}, batch {r.size}: "
-            + (f"{r.median:.2f}" if r.tokens_per_s else "failed")
-            + f" (runs: {', '.join(f'{t:.2f}' for t in r.tokens_per_s)}; peak "
-            f"{human_bytes(max(r.peak)) if r.peak else '?'})"
-        )
-    return "\n".join(lines)
-
-
-def plot(best: dict[tuple[str, str], Result], path: str) -> None:
-    """A bar chart of each row's tokens/s (the PNG beside docs/benchmarks.md)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{c}\n{s} (b{r.size})" for (c, s), r in best.items()]
-    values = [r.median for r in best.values()]
-    colors = ["#888" if r.run.kind != "ours" else "#d62" for r in best.values()]
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.55 * len(values)))
-    ax.barh(range(len(values)), values, color=colors)
-    ax.set_yticks(range(len(values)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("generated tokens / s (higher is better)")
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _ours_caps(budget: int | None, device_cap: int | None) -> dict | None:
+    """Ours' ``max_memory``: the RAM budget, and the GPU cap on CUDA."""
+    caps = {"host": budget, "device": device_cap}
+    return {tier: cap for tier, cap in caps.items() if cap is not None} or None
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -444,6 +277,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--doc", default=DOC)
     parser.add_argument("--plot", default=PLOT)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    _device.add_device_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -457,7 +291,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     os.makedirs(args.work_dir, exist_ok=True)
     compute = getattr(torch, args.compute_dtype)
     profile = HardwareProfile.measure(
-        "cpu", compute, offload_dir=args.work_dir, matrix=(shape.hidden, shape.ffn)
+        _device.resolve(args.device),
+        compute,
+        offload_dir=args.work_dir,
+        matrix=(shape.hidden, shape.ffn),
     )
     print(profile.describe(), flush=True)
     with torch.device("meta"):
@@ -482,6 +319,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             result.weights_read_per_step = out.get("weights_read_per_step", 0.0)
             result.chosen = out.get("chosen")
             result.batch = out["batch"]
+            result.device_peaks = out["device_peaks"]
             print(
                 f"[{repeat + 1}/{args.repeats}] {run.config:<9} {run.system:<24} "
                 f"b{out['batch']:<4} {out['tokens_per_s']:7.2f} tok/s (prefill "

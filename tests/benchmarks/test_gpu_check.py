@@ -1,0 +1,132 @@
+"""The prepared GPU check runs end to end on the CPU with a tiny shape (its numbers are not
+checked), and its pure parts do what they say."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_flexoffload import Split, hardware
+
+from ..test_hardware import make_profile
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+# Capacities are read at every run; only the measured rates are cached.
+CAPACITIES = ("device_memory", "host_memory", "disk_space", "ram_available", "shared")
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/gpu_check.py` sees it
+    yield
+    for name in ("gpu_check", "_check_report", "_overlap_trace", "_flexgen", "checkpoints"):
+        sys.modules.pop(name, None)
+
+
+def seed_profile(cache: Path, work: Path, matrix: tuple[int, int]) -> dict:
+    """Cache a profile's rates where the probe and ours-auto look them up: measuring them takes
+    a minute on 2 cores, and tests/test_hardware.py tests measuring."""
+    rates = make_profile(matrix=matrix).to_dict()
+    for name in CAPACITIES:
+        rates.pop(name)
+    key = hardware._machine_key(torch.device("cpu"), torch.float32, matrix, str(work))
+    hardware._write_cached(str(cache / "profiles" / key), rates)
+    return rates
+
+
+def test_runs_every_phase_on_cpu_and_reruns_only_what_is_missing(benchmarks, tmp_path, monkeypatch):
+    import gpu_check
+    from checkpoints import opt_config
+
+    config = opt_config(gpu_check.SHAPES["tiny"].model)
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HF_FLEXOFFLOAD_CACHE", str(tmp_path / "cache"))
+    rates = seed_profile(tmp_path / "cache", work, (config.hidden_size, config.ffn_dim))
+    argv = ["--device", "cpu", "--shape", "tiny", "--out", str(out), "--work-dir", str(work)]
+
+    start = time.perf_counter()
+    assert gpu_check.main(argv) == 0
+    seconds = time.perf_counter() - start
+
+    records = {p: json.loads((out / f"{p}.json").read_text()) for p in gpu_check.PHASES}
+    for phase, r in records.items():
+        assert r["status"] in ("ok", "skipped"), (phase, r)
+        assert r["status"] == "ok" or r["reason"], (phase, r)
+    skipped = {p for p, r in records.items() if r["status"] == "skipped"}
+    assert skipped == {"overlap", "cuda-tests", "throughput-flexgen"}  # CUDA-only
+    assert records["golden"]["tokens_equal"] and records["golden"]["cases"]
+    assert records["probe"]["profile"]["matmul_flops"] == rates["matmul_flops"]  # not measured
+    runs = {p.removeprefix("throughput-"): r for p, r in records.items() if r.get("tokens")}
+    assert set(runs) == {"stock", "accelerate", "ours-fixed", "ours-auto"}
+    assert all(r["tokens_per_s"] > 0 and r["device"] == "cpu" for r in runs.values())
+    assert runs["ours-fixed"]["tokens"] == runs["stock"]["tokens"]  # same prompts, same rows
+    assert runs["ours-auto"]["batch"] <= gpu_check.SHAPES["tiny"].auto_max_batch
+    summary = (out / "summary.md").read_text()
+    assert "| throughput-ours-fixed | ok |" in summary and "| ours-fixed | 4 |" in summary
+    assert seconds < 240, f"the CPU smoke run took {seconds:.0f} s"
+    import _check_report
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# B\n{_check_report.START}\nNot run yet.\n{_check_report.END}\ntail\n")
+    _check_report.main([str(out), "--doc", str(doc)])
+    assert "Not run yet" not in doc.read_text() and summary in doc.read_text()
+
+    # --missing: nothing is ok-less but the skipped CUDA phases, which need no process.
+    before = {p: (out / f"{p}.json").stat().st_mtime_ns for p in records}
+    start = time.perf_counter()
+    assert gpu_check.main([*argv, "--missing"]) == 0
+    assert time.perf_counter() - start < 5
+    after = {p: (out / f"{p}.json").stat().st_mtime_ns for p in records}
+    assert {p for p in records if after[p] != before[p]} == skipped
+
+
+def test_phase_groups_and_unknown_phases(benchmarks, tmp_path):
+    import gpu_check
+
+    args = gpu_check.parse_args(["--phases", "env,throughput", "--out", str(tmp_path)])
+    assert gpu_check.selected(args) == ["env", *(f"throughput-{s}" for s in gpu_check.SYSTEMS)]
+    with pytest.raises(SystemExit, match="unknown phases"):
+        gpu_check.selected(gpu_check.parse_args(["--phases", "throughput-fast"]))
+
+
+def test_overlap_counts_side_stream_copy_time_under_compute_kernels(benchmarks):
+    from _overlap_trace import overlap_stats
+
+    def event(cat, stream, ts, dur, name="kernel"):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    events = [
+        event("kernel", 7, 0, 10),
+        event("kernel", 7, 10, 10),  # compute busy 0-20 ...
+        event("kernel", 7, 40, 10),  # ... and 40-50
+        event("kernel", 9, 100, 5),  # a kernel on another stream is not the compute stream's
+        event("gpu_memcpy", 13, 15, 30, "Memcpy HtoD (Pinned -> Device)"),  # 5 + 5 under compute
+        event("gpu_memcpy", 7, 60, 10, "Memcpy HtoD (Pageable -> Device)"),  # on compute stream
+        event("gpu_memcpy", 13, 100, 10, "Memcpy DtoH (Device -> Pinned)"),  # not host to device
+    ]
+    stats = overlap_stats(events)
+    assert stats["compute_stream"] == 7 and stats["side_copies"] == 1 and stats["copies"] == 2
+    assert stats["copy_us"] == 30 and stats["overlapped_us"] == 10
+    assert stats["overlapped_fraction"] == pytest.approx(1 / 3)
+    assert overlap_stats([event("kernel", 7, 0, 10)])["overlapped_fraction"] is None
+
+
+def test_flexgen_and_ours_get_the_same_policy(benchmarks):
+    import _flexgen
+
+    percent = [40, 60, 100, 0, 100, 0]
+    flex = _flexgen.policy_kwargs(percent, 8, 2, overlap=True)
+    ours = _flexgen.ours_policy(percent, 8, 2, overlap=True)
+    assert (flex["gpu_batch_size"], flex["num_gpu_batches"]) == (8, 2)
+    assert (ours.micro_batch_size, ours.num_micro_batches) == (8, 2)
+    assert (flex["w_gpu_percent"], flex["w_cpu_percent"]) == (40, 60)
+    assert ours.weights == Split(device=0.4, host=0.6)
+    assert ours.cache == ours.activations == Split(device=1.0)
+    assert ours.overlap and not ours.host_attention and not flex["cpu_cache_compute"]
+    assert ours.pin_weights and flex["pin_weight"]
