@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue as queue_module
 import threading
 from collections.abc import Callable
 
@@ -57,20 +58,39 @@ def _status(key: str) -> int:
     return 0
 
 
-def _child(fn: Callable, args: tuple, queue) -> None:
+def _child(fn: Callable, args: tuple, queue, cgroup) -> None:
     try:
+        if cgroup is not None:
+            cgroup.join()
         queue.put(("ok", fn(*args)))
     except BaseException as err:  # report it to the parent instead of hanging it
         queue.put(("error", f"{type(err).__name__}: {err}"))
 
 
-def in_fresh_process(fn: Callable, *args):
-    """``fn(*args)`` in a spawned process, so its memory and caches are its own."""
+class ChildDied(RuntimeError):
+    """The fresh process ended without an answer (e.g. the OOM killer)."""
+
+
+def in_fresh_process(fn: Callable, *args, cgroup=None):
+    """``fn(*args)`` in a spawned process, so its memory and caches are its own; inside
+    ``cgroup`` (a ``_cgroup.MemoryCgroup``, joined before ``fn`` runs) when given.
+
+    Raises:
+        RuntimeError: ``fn`` raised (the message is its error).
+        ChildDied: the process ended without an answer (killed; its exit code is given).
+    """
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_child, args=(fn, args, queue))
+    child = context.Process(target=_child, args=(fn, args, queue, cgroup))
     child.start()
-    status, value = queue.get()
+    while True:
+        try:
+            status, value = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not child.is_alive():
+                child.join()
+                raise ChildDied(f"the run's process died with exit code {child.exitcode}") from None
     child.join()
     if status != "ok":
         raise RuntimeError(value)

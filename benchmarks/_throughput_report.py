@@ -105,7 +105,8 @@ def report(
             f" Every system on {args.device}, GPU cap {_device.fmt(args.device_cap)}."
             if on_gpu
             else ""
-        ),
+        )
+        + f" {getattr(args, 'cap_note', '')}",
         "",
         "| configuration | system | batch | tokens/s | prefill s | decode s | peak RAM above "
         "baseline | vs stock (same batch) | vs stock best | vs accelerate | roofline tokens/s "
@@ -128,7 +129,9 @@ def report(
             f"{tps:.2f}",
             f"{statistics.median(r.prefill_s):.1f}",
             f"{statistics.median(r.decode_s):.1f}",
-            human_bytes(max(r.peak)) + ("" if r.run.budget is None else " (fits)"),
+            human_bytes(max(r.peak))
+            + ("" if r.run.budget is None else " (fits)")
+            + (f"; cgroup {human_bytes(max(r.cgroup_peak))}" if r.cgroup_peak else ""),
             f"{tps / same.median:.2f}x" if same and r.run.kind != "stock" else "",
             f"{tps / ceiling.median:.2f}x" if ceiling else "",
             f"{tps / accel.median:.2f}x" if accel and r.run.kind == "ours" and r.run.budget else "",
@@ -156,6 +159,7 @@ def report(
             + (f"{r.median:.2f}" if r.tokens_per_s else "failed")
             + f" (runs: {', '.join(f'{t:.2f}' for t in r.tokens_per_s)}; peak "
             f"{human_bytes(max(r.peak)) if r.peak else '?'})"
+            + "".join(f"; failed: {e}" for e in sorted(set(r.errors)))
         )
     return "\n".join(lines)
 

@@ -37,12 +37,14 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
 import _device
 import torch
-from _common import AnonPeak, in_fresh_process, write_between_markers
+from _cgroup import MemoryCgroup, drop_page_cache
+from _common import AnonPeak, ChildDied, in_fresh_process, write_between_markers
 from _throughput_report import best_rows, plot, report
 from checkpoints import opt_config, write_random_checkpoint
 from transformers import LogitsProcessorList, OPTForCausalLM
@@ -87,6 +89,8 @@ class Result:
     chosen: dict | None = None
     batch: int = 0  # what ran: the auto policy picks its own block
     device_peaks: dict = field(default_factory=dict)  # GPU and pinned-host peaks (CUDA)
+    cgroup_peak: list[int] = field(default_factory=list)  # capped runs: page cache included
+    errors: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -238,6 +242,50 @@ def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
     return out
 
 
+def capped_mode(args: argparse.Namespace) -> str:
+    """Check that budgeted runs can be capped with a cgroup (``--cap cgroup``); otherwise fall
+    back to RSS sampling with a warning. Returns the sentence the report says about it."""
+    if args.cap == "cgroup":
+        probe, why = MemoryCgroup.make("probe", 0)
+        if probe is not None:
+            probe.remove()
+            return (
+                "Budgeted runs ran inside a memory cgroup of the budget above the process's "
+                "baseline, page cache counted, after dropping the page cache: offloaded weights "
+                "come from the disk, cold (`--cap cgroup`)."
+            )
+        print(f"warning: --cap cgroup: {why}; falling back to RSS sampling", file=sys.stderr)
+        args.cap = "rss"
+        why = f" (no cgroup: {why})"
+    else:
+        why = ""
+    return (
+        f"Budgets are peak anonymous RSS sampled every 10 ms{why}: the page cache is outside "
+        "them, so a model that fits in RAM is read from RAM in the offload rows."
+    )
+
+
+def run_capped(path: str, run: Run, args: argparse.Namespace, result: Result) -> dict:
+    """``measure`` in a fresh process; budgeted runs in a memory cgroup of their budget after
+    the page cache is dropped when ``args.cap == "cgroup"``."""
+    if run.budget is None or args.cap != "cgroup":
+        return in_fresh_process(measure, path, run, args)
+    cgroup, why = MemoryCgroup.make("throughput", run.budget)
+    if cgroup is None:
+        raise RuntimeError(why)
+    try:
+        drop_page_cache()
+        try:
+            out = in_fresh_process(measure, path, run, args, cgroup=cgroup)
+        except ChildDied as err:
+            killed = "killed by the OOM killer, no error first: " if cgroup.oom_kills() else ""
+            raise RuntimeError(f"{killed}{err}") from None
+        result.cgroup_peak.append(cgroup.peak())
+        return out
+    finally:
+        cgroup.remove()
+
+
 def _ours_caps(budget: int | None, device_cap: int | None) -> dict | None:
     """Ours' ``max_memory``: the RAM budget, and the GPU cap on CUDA."""
     caps = {"host": budget, "device": device_cap}
@@ -269,6 +317,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--auto-max-batch", type=int, default=128)
     parser.add_argument("--weights-in-ram", type=float, default=0.25)
     parser.add_argument("--working-memory", type=parse_size, default=parse_size("2GiB"))
+    parser.add_argument(
+        "--cap",
+        choices=["cgroup", "rss"],
+        default="cgroup",
+        help="how budgets hold: a memory cgroup (page cache counted; needs root) or RSS sampling",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--only", default=None, help="runs whose 'configuration system' has this")
@@ -303,12 +357,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
         )
     runs = plan_runs(args, profile, shape, weight_bytes)
     results = [Result(r) for r in runs]
+    args.cap_note = capped_mode(args)
     for repeat in range(args.repeats):
         for result in results:
             run = result.run
             try:
-                out = in_fresh_process(measure, path, run, args)
+                out = run_capped(path, run, args, result)
             except RuntimeError as err:  # e.g. out of memory: report, do not abort the suite
+                result.errors.append(str(err))
                 print(f"  {run.config} / {run.system} / b{run.batch}: FAILED {err}", flush=True)
                 continue
             result.tokens_per_s.append(out["tokens_per_s"])

@@ -137,3 +137,26 @@ def test_cuda_overlap_probe_measures_a_penalty(tmp_path, dtype):
     direct = rates["direct_overlap_penalty"]
     assert direct is None or 0.0 <= direct <= MAX_OVERLAP_PENALTY
     assert not list(tmp_path.iterdir()), "the probe file is removed"
+
+
+def test_slow_matmul_row_counts_reuse_the_last_measured_rate(monkeypatch):
+    # A call predicted to take longer than MATMUL_CALL_SECONDS is not timed (a 13B layer in
+    # bf16 on an AVX2 CPU would take minutes per row count): its rate is the last measured one.
+    calls = []
+
+    def fake_timed(fn, device, repeats=5):
+        calls.append(repeats)
+        return 0.1 * len(calls)  # seconds: later (larger) row counts are slower
+
+    monkeypatch.setattr(probes, "timed", fake_timed)
+    monkeypatch.setattr(probes, "MATMUL_CALL_SECONDS", 1e-9)  # only the first row count runs
+    rates = probes._matmul(torch.device("cpu"), torch.float32, (8, 16))
+    assert len(calls) == 1
+    assert list(rates) == list(probes.MATMUL_ROWS)
+    assert len(set(rates.values())) == 1
+
+    calls.clear()
+    monkeypatch.setattr(probes, "MATMUL_CALL_SECONDS", 1e9)  # every row count is timed
+    rates = probes._matmul(torch.device("cpu"), torch.float32, (8, 16))
+    assert len(calls) == len(probes.MATMUL_ROWS)
+    assert len(set(rates.values())) > 1

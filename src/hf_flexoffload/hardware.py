@@ -34,7 +34,7 @@ from .storage import dtype_name
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7
 
 
 def default_cache_dir() -> str:

@@ -20,7 +20,7 @@ from .architectures import Architecture
 from .model_sizes import Affine, ModelSizes, frac, is_offloaded, realized_fractions
 from .policy import TIERS, Policy, Workload
 from .stats import human_bytes
-from .weights import BOUNCE_BYTES
+from .weights import BOUNCE_BYTES, READ_AHEAD
 
 # What the process holds beyond the items (thread stacks, small tensors, freed temporaries the
 # heap has not returned yet; see budget.bound_heap_slack): the allowance the memory tests grant
@@ -88,7 +88,7 @@ def memory_items(
         staging += 2 * sizes.layer_stored * frac("weights", *gathered)
         staging += 2 * sizes.largest_stored
     if sizes.converts:  # gathered and converted in one pass, through a bounce buffer
-        staging += 2 * sizes.layer_converted + min(BOUNCE_BYTES, sizes.largest_stored)
+        staging += 2 * sizes.layer_converted + READ_AHEAD * min(BOUNCE_BYTES, sizes.largest_stored)
     if sizes.compressed_weights:
         staging += 2 * sizes.layer_plain
         # dequantize's unpacked codes (two uint8 copies) and their float copy, per tensor

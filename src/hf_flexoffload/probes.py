@@ -24,6 +24,8 @@ from .transfer import PinnedHost
 logger = logging.getLogger(__name__)
 
 MATMUL_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+# Row counts whose timed call would take longer than this reuse the last measured rate.
+MATMUL_CALL_SECONDS = 5.0
 _DISK_PROBE_BYTES = 256 * 2**20
 _STREAM_BYTES = 512 * 2**20
 
@@ -97,8 +99,14 @@ def _matmul(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -
             for w, b in layer:  # (out, in), (out,)
                 F.linear(inputs[w.shape[1]], w, b)
 
-    out = {}
+    out: dict[int, float] = {}
     for rows in MATMUL_ROWS:
+        if out and rows * flops_per_row / out[max(out)] > MATMUL_CALL_SECONDS:
+            # Large row counts on a large matrix with slow matmuls (bf16 on an AVX2 CPU: a
+            # 13B layer pair at 1024 rows takes minutes) would make the first profile take
+            # tens of minutes. By then the matmul is compute-bound: keep the last rate.
+            out[rows] = out[max(out)]
+            continue
         inputs = {d: torch.randn(rows, d, device=device).to(dtype) for d in {hidden, ffn}}
         seconds = timed(lambda x=inputs: run(x), device, repeats=2 if rows > 64 else 3)
         out[rows] = rows * flops_per_row / seconds

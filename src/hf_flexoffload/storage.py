@@ -17,7 +17,9 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,7 @@ class TierStore:
         self._entries: dict[str, Entry] = {}
         self._reusable: dict[str, dict[str, Any]] = {}
         self._borrowed: dict[str, tuple[int, ...]] = {}  # file -> identity when first borrowed
+        self._readers: ThreadPoolExecutor | None = None  # for ``read_rows_ahead``
 
     def supports_direct_io(self) -> bool:
         """Whether ``directory``'s filesystem takes ``O_DIRECT`` reads (probed once)."""
@@ -303,6 +306,44 @@ class TierStore:
             f.close()
         return out
 
+    def read_rows_ahead(
+        self, key: str, runs: list[tuple[int, int]], views: list[torch.Tensor], depth: int
+    ) -> Iterator[torch.Tensor]:
+        """``read_rows(key, [runs[i]], views[i])`` for each run in order, yielding each filled
+        view, with the next reads in flight while the caller uses it.
+
+        One synchronous read at a time leaves the disk idle while the caller converts what
+        arrived, and a queue depth of one is far below what a disk needs for its bandwidth.
+        Here up to ``depth`` direct reads are outstanding. ``views[i]`` may share memory with
+        ``views[i + depth]`` (a ring of ``depth`` buffers): it is filled only after the caller
+        has resumed from ``views[i]``.
+        """
+        entry = self._entries[key]
+        if entry.tensor is not None or depth <= 1:
+            for run, view in zip(runs, views, strict=True):
+                yield self.read_rows(key, [run], view, direct=True)
+            return
+        row_bytes = entry.nbytes // max(1, entry.shape[0])
+        f = DiskFile(entry.path, direct=self.direct_io)
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(depth, thread_name_prefix="hf-flexoffload-read")
+
+        def read(i: int):
+            offset = entry.offset + runs[i][0] * row_bytes
+            return self._readers.submit(f.read_into, offset, views[i])
+
+        pending = deque(read(i) for i in range(min(depth, len(runs))))
+        try:
+            for i in range(len(runs)):
+                self.counters.add_moved("disk_to_host", pending.popleft().result())
+                yield views[i]
+                if i + depth < len(runs):
+                    pending.append(read(i + depth))
+        finally:  # also when the caller stops early: no read may outlive the file or buffers
+            for future in pending:
+                future.exception()
+            f.close()
+
     def get(self, key: str) -> torch.Tensor:
         """The tensor where it lives: device/host tensors as stored, disk ones read into a new
         host buffer (pinned on CUDA)."""
@@ -334,6 +375,9 @@ class TierStore:
         self.pinned.release()
         self._entries.clear()
         self._borrowed.clear()
+        if self._readers is not None:
+            self._readers.shutdown()
+            self._readers = None
 
     def prune(self) -> None:
         """Remove tensor files in ``directory`` that no entry uses (left by an earlier load

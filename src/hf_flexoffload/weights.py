@@ -25,8 +25,10 @@ from .streamed import ChunkBuffers, StreamedMatrix, chunk_rows
 from .transfer import PAGE, StagingRing, at_phase, host_empty, shares_host_memory
 from .weight_layout import StageLayout, is_streamed, segment_key
 
-# Disk rows converted to the compute dtype go through a bounce buffer of this size.
-BOUNCE_BYTES = 4 << 20
+# Disk rows converted to the compute dtype go through a ring of READ_AHEAD bounce buffers of
+# this size: one being converted while the others' direct reads are in flight.
+BOUNCE_BYTES = 8 << 20
+READ_AHEAD = 4
 
 
 class WeightFetcher:
@@ -186,17 +188,24 @@ class WeightFetcher:
 
     def _read_converted(self, key: str, dtype: torch.dtype, rows: torch.Tensor) -> None:
         """Disk rows of ``key`` (stored as ``dtype``) into ``rows`` (another dtype), a bounce
-        buffer's worth at a time (direct reads land in place: see ``_disk_phase``)."""
-        row_bytes = rows[0].numel() * dtype.itemsize
+        buffer's worth at a time, converted while the next reads are in flight (direct reads
+        land in place: see ``_disk_phase``)."""
+        n, row_bytes = rows.shape[0], rows[0].numel() * dtype.itemsize
         per = max(1, BOUNCE_BYTES // max(1, row_bytes))
-        raw = self._buffers.get("convert", min(per, rows.shape[0]) * row_bytes + PAGE, torch.uint8)
+        ring = [
+            self._buffers.get(f"convert{k}", min(per, n) * row_bytes + PAGE, torch.uint8)
+            for k in range(READ_AHEAD)
+        ]
         offset = self.store.entry(key).offset
-        for a in range(0, rows.shape[0], per):
-            b = min(rows.shape[0], a + per)
+        runs = [(a, min(n, a + per)) for a in range(0, n, per)]
+        views = []
+        for i, (a, b) in enumerate(runs):
             phase = _phase(offset + a * row_bytes, dtype)
-            part = at_phase(raw, (b - a) * row_bytes, phase).view(dtype)
-            part = part.view(b - a, *rows.shape[1:])
-            rows[a:b].copy_(self.store.read_rows(key, [(a, b)], part, direct=True))
+            raw = at_phase(ring[i % READ_AHEAD], (b - a) * row_bytes, phase)
+            views.append(raw.view(dtype).view(b - a, *rows.shape[1:]))
+        parts = self.store.read_rows_ahead(key, runs, views, READ_AHEAD)
+        for (a, b), part in zip(runs, parts, strict=True):
+            rows[a:b].copy_(part)
 
     def _disk_phase(self, name: str) -> int:
         """The page phase at which a buffer for ``name`` in its stored dtype must start so its

@@ -9,15 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from hf_flexoffload import Split, hardware
+from hf_flexoffload import Split
 
-from ..test_hardware import make_profile
+from .conftest import seed_profile
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-# Capacities are read at every run; only the measured rates are cached.
-CAPACITIES = ("device_memory", "host_memory", "disk_space", "ram_available", "shared")
 
 
 @pytest.fixture
@@ -26,17 +23,6 @@ def benchmarks(monkeypatch):
     yield
     for name in ("gpu_check", "_check_report", "_overlap_trace", "_flexgen", "checkpoints"):
         sys.modules.pop(name, None)
-
-
-def seed_profile(cache: Path, work: Path, matrix: tuple[int, int]) -> dict:
-    """Cache a profile's rates where the probe and ours-auto look them up: measuring them takes
-    a minute on 2 cores, and tests/test_hardware.py tests measuring."""
-    rates = make_profile(matrix=matrix).to_dict()
-    for name in CAPACITIES:
-        rates.pop(name)
-    key = hardware._machine_key(torch.device("cpu"), torch.float32, matrix, str(work))
-    hardware._write_cached(str(cache / "profiles" / key), rates)
-    return rates
 
 
 def test_runs_every_phase_on_cpu_and_reruns_only_what_is_missing(benchmarks, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ def test_suite_runs_and_writes_its_table_and_plot(throughput, tmp_path, capsys):
             "--offload-batches=2",
             "--ours-batches=2",
             "--repeats=1",
-            "--working-memory=64MiB",
+            "--working-memory=512MiB",  # in a cgroup, lazily imported modules count too
             f"--checkpoint-dir={tmp_path / 'ckpt'}",
             f"--work-dir={tmp_path / 'work'}",
             f"--doc={doc}",
@@ -66,3 +66,18 @@ def test_suite_runs_and_writes_its_table_and_plot(throughput, tmp_path, capsys):
     assert "| resident | stock transformers | 2 |" in text
     assert "roofline" in text and "throughput.png" in text
     assert (tmp_path / "throughput.png").stat().st_size > 1000
+    budgeted = [r for r in results if r.run.budget is not None]
+    if _cgroups_available():  # each budgeted run was held by a cgroup: page cache counted
+        assert all(r.cgroup_peak and max(r.cgroup_peak) > 0 for r in budgeted)
+        assert "inside a memory cgroup" in text
+    else:
+        assert not any(r.cgroup_peak for r in budgeted) and "RSS sampled" in text
+
+
+def _cgroups_available() -> bool:
+    from _cgroup import MemoryCgroup
+
+    group, _ = MemoryCgroup.make("probe", 0)
+    if group is not None:
+        group.remove()
+    return group is not None
