@@ -7,7 +7,7 @@ import os
 import time
 
 import torch
-from _common import describe_policy
+from _common import describe_policy, tokens_bar_chart
 
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.hardware import HardwareProfile
@@ -100,25 +100,10 @@ def _rates(profile: HardwareProfile) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
-    """tokens/s per run (log scale: the systems differ by orders of magnitude)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """tokens/s per finished run (the PNG beside docs/benchmarks.md)."""
     ok = [r for r in results if "error" not in r]
-    if not ok:
-        return
-    labels = [f"{r['system']} (b{r['batch']})" for r in ok]
-    values = [r["tokens_per_s"] for r in ok]
-    colors = ["#d62" if r["system"].startswith("ours") else "#888" for r in ok]
-    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.5 * len(ok)))
-    ax.barh(range(len(ok)), values, color=colors)
-    ax.set_yticks(range(len(ok)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("generated tokens / s (higher is better)")
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.3f}", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if ok:
+        labels = [f"{r['system']} (b{r['batch']})" for r in ok]
+        values = [r["tokens_per_s"] for r in ok]
+        ours = [r["system"].startswith("ours") for r in ok]
+        tokens_bar_chart(labels, values, ours, path, digits=4)

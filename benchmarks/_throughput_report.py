@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import _device
 import torch
-from _common import describe_policy
+from _common import describe_policy, tokens_bar_chart
 
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.hardware import HardwareProfile
@@ -166,21 +166,6 @@ def report(
 
 def plot(best: dict[tuple[str, str], Result], path: str) -> None:
     """A bar chart of each row's tokens/s (the PNG beside docs/benchmarks.md)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{c}\n{s} (b{r.size})" for (c, s), r in best.items()]
     values = [r.median for r in best.values()]
-    colors = ["#888" if r.run.kind != "ours" else "#d62" for r in best.values()]
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.55 * len(values)))
-    ax.barh(range(len(values)), values, color=colors)
-    ax.set_yticks(range(len(values)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("generated tokens / s (higher is better)")
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tokens_bar_chart(labels, values, [r.run.kind == "ours" for r in best.values()], path)
