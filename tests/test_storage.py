@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 
+from hf_flexoffload.disk_file import check_writable
 from hf_flexoffload.stats import Counters
 from hf_flexoffload.storage import (
     CheckpointChangedError,
     DiskFile,
     TierStore,
-    check_writable,
     direct_io_supported,
 )
 from hf_flexoffload.transfer import PAGE, PinnedHost, aligned_empty, at_phase

@@ -4,6 +4,10 @@ bypass the page cache (with a bounce buffer for what is not block-aligned)."""
 from __future__ import annotations
 
 import os
+import shutil
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor
 
 import torch
 
@@ -52,6 +56,25 @@ class DiskFile:
         if self.direct:
             return self._read_direct(offset, view, out.data_ptr())
         return self._read_all(self._fd, offset, view)
+
+    def read_ahead(
+        self, offsets: list[int], outs: list[torch.Tensor], depth: int, pool: Executor
+    ) -> Iterator[tuple[torch.Tensor, int]]:
+        """``read_into(offsets[i], outs[i])`` in order on ``pool``'s threads, ``depth`` at a
+        time, yielding each filled ``outs[i]`` and its byte count; ``outs[i + depth]`` (which
+        may share memory with ``outs[i]``) is read only after the caller resumes from ``i``."""
+        pending = deque(
+            pool.submit(self.read_into, offsets[i], outs[i]) for i in range(min(depth, len(outs)))
+        )
+        try:
+            for i in range(len(outs)):
+                nbytes = pending.popleft().result()
+                yield outs[i], nbytes
+                if i + depth < len(outs):
+                    pending.append(pool.submit(self.read_into, offsets[i + depth], outs[i + depth]))
+        finally:  # also when the caller stops early: no read may outlive the file or buffers
+            for future in pending:
+                future.exception()
 
     def _read_all(self, fd: int, offset: int, view: memoryview) -> int:
         done = 0
@@ -137,3 +160,25 @@ def direct_io_supported(directory: str) -> bool:
     finally:
         if os.path.exists(probe):
             os.remove(probe)
+
+
+def check_writable(directory: str, needed_bytes: int) -> None:
+    """Fail early, before anything is written, if ``directory`` cannot take ``needed_bytes``."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".write-probe")
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.remove(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"offload_dir={directory!r} is not writable ({err.strerror}). Pass an offload_dir on "
+            "a disk you can write to."
+        ) from err
+    free = shutil.disk_usage(directory).free
+    if needed_bytes > free:
+        raise OSError(
+            f"offload_dir={directory!r} has {free / 2**30:.2f} GiB free but the disk tier needs "
+            f"{needed_bytes / 2**30:.2f} GiB. Free space, choose another offload_dir, or lower the "
+            "policy's disk fractions."
+        )

@@ -24,6 +24,7 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, check_tensors, open_checkpoint
 from .checkpoint_store import bytes_to_write, load_into_store
 from .compressed_checkpoint import SavedCompression, save_store
 from .cost_model import Estimate, estimate
+from .disk_file import check_writable
 from .hardware import HardwareProfile
 from .kv_cache import TokenCodec
 from .memory_model import MODEL_ITEMS, Footprint, footprint, load_chunk_bytes
@@ -34,7 +35,7 @@ from .planning import auto_policy, checkpoint_compute_dtype, default_workload
 from .policy import TIERS, Policy, Workload
 from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
-from .storage import TierStore, check_writable, dtype_name
+from .storage import TierStore, dtype_name
 from .transfer import Mover, shares_host_memory, upload
 from .weight_layout import (
     StageLayout,

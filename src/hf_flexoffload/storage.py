@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -310,38 +308,23 @@ class TierStore:
         self, key: str, runs: list[tuple[int, int]], views: list[torch.Tensor], depth: int
     ) -> Iterator[torch.Tensor]:
         """``read_rows(key, [runs[i]], views[i])`` for each run in order, yielding each filled
-        view, with the next reads in flight while the caller uses it.
-
-        One synchronous read at a time leaves the disk idle while the caller converts what
-        arrived, and a queue depth of one is far below what a disk needs for its bandwidth.
-        Here up to ``depth`` direct reads are outstanding. ``views[i]`` may share memory with
-        ``views[i + depth]`` (a ring of ``depth`` buffers): it is filled only after the caller
-        has resumed from ``views[i]``.
-        """
+        view while up to ``depth`` direct reads are in flight (one synchronous read at a time
+        left the disk idle during each conversion); see ``DiskFile.read_ahead``."""
         entry = self._entries[key]
         if entry.tensor is not None or depth <= 1:
             for run, view in zip(runs, views, strict=True):
                 yield self.read_rows(key, [run], view, direct=True)
             return
         row_bytes = entry.nbytes // max(1, entry.shape[0])
-        f = DiskFile(entry.path, direct=self.direct_io)
         if self._readers is None:
             self._readers = ThreadPoolExecutor(depth, thread_name_prefix="hf-flexoffload-read")
-
-        def read(i: int):
-            offset = entry.offset + runs[i][0] * row_bytes
-            return self._readers.submit(f.read_into, offset, views[i])
-
-        pending = deque(read(i) for i in range(min(depth, len(runs))))
+        f = DiskFile(entry.path, direct=self.direct_io)
+        offsets = [entry.offset + a * row_bytes for a, _ in runs]
         try:
-            for i in range(len(runs)):
-                self.counters.add_moved("disk_to_host", pending.popleft().result())
-                yield views[i]
-                if i + depth < len(runs):
-                    pending.append(read(i + depth))
-        finally:  # also when the caller stops early: no read may outlive the file or buffers
-            for future in pending:
-                future.exception()
+            for view, nbytes in f.read_ahead(offsets, views, depth, self._readers):
+                self.counters.add_moved("disk_to_host", nbytes)
+                yield view
+        finally:
             f.close()
 
     def get(self, key: str) -> torch.Tensor:
@@ -396,25 +379,3 @@ class CheckpointChangedError(RuntimeError):
 def _identity(path: str) -> tuple[int, ...]:
     st = os.stat(path)
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-
-
-def check_writable(directory: str, needed_bytes: int) -> None:
-    """Fail early, before anything is written, if ``directory`` cannot take ``needed_bytes``."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, ".write-probe")
-        with open(probe, "wb") as f:
-            f.write(b"x")
-        os.remove(probe)
-    except OSError as err:
-        raise PermissionError(
-            f"offload_dir={directory!r} is not writable ({err.strerror}). Pass an offload_dir on "
-            "a disk you can write to."
-        ) from err
-    free = shutil.disk_usage(directory).free
-    if needed_bytes > free:
-        raise OSError(
-            f"offload_dir={directory!r} has {free / 2**30:.2f} GiB free but the disk tier needs "
-            f"{needed_bytes / 2**30:.2f} GiB. Free space, choose another offload_dir, or lower the "
-            "policy's disk fractions."
-        )
