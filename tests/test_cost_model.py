@@ -110,3 +110,24 @@ def test_throughput_is_generated_tokens_over_time():
     est = estimate(SHAPE, F32, make_profile(), WORKLOAD, OFFLOADED)
     assert est.tokens_per_second == pytest.approx(16 * 16 / est.total_seconds)
     assert est.bottleneck in ("compute", "weights", "read", "write")
+
+
+@pytest.mark.parametrize(
+    ("pinned", "kernel"), [(None, True), (0, False)], ids=["measured_crossover", "pinned_off"]
+)
+def test_tiled_4bit_decode_is_priced_at_the_kernel_rate_without_dequantizing(pinned, kernel):
+    # OPT-125M's matrices take the kernel's layout with input-channel groups of 32.
+    q4 = QuantConfig(bits=4, group_size=32, dim=1)
+    assert ModelSizes.of(SHAPE, F32, Policy(compress_weights=q4)).tiled_weights
+    policy = Policy(micro_batch_size=4, compress_weights=q4, int4_kernel_rows=pinned)
+    slow_kernel = make_profile(int4_matmul_flops={1: 1e9, 64: 1e9}, int4_kernel_rows=16)
+    fast_kernel = replace(slow_kernel, int4_matmul_flops={1: 1e12, 64: 1e12})
+    slow = estimate(SHAPE, F32, slow_kernel, WORKLOAD, policy).layer_seconds
+    fast = estimate(SHAPE, F32, fast_kernel, WORKLOAD, policy).layer_seconds
+    plain = estimate(SHAPE, F32, make_profile(), WORKLOAD, policy).layer_seconds
+    if kernel:  # decode computes 4 rows <= 16: the kernel's rate, no dequantizing pass
+        assert fast["compute"] < slow["compute"]
+        assert fast["weights"] < plain["weights"]
+    else:  # the dense matmul after dequantizing, whatever the kernel's rate
+        assert fast == pytest.approx(slow)
+        assert fast == pytest.approx(plain)

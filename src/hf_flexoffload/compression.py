@@ -27,12 +27,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import int4_tiled
+from .int4_tiled import TiledInt4
 from .policy import QuantConfig
 
 __all__ = [
     "QuantConfig",
     "QuantFormat",
     "QuantizedTensor",
+    "TiledInt4",
     "dequantize",
     "from_bytes",
     "linear",
@@ -78,6 +81,12 @@ class QuantFormat:
         return cls(shape, dtype, resolve_dim(config, len(shape), default_dim))
 
     @property
+    def tiled(self) -> bool:
+        """Whether the bytes are in the CPU int4 kernel's layout (``int4_tiled``)."""
+        c = self.config
+        return int4_tiled.tileable(self.shape, c.bits, c.dim, c.group_size)
+
+    @property
     def dims(self) -> tuple[int, int, int, int]:
         """(pre, groups, group_size, post) of the grouped view."""
         d = self.config.dim
@@ -93,6 +102,10 @@ class QuantFormat:
                 f"Records over the first {lead_dims} dims would cut groups along dim "
                 f"{self.config.dim}."
             )
+        if self.tiled:
+            if lead_dims:
+                raise ValueError("A weight in the int4 kernel's layout is one record.")
+            return int4_tiled.record_bytes(self.shape, self.config.group_size)
         pre, groups, size, post = self.dims
         records = math.prod(self.shape[:lead_dims])
         pairs = pre * groups * post // records
@@ -151,7 +164,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int = -2) -> torch.Tensor
 
 def quantize(
     x: torch.Tensor, config: QuantConfig, *, lead_dims: int = 0, default_dim: int = -1
-) -> QuantizedTensor:
+) -> QuantizedTensor | TiledInt4:
     """Quantize ``x`` group-wise along ``config.dim`` (``default_dim`` when it is None).
 
     Runs on ``x``'s device. A grouped dimension that is not a multiple of the group size is
@@ -166,7 +179,8 @@ def quantize(
         default_dim: The dimension used when ``config.dim`` is None.
 
     Returns:
-        The QuantizedTensor.
+        The QuantizedTensor, or a TiledInt4 for a weight the CPU int4 kernel can multiply
+        (``QuantFormat.tiled``).
     """
     fmt = QuantFormat.of(tuple(x.shape), x.dtype, config, default_dim)
     fmt.record_bytes(lead_dims)  # records must not cut groups
@@ -180,6 +194,8 @@ def quantize(
     low = grouped.amin(dim=2, keepdim=True)  # (pre, G, 1, post), exact in x.dtype
     high = grouped.amax(dim=2, keepdim=True)
     levels = 2**fmt.config.bits - 1
+    if fmt.tiled and not lead_dims:  # (N, G, g, 1): ranges per group, packed for the kernel
+        return int4_tiled.pack(x, low[:, :, 0, 0], ((high - low) / levels)[:, :, 0, 0], fmt)
     scale = _round_up((high - low) / levels, x.dtype)  # stored scale, never below the exact one
     inverse = torch.where(scale > 0, scale.float().reciprocal(), 0.0)
     codes = ((grouped - low) * inverse).round_().clamp_(0, levels)
@@ -202,7 +218,7 @@ def _round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(out.float() < values, up, out)
 
 
-def dequantize(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(q: QuantizedTensor | TiledInt4, out: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor ``q`` stands for, in its original shape and dtype, computed on ``q``'s device.
 
     Args:
@@ -212,6 +228,8 @@ def dequantize(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Ten
     Returns:
         ``out`` or a new tensor.
     """
+    if isinstance(q, TiledInt4):
+        return int4_tiled.dequantize(q, out)
     fmt = q.format
     records, pre, groups, _, post = q.codes.shape
     size, n = fmt.config.group_size, fmt.shape[fmt.config.dim]
@@ -228,12 +246,14 @@ def dequantize(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Ten
     return out
 
 
-def to_bytes(q: QuantizedTensor) -> torch.Tensor:
+def to_bytes(q: QuantizedTensor | TiledInt4) -> torch.Tensor:
     """The storage form of ``q``: (records, record_bytes) uint8, or (nbytes,) for one record.
 
     Each record holds its scales, then its minimums, then its codes, zero-padded to the record
-    size of ``QuantFormat.record_bytes``.
+    size of ``QuantFormat.record_bytes``. A TiledInt4 is one record in its own layout.
     """
+    if isinstance(q, TiledInt4):
+        return int4_tiled.to_bytes(q)
     records = q.codes.shape[0]
     parts = [t.reshape(records, -1).view(torch.uint8) for t in (q.scale, q.minimum, q.codes)]
     lead = q.lead_dims
@@ -245,7 +265,7 @@ def to_bytes(q: QuantizedTensor) -> torch.Tensor:
     return data.reshape(-1) if lead == 0 else data.reshape(*q.format.shape[:lead], width)
 
 
-def from_bytes(data: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor:
+def from_bytes(data: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor | TiledInt4:
     """Views of the scales, minimums and codes in ``data`` (no copy when rows are contiguous).
 
     Args:
@@ -260,6 +280,8 @@ def from_bytes(data: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor:
             f"Quantized bytes of shape {list(data.shape)} do not match {fmt} (expected "
             f"{[*fmt.shape[:lead], width]})."
         )
+    if fmt.tiled:
+        return int4_tiled.from_bytes(data, fmt)
     records = math.prod(fmt.shape[:lead])
     rows = data.reshape(records, width)
     pre, groups, size, post = fmt.dims
@@ -282,7 +304,7 @@ def from_bytes(data: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor:
     )
 
 
-def take_rows(q: QuantizedTensor, index: torch.Tensor) -> torch.Tensor:
+def take_rows(q: QuantizedTensor | TiledInt4, index: torch.Tensor) -> torch.Tensor:
     """``dequantize(q)[index]`` for a 2-D ``q``, dequantizing exactly those rows (an embedding
     lookup reads a few rows of a large matrix): memory is the rows asked for, not their groups.
 
@@ -293,6 +315,8 @@ def take_rows(q: QuantizedTensor, index: torch.Tensor) -> torch.Tensor:
     Returns:
         (*index.shape, cols) in the original dtype.
     """
+    if isinstance(q, TiledInt4):
+        return int4_tiled.take_rows(q, index)
     fmt = q.format
     if len(fmt.shape) != 2:
         raise ValueError(f"take_rows needs a quantized matrix, got shape {list(fmt.shape)}.")
@@ -319,7 +343,7 @@ def take_rows(q: QuantizedTensor, index: torch.Tensor) -> torch.Tensor:
     return values.reshape(*index.shape, -1)
 
 
-def linear(x: torch.Tensor, q: QuantizedTensor, chunk_rows: int = 4096) -> torch.Tensor:
+def linear(x: torch.Tensor, q: QuantizedTensor | TiledInt4, chunk_rows: int = 4096) -> torch.Tensor:
     """``F.linear(x, dequantize(q))`` for a weight grouped along its output rows (dim 0),
     dequantizing ``chunk_rows`` output rows at a time into one reused buffer, so a large matrix
     (an LM head) is never dequantized whole.
@@ -332,6 +356,8 @@ def linear(x: torch.Tensor, q: QuantizedTensor, chunk_rows: int = 4096) -> torch
     Returns:
         (..., out) in ``x``'s dtype.
     """
+    if isinstance(q, TiledInt4):
+        return int4_tiled.chunked_linear(x, q, chunk_rows)
     fmt = q.format
     out_features = fmt.shape[0]
     if len(fmt.shape) != 2 or fmt.config.dim != 0:
@@ -373,6 +399,10 @@ def quantize_rows_to_bytes(
     rows, cols = fmt.shape
     size = fmt.config.group_size
     step = max(1, block_bytes // max(1, cols * fmt.dtype.itemsize))
+    if fmt.tiled:
+        return int4_tiled.pack_rows_to_bytes(
+            lambda a, b: quantize(read_rows(a, b), fmt.config), fmt, step
+        )
     if fmt.config.dim == 0:  # blocks of whole groups
         step = max(size, step // size * size)
     out, offsets = None, None

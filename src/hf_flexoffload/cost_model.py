@@ -108,15 +108,19 @@ def layer_terms(
     cuda = not profile.shared
     rows = m * tokens
 
+    # Compressed weights in the int4 kernel's layout are multiplied as stored in steps of few
+    # rows (no dequantizing pass; the kernel's own rate), else dequantized as they arrive.
+    kernel = sizes.tiled_weights and rows <= kernel_rows(policy, profile)
     weights = frac("weights", "disk") * (sizes.layer_stored / rates.disk_read)
     if cuda:
         weights += frac("weights", "host", "disk") * (sizes.layer_stored / profile.host_to_device)
-    if sizes.compressed_weights:
+    if sizes.compressed_weights and not kernel:
         weights += sizes.layer_plain / profile.dequantize_bytes
     # Plain weights stored narrower are converted in the same elementwise pass's time.
     weights += sizes.layer_converted / profile.dequantize_bytes
 
-    compute = Affine(const=b * tokens * sizes.layer_flops / profile.matmul_rate(rows))
+    rate = profile.int4_rate(rows) if kernel else profile.matmul_rate(rows)
+    compute = Affine(const=b * tokens * sizes.layer_flops / rate)
     compute += k * OPS_PER_LAYER * profile.op_seconds
     if context == 0:  # prefill: scores and weighted sum over the prompt (materialized mask)
         compute += 4 * b * tokens * tokens * sizes.attention_dim / profile.matmul_rate(rows)
@@ -147,6 +151,14 @@ def layer_terms(
         write += frac("cache", "host", "disk") * (new_kv / profile.device_to_host)
         write += frac("activations", "host", "disk") * (hidden / profile.device_to_host)
     return {"compute": compute, "weights": weights, "read": read, "write": write}
+
+
+def kernel_rows(policy: Policy, profile: HardwareProfile) -> int:
+    """Rows per layer up to which the runtime multiplies tiled 4-bit weights by the int4
+    kernel: the policy's pin, else the crossover measured in the profile."""
+    if policy.int4_kernel_rows is not None:
+        return policy.int4_kernel_rows if profile.int4_matmul_flops else 0
+    return profile.int4_kernel_rows
 
 
 def step_terms(

@@ -26,6 +26,7 @@ from .compressed_checkpoint import SavedCompression, save_store
 from .cost_model import Estimate, estimate
 from .disk_file import check_writable
 from .hardware import HardwareProfile
+from .int4_kernel_choice import kernel_rows
 from .kv_cache import TokenCodec
 from .memory_model import MODEL_ITEMS, Footprint, footprint, load_chunk_bytes
 from .offload_cache import FlexOffloadCache
@@ -120,6 +121,9 @@ class OffloadEngine:
             range(1, arch.layers + 1),
             arch.embeddings,
             chunk_budget=arch.largest_layer_tensor * dtype.itemsize // 4,
+            kernel_rows=kernel_rows(
+                policy.int4_kernel_rows, layouts, device, dtype, (arch.hidden, arch.ffn)
+            ),
         )
         self.mover = Mover(device, policy.overlap)
         self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")

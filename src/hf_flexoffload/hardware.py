@@ -22,7 +22,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -34,7 +34,7 @@ from .storage import dtype_name
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 7
+PROFILE_VERSION = 8
 
 
 def default_cache_dir() -> str:
@@ -74,6 +74,9 @@ class HardwareProfile:
         direct_overlap_penalty: The same with ``O_DIRECT`` reads (``None`` where the offload
             directory's filesystem has no O_DIRECT): policies with ``direct_io`` use it.
         matrix: The (in, out) shape the matmul rates were measured on.
+        int4_matmul_flops: ``{rows: FLOP/s}`` of the CPU int4 kernel on 4-bit weights in its
+            layout (``int4_tiled``), on the (out, in) layer matrix; empty where it cannot run.
+        int4_kernel_rows: Rows up to which that kernel beat dequantizing + ``F.linear``.
     """
 
     device: str
@@ -97,11 +100,21 @@ class HardwareProfile:
     overlap_penalty: float
     matrix: tuple[int, int]
     direct_overlap_penalty: float | None = None
+    int4_matmul_flops: dict[int, float] = field(default_factory=dict)
+    int4_kernel_rows: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("device", "device_name", "dtype", "shared", "matrix", "matmul_flops"):
+            if f.name in (
+                "device",
+                "device_name",
+                "dtype",
+                "shared",
+                "matrix",
+                "matmul_flops",
+                "int4_matmul_flops",
+            ):
                 continue
             if f.name == "direct_overlap_penalty" and value is None:
                 continue
@@ -119,9 +132,9 @@ class HardwareProfile:
                 f"Invalid HardwareProfile.matmul_flops={self.matmul_flops!r}: needs at least one "
                 "positive {rows: FLOP/s} entry."
             )
-        object.__setattr__(
-            self, "matmul_flops", {int(k): float(v) for k, v in sorted(self.matmul_flops.items())}
-        )
+        for name in ("matmul_flops", "int4_matmul_flops"):
+            rates = getattr(self, name)
+            object.__setattr__(self, name, {int(k): float(v) for k, v in sorted(rates.items())})
         object.__setattr__(self, "matrix", tuple(self.matrix))
 
     # -- use -----------------------------------------------------------------------------------
@@ -142,17 +155,13 @@ class HardwareProfile:
 
     def matmul_rate(self, rows: float) -> float:
         """FLOP/s of a matmul with ``rows`` input rows, interpolated in log-log space."""
-        points = sorted(self.matmul_flops.items())
-        rows = max(1.0, rows)
-        if rows <= points[0][0]:
-            return points[0][1] * rows / points[0][0]
-        if rows >= points[-1][0]:
-            return points[-1][1]
-        for (r0, f0), (r1, f1) in itertools.pairwise(points):
-            if r0 <= rows <= r1:
-                t = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
-                return f0 ** (1 - t) * f1**t
-        return points[-1][1]
+        return _interpolate(self.matmul_flops, rows)
+
+    def int4_rate(self, rows: float) -> float:
+        """FLOP/s of the int4 kernel at ``rows`` (the dense rate where it was not measured)."""
+        if not self.int4_matmul_flops:
+            return self.matmul_rate(rows)
+        return _interpolate(self.int4_matmul_flops, rows)
 
     def with_caps(self, max_memory: dict[str, int | str] | None) -> HardwareProfile:
         """This profile with capacities capped by ``max_memory`` (keys device, host, disk)."""
@@ -256,6 +265,7 @@ class HardwareProfile:
                 f"attention      host {self.attention_bytes / gb:.1f} GB/s of KV, "
                 f"device {self.device_attention_bytes / gb:.1f} GB/s",
                 f"dequantize     {self.dequantize_bytes / gb:.1f} GB/s (output)",
+                self._describe_int4(),
                 f"op overhead    {self.op_seconds * 1e6:.1f} us",
                 f"overlap        {self.overlap_penalty:.0%} of the shorter task still adds "
                 "(compute next to a cached read)" + (slower if self.overlap_penalty > 1 else ""),
@@ -268,6 +278,15 @@ class HardwareProfile:
                     "read" + (slower if self.direct_overlap_penalty > 1 else "")
                 ]
             )
+        )
+
+    def _describe_int4(self) -> str:
+        if not self.int4_matmul_flops:
+            return "int4 kernel    not available here"
+        rows = ", ".join(f"{r}: {f / 1e9:.0f}" for r, f in self.int4_matmul_flops.items())
+        return (
+            f"int4 kernel    GFLOP/s by rows {{{rows}}}; beats dequantizing up to "
+            f"{self.int4_kernel_rows} rows"
         )
 
     def penalty_for(self, direct_io: bool) -> float:
@@ -308,7 +327,8 @@ def _read_cached(path: str) -> dict | None:
     if data.get("version") != PROFILE_VERSION:
         return None
     rates = data["rates"]
-    rates["matmul_flops"] = {int(k): v for k, v in rates["matmul_flops"].items()}
+    for name in ("matmul_flops", "int4_matmul_flops"):
+        rates[name] = {int(k): v for k, v in rates.get(name, {}).items()}
     return rates
 
 
@@ -319,3 +339,19 @@ def _write_cached(path: str, rates: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=list)
     os.replace(tmp, path)
+
+
+def _interpolate(rates: dict[int, float], rows: float) -> float:
+    """A rate at ``rows`` from ``{rows: rate}``, interpolated in log-log space (linear in the
+    rows below the smallest measured count, flat above the largest)."""
+    points = sorted(rates.items())
+    rows = max(1.0, rows)
+    if rows <= points[0][0]:
+        return points[0][1] * rows / points[0][0]
+    if rows >= points[-1][0]:
+        return points[-1][1]
+    for (r0, f0), (r1, f1) in itertools.pairwise(points):
+        if r0 <= rows <= r1:
+            t = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
+            return f0 ** (1 - t) * f1**t
+    return points[-1][1]

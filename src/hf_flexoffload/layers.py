@@ -11,16 +11,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compression import QuantizedTensor, linear, take_rows
+from . import compression, int4_tiled
+from .compression import QuantizedTensor, TiledInt4, take_rows
+from .int4_tiled import KernelOperand
 from .streamed import StreamedMatrix
 
-Matrix = torch.Tensor | QuantizedTensor | StreamedMatrix
+Matrix = torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedMatrix
 
 
 def lookup(weight: Matrix, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of an embedding matrix: (b, s) -> (b, s, e); a quantized or streamed matrix
     reads (and dequantizes) only those rows."""
-    if isinstance(weight, QuantizedTensor):
+    if isinstance(weight, KernelOperand):
+        weight = weight.weight
+    if isinstance(weight, QuantizedTensor | TiledInt4):
         return take_rows(weight, ids)
     if isinstance(weight, StreamedMatrix):
         return weight.take(ids)
@@ -29,11 +33,24 @@ def lookup(weight: Matrix, ids: torch.Tensor) -> torch.Tensor:
 
 def project(x: torch.Tensor, weight: Matrix) -> torch.Tensor:
     """``x @ weight.T`` for an LM head that may be quantized or streamed (a chunk at a time)."""
-    if isinstance(weight, QuantizedTensor):
-        return linear(x, weight)
+    if isinstance(weight, KernelOperand):
+        return int4_tiled.matmul(x, weight.weight)
+    if isinstance(weight, QuantizedTensor | TiledInt4):
+        return compression.linear(x, weight)
     if isinstance(weight, StreamedMatrix):
         return weight.linear(x)
     return F.linear(x, weight)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | KernelOperand, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` for a decoder weight, which the fetcher hands over either dense or, where
+    the int4 kernel was chosen for this step, as its packed operand."""
+    if isinstance(weight, KernelOperand):
+        out = int4_tiled.matmul(x, weight.weight)
+        return out if bias is None else out.add_(bias)
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -99,6 +99,8 @@ class ModelSizes:
     compressed_weights: bool
     compressed_cache: bool
     compressed_head: bool
+    # Every decoder matrix is stored in the int4 kernel's layout (int4_tiled).
+    tiled_weights: bool = False
 
     @classmethod
     def of(
@@ -173,6 +175,8 @@ class ModelSizes:
             compressed_weights=policy.compress_weights is not None,
             compressed_cache=policy.compress_cache is not None,
             compressed_head=policy.compress_weights is not None and policy.compress_embeddings,
+            tiled_weights=bool(layouts[1].formats)
+            and all(f.tiled for f in layouts[1].formats.values()),
         )
 
     @property

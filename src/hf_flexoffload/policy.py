@@ -140,6 +140,12 @@ class Policy:
             copies to the device run asynchronously at full link speed (FlexGen's
             ``--pin-weight``). Turn off where page-locked memory is limited (``ulimit -l``,
             containers); copies are then synchronous. No effect on CPU.
+        int4_kernel_rows: 4-bit weights stored in the CPU int4 kernel's layout (input-feature
+            groups of 32, 64, 128 or 256; see ``int4_tiled``) are multiplied by that kernel,
+            reading their packed bytes as they are, in steps that compute at most this many
+            rows per layer; larger steps dequantize them and use the dense matmul. ``None``
+            (the default): measured on this machine at load, where the kernel is faster. ``0``:
+            never (every step then computes as the dequantizing path does on any device).
 
     Example:
         >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
@@ -160,6 +166,7 @@ class Policy:
     compress_embeddings: bool = True
     direct_io: bool = False
     pin_weights: bool = True
+    int4_kernel_rows: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "num_micro_batches"):
@@ -182,6 +189,17 @@ class Policy:
         ):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"Policy.{name}", value, "must be True or False")
+        _require(
+            self.int4_kernel_rows is None
+            or (
+                isinstance(self.int4_kernel_rows, int)
+                and not isinstance(self.int4_kernel_rows, bool)
+                and self.int4_kernel_rows >= 0
+            ),
+            "Policy.int4_kernel_rows",
+            self.int4_kernel_rows,
+            "must be None (measured at load) or an integer >= 0 (0: never use the kernel)",
+        )
         for name in ("compress_weights", "compress_cache"):
             value = getattr(self, name)
             _require(

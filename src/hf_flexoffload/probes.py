@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .compression import QuantConfig, dequantize, quantize
+from .int4_kernel_choice import KERNEL_PROBE_ROWS, crossover, kernel_rates
 from .overlap_probe import measure_overlap
 from .probe_timing import timed, timed_each
 from .storage import DiskFile, dtype_name
@@ -68,6 +69,9 @@ def measure_rates(
         _attention(device, dtype) if device.type == "cuda" else rates["attention_bytes"]
     )
     rates["dequantize_bytes"] = _dequantize(device, dtype, matrix)
+    kernel, dequantizing = kernel_rates(device, dtype, matrix, KERNEL_PROBE_ROWS)
+    rates["int4_matmul_flops"] = kernel
+    rates["int4_kernel_rows"] = crossover(kernel, dequantizing)
     rates["op_seconds"] = _op_overhead(device)
     rates.update(_disk(probe_dir, device, dtype, matrix))
     if device.type == "cuda":

@@ -76,8 +76,12 @@ def run_block(
         )
         return mover.read(read_inputs, j, k, idle=idle)
 
+    # Rows each layer computes in this pass: the int4 kernel is chosen per step by this count.
+    rows = max(mb.input_ids.numel() for mb in micro_batches)
+
     def prefetch_weights(j: int) -> Pending:
-        return mover.read_weights(fetcher.fetch, j, idle=fetcher.idle(j))
+        fetch = partial(fetcher.fetch, rows=rows)
+        return mover.read_weights(fetch, j, idle=fetcher.idle(j, rows))
 
     weights: dict[int, Pending] = {0: prefetch_weights(0)}
     inputs = prefetch_inputs(*order[0])

@@ -8,7 +8,8 @@ in a narrower dtype are converted into a reused buffer as they arrive. The plain
 head matrices are not gathered at all: they are handed to the math as ``StreamedMatrix``
 (streamed.py), which reads the rows a lookup needs and projects a chunk of rows at a time.
 Compressed weights move as their quantized bytes and are dequantized on the compute device
-right after they arrive.
+right after they arrive, except in steps where the int4 kernel multiplies them as they are
+(``kernel_rows``): those are handed over as a ``KernelOperand`` over the bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import math
 
 import torch
 
-from .compression import QuantizedTensor, dequantize, from_bytes
+from .compression import QuantizedTensor, TiledInt4, dequantize, from_bytes
+from .int4_tiled import KernelOperand
 from .placement import Segment, TensorSpec
 from .stats import Counters
 from .storage import TierStore
@@ -49,6 +51,8 @@ class WeightFetcher:
 
     Args:
         chunk_budget: Bytes of one chunk buffer of a streamed matrix.
+        kernel_rows: Steps computing at most this many rows per layer get weights stored in
+            the int4 kernel's layout as a ``KernelOperand`` (0: never).
     """
 
     def __init__(
@@ -59,8 +63,10 @@ class WeightFetcher:
         pooled_stages: range,
         keep_quantized: frozenset[str] = frozenset(),
         chunk_budget: int = 0,
+        kernel_rows: int = 0,
     ) -> None:
         self.layouts = layouts
+        self.kernel_rows = kernel_rows
         self.store = store
         self.counters = counters
         self.device = store.device
@@ -102,12 +108,20 @@ class WeightFetcher:
                 )
         return out
 
-    def fetch(self, stage: int) -> dict[str, torch.Tensor | QuantizedTensor | StreamedMatrix]:
+    def fetch(
+        self, stage: int, rows: int = 0
+    ) -> dict[str, torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedMatrix]:
         """The stage's weights as local name -> tensor on the compute device.
 
         Runs in the weight-read thread when overlapping. Counts one load of the stage.
+
+        Args:
+            stage: The stage.
+            rows: Rows the step computes per layer (micro-batch size x new tokens): at most
+                ``kernel_rows`` hands weights in the kernel's layout over as they are.
         """
         layout = self.layouts[stage]
+        kernel = 0 < rows <= self.kernel_rows
         pooled = stage in self.pooled_stages
         pool = self._pools[stage % 2] if pooled else self._kept
 
@@ -135,8 +149,10 @@ class WeightFetcher:
                 out[local] = self._streamed[name]
                 continue
             key = local if pooled else name  # kept copies are shared by name (tied heads)
-            if not pooled and key in self._ready:
-                out[local] = self._ready[key]
+            # A weight the kernel may multiply is kept in both forms (its bytes are kept anyway).
+            ready = f"{key}@kernel" if kernel and self._by_rows(name) else key
+            if not pooled and ready in self._ready:
+                out[local] = self._ready[ready]
                 continue
             spec, fmt = self._specs[name], self._formats.get(name)
             convert = fmt is None and self._dtypes[name] != layout.compute_dtype
@@ -153,28 +169,40 @@ class WeightFetcher:
                 value = buffer(key, spec.shape, layout.compute_dtype).copy_(stored)
             elif fmt is None:
                 value = stored
+            elif kernel and fmt.tiled:
+                value = KernelOperand(from_bytes(stored, fmt))
             elif local in self.keep_quantized:
                 value = from_bytes(stored, fmt)
             else:
                 value = dequantize(from_bytes(stored, fmt), out=buffer(key, fmt.shape, fmt.dtype))
             if not pooled:
-                self._ready[key] = value
+                self._ready[ready] = value
             out[local] = value
         self.counters.count_stage_load(stage)
         return out
 
-    def idle(self, stage: int) -> bool:
+    def idle(self, stage: int, rows: int = 0) -> bool:
         """Whether fetching ``stage`` moves and converts nothing (every tensor used where it is
         stored, streamed, or kept from an earlier fetch), so it can run inline."""
         layout = self.layouts[stage]
         pooled = stage in self.pooled_stages
+        kernel = 0 < rows <= self.kernel_rows
         for name in layout.local:
-            if name in self._streamed or (not pooled and name in self._ready):
+            ready = f"{name}@kernel" if kernel and self._by_rows(name) else name
+            if name in self._streamed or (not pooled and ready in self._ready):
                 continue
             fmt, stored = self._formats.get(name), self._dtypes[name]
+            if kernel and fmt is not None and fmt.tiled and self._in_place(name):
+                continue  # the kernel reads the stored bytes where they are
             if fmt is not None or stored != layout.compute_dtype or not self._in_place(name):
                 return False
         return True
+
+    def _by_rows(self, name: str) -> bool:
+        """Whether how ``name`` is handed over depends on the step's rows (so an outer stage's
+        copy is not kept from one step for the next)."""
+        fmt = self._formats.get(name)
+        return self.kernel_rows > 0 and fmt is not None and fmt.tiled
 
     def close(self) -> None:
         for pool in (*self._pools, self._kept):

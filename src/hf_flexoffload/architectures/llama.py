@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..layers import lookup, project, rms_norm
+from ..layers import linear, lookup, project, rms_norm
 from .base import Architecture, Attend, TensorList, Weights, linear_specs
 from .rope import Rope, apply_rotary
 
@@ -154,4 +154,4 @@ class LlamaShape(Architecture):
 
 
 def _lin(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..layers import lookup, project
+from ..layers import linear, lookup, project
 from .base import Architecture, Attend, TensorList, Weights, linear_specs
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -144,7 +144,7 @@ class OPTShape(Architecture):
         x = lookup(w["embed_tokens.weight"], input_ids)  # (b, s, e)
         pos = lookup(w["embed_positions.weight"], position_ids + POSITION_OFFSET)  # (b, s, h)
         if self.projects:
-            x = F.linear(x, w["project_in.weight"])
+            x = linear(x, w["project_in.weight"])
         return x + pos.to(x.dtype)
 
     def decoder_layer(
@@ -175,9 +175,9 @@ class OPTShape(Architecture):
         if self.final_layer_norm:
             x = self._ln(x, w, "final_layer_norm")
         if self.projects:
-            x = F.linear(x, w["project_out.weight"])
+            x = linear(x, w["project_out.weight"])
         return project(x, w["lm_head.weight"])
 
 
 def _lin(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
