@@ -18,7 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from _common import ChildDied, in_fresh_process
 
 ROOT = "/sys/fs/cgroup/memory"
 
@@ -86,6 +90,32 @@ class MemoryCgroup:
                         _write(ROOT, "cgroup.procs", pid)
                 time.sleep(0.1)
         os.rmdir(self.path)
+
+
+def run_in_cgroup(name: str, budget: int, fn: Callable, *args) -> tuple[Any, int]:
+    """``fn(*args)`` in a fresh process inside a new cgroup of ``budget`` bytes (above the
+    process's baseline), after dropping the page cache, so the run starts cold.
+
+    Returns:
+        ``fn``'s result and the cgroup's peak usage (page cache included).
+
+    Raises:
+        RuntimeError: no cgroup could be made (the reason), ``fn`` raised, or the process died
+            (saying whether the OOM killer killed it).
+    """
+    cgroup, why = MemoryCgroup.make(name, budget)
+    if cgroup is None:
+        raise RuntimeError(why)
+    try:
+        drop_page_cache()
+        try:
+            out = in_fresh_process(fn, *args, cgroup=cgroup)
+        except ChildDied as err:
+            killed = "killed by the OOM killer, no error first: " if cgroup.oom_kills() else ""
+            raise RuntimeError(f"{killed}{err}") from None
+        return out, cgroup.peak()
+    finally:
+        cgroup.remove()
 
 
 def drop_page_cache() -> str:

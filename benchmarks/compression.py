@@ -1,213 +1,247 @@
-"""Compressed vs uncompressed weights under one memory budget, on the OPT-1.3B shape.
+"""4-bit weights against plain ones, where bytes are the bottleneck: on the OPT-1.3B shape.
 
-Builds (once) a random bf16 OPT-1.3B checkpoint, then in one process, alternating repeats:
+Two scenarios, each system run in a fresh process, all in one invocation (side by side):
 
-* ``plain``: bf16 weights; the budget holds what it can, the rest is on disk;
-* ``4bit``: 4-bit group-64 weights (and the same policy otherwise), all within the budget;
-* ``plain, all in RAM``: bf16 weights, ignoring the budget: the reference for the cost of
-  dequantizing (``4bit`` minus this is what compression costs when nothing is read from disk).
+* **capped**: a real memory cap. Each run is inside a memory cgroup of ``--budget`` above the
+  process's baseline, page cache counted, after the page cache is dropped: ``plain`` keeps the
+  share of its weights the budget holds and reads the rest from disk every forward (``O_DIRECT``,
+  cold), ``4-bit`` keeps all its weights within the same budget. At each of ``--batches``.
+* **resident**: everything in RAM, batch 1 (latency-bound decode): ``plain`` in each
+  ``--dtypes`` compute dtype, against ``4-bit`` weights multiplied by the int4 kernel where it
+  was measured to win (``int4_kernel_rows`` measured at load) and ``4-bit, dequantizing`` (the
+  kernel off: the path every device has).
 
-It also times dequantizing one decoder layer's matrices on their own. Results (medians) are
-written between markers in ``docs/compression.md`` and ``docs/benchmarks.md``.
+4-bit weights use the default ``QuantConfig()``. The first generated tokens of each 4-bit run are
+compared with the plain run's of the same scenario (they may differ: 4-bit weights are another
+model). Results are written between markers in ``docs/compression.md`` and
+``docs/benchmarks.md``; ``--from-json`` reports a saved run again.
 
 Usage::
 
-    python benchmarks/compression.py                      # defaults below, ~10 minutes on 2 cores
-    python benchmarks/compression.py --repeats 1 --gen-len 4 --no-write   # a quick look
-    python benchmarks/compression.py --device cuda --dtype bfloat16         # on the GPU
-
-On CUDA the budget is the GPU's (``--budget`` becomes ``--device-cap`` unless that is given) and
-the table adds the GPU's peaks (n/a on the CPU).
+    python benchmarks/compression.py                   # both scenarios, ~20 minutes on 2 cores
+    python benchmarks/compression.py --scenarios resident --no-write   # a quick look
+    python benchmarks/compression.py --shape opt-125m --batches 2 --budget 600MiB --no-write
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
-import statistics
-import sys
 import time
 
-import _device
 import torch
+from _cgroup import run_in_cgroup
 from _common import in_fresh_process, peak_rss, write_between_markers
-from transformers import OPTConfig
+from checkpoints import opt_config, write_random_checkpoint
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
-from hf_flexoffload.compression import dequantize, quantize
 from hf_flexoffload.hardware import default_cache_dir
+from hf_flexoffload.probes import cpu_name
 from hf_flexoffload.stats import human_bytes
-from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
 from hf_flexoffload.weight_layout import layout_for, placement_report
 
-Q4 = QuantConfig(bits=4, group_size=64)
 DOCS = [
     os.path.join(os.path.dirname(__file__), "..", "docs", name)
     for name in ("compression.md", "benchmarks.md")
 ]
 START, END = "<!-- benchmark:compression:start -->", "<!-- benchmark:compression:end -->"
+Q4 = QuantConfig()
+# Of the budget, what the weights may take: the rest is for the staged layers, KV cache,
+# activations and the interpreter's growth.
+WEIGHT_SHARE = 0.7
 
 
-def policies(config: OPTConfig, budget: int, batch: int, dtype: torch.dtype) -> dict[str, Policy]:
-    """The compared policies; the plain one puts on disk what the budget cannot hold."""
-    shape = OPTShape.from_config(config)
-    plain = placement_report(layout_for(shape, Policy(), dtype), Split(device=1.0))
+def capped_runs(shape: OPTShape, budget: int, batch: int, dtype: torch.dtype) -> dict[str, dict]:
+    """The capped scenario's runs at one batch: plain with what the budget holds resident."""
+    plain = placement_report(layout_for(shape, Policy(), dtype), Split(device=1.0)).total_bytes
     packed = placement_report(
         layout_for(shape, Policy(compress_weights=Q4), dtype), Split(device=1.0)
-    )
-    # Keep a quarter of the budget for the two staged layers, the KV cache and activations.
-    room = 0.75 * budget
-    if packed.total_bytes > room:
-        sys.exit(f"A budget of {human_bytes(budget)} cannot hold even the 4-bit weights.")
-    resident = round(min(1.0, room / plain.total_bytes), 3)
-    common = dict(micro_batch_size=batch // 2, num_micro_batches=2, cache=Split(device=1.0))
+    ).total_bytes
+    room = WEIGHT_SHARE * budget
+    if packed > room:
+        raise SystemExit(f"A budget of {human_bytes(budget)} cannot hold even the 4-bit weights.")
+    resident = round(min(1.0, room / plain), 3)
+    common = dict(micro_batch_size=batch, cache=Split(device=1.0))
+    split = Split(device=resident, disk=round(1 - resident, 3))
     return {
-        "plain": Policy(weights=Split(device=resident, disk=round(1 - resident, 3)), **common),
-        "4bit": Policy(weights=Split(device=1.0), compress_weights=Q4, **common),
-        "plain, all in RAM": Policy(weights=Split(device=1.0), **common),
+        "plain": dict(policy=Policy(weights=split, direct_io=True, **common), dtype=dtype),
+        "4-bit": dict(policy=Policy(compress_weights=Q4, **common), dtype=dtype),
     }
 
 
-def _measure(path: str, policy: Policy, offload_dir: str, args) -> dict:
-    """One load + generate, in a fresh process so its peak RSS is its own."""
-    device = _device.resolve(args.device)
-    _device.cap_memory(device, args.device_cap)
-    _device.reset_peaks(device)
+def resident_runs(dtypes: list[torch.dtype]) -> dict[str, dict]:
+    runs = {f"plain, {_name(d)}": dict(policy=Policy(), dtype=d) for d in dtypes}
+    for d in dtypes:
+        runs[f"4-bit, {_name(d)}"] = dict(policy=Policy(compress_weights=Q4), dtype=d)
+    # The kernel off: the dequantizing path, at the first dtype.
+    off = Policy(compress_weights=Q4, int4_kernel_rows=0)
+    runs[f"4-bit, dequantizing, {_name(dtypes[0])}"] = dict(policy=off, dtype=dtypes[0])
+    return runs
+
+
+def measure(path: str, run: dict, batch: int, args: argparse.Namespace) -> dict:
+    """One load + generate (in a fresh process)."""
     torch.manual_seed(0)
-    ids = torch.randint(3, 50000, (args.batch, args.prompt_len)).to(device)
+    ids = torch.randint(3, 50000, (batch, args.prompt_len))
+    offload_dir = os.path.join(args.offload_dir, f"run-{os.getpid()}")
     with FlexOffloadOPTForCausalLM.from_pretrained(
-        path, offload_policy=policy, offload_dir=offload_dir, device=device, dtype=args.dtype
+        path, offload_policy=run["policy"], offload_dir=offload_dir, dtype=run["dtype"]
     ) as model:
         report = model.placement_report
-        loaded = peak_rss()
-        model.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
+        kernel_rows = model.engine.fetcher.kernel_rows
+        out = model.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
         stats = model.generation_stats
-        peak = peak_rss()
-    decode_tokens = args.batch * (args.gen_len - 1)
+    steps = max(1, args.gen_len - 1)
     return {
         "tokens_per_s": stats.tokens_per_second,
         "prefill_s": stats.prefill_seconds,
-        "decode_s_per_step": stats.decode_seconds / (args.gen_len - 1),
-        "decode_ms_per_token": 1000 * stats.decode_seconds / decode_tokens,
+        "decode_ms_per_step": 1000 * stats.decode_seconds / steps,
         "disk_read_per_forward": stats.bytes_moved.get("disk_to_host", 0) / stats.forwards,
-        "peak_rss_load": loaded,
-        "peak_rss": peak,
         "resident": report.bytes_per_tier["device"],
         "disk": report.bytes_per_tier["disk"],
-        **_device.peaks(device),
+        "peak_rss": peak_rss(),
+        "kernel_rows": kernel_rows,
+        "first_tokens": out[:, args.prompt_len].tolist(),
     }
 
 
-def dequant_per_layer(
-    config: OPTConfig, dtype: torch.dtype, repeats: int, device: torch.device
-) -> float:
-    """Seconds to dequantize one decoder layer's matrices (4-bit g64) on ``device``, median."""
-    h, f = config.hidden_size, config.ffn_dim
-    shapes = [(h, h)] * 4 + [(f, h), (h, f)]
-    packed = [
-        quantize(torch.randn(s, dtype=dtype, device=device), Q4, default_dim=0) for s in shapes
+def run_all(path: str, shape: OPTShape, args: argparse.Namespace) -> dict:
+    results: dict = {"capped": {}, "resident": {}}
+    if "capped" in args.scenarios:
+        for batch in args.batches:
+            for name, run in capped_runs(shape, args.budget, batch, args.dtypes[0]).items():
+                job = (measure, path, run, batch, args)
+                out, peak = run_in_cgroup("compression", args.budget, *job)
+                out["cgroup_peak"] = peak
+                results["capped"][f"{name} @ batch {batch}"] = out
+                print(f"capped   {name:<8} batch {batch:<3} {out['tokens_per_s']:7.2f} tok/s")
+    if "resident" in args.scenarios:
+        for name, run in resident_runs(args.dtypes).items():
+            out = in_fresh_process(measure, path, run, 1, args)
+            results["resident"][name] = out
+            print(f"resident {name:<28} {out['tokens_per_s']:7.2f} tok/s")
+    return results
+
+
+def report(results: dict, setup: dict) -> str:
+    lines = [
+        f"Measured {setup['date']} on {setup['cpu']} ({setup['cores']} cores, "
+        f"{setup['capability']}), torch {setup['torch']}; {setup['shape']} shape, random bf16 "
+        f"checkpoint; prompt {setup['prompt_len']}, {setup['gen_len']} new tokens; 4-bit "
+        f"weights: `{setup['q4']}` (input-feature groups, stored in the CPU int4 kernel's "
+        "layout), embeddings and LM head included. Each run in a fresh process.",
     ]
-    outs = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
-    times = []
-    for _ in range(repeats):
-        _device.synchronize(device)
-        start = time.perf_counter()
-        for q, out in zip(packed, outs, strict=True):
-            dequantize(q, out=out)
-        _device.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    if results["capped"]:
+        lines += [
+            "",
+            f"**Capped** (a memory cgroup of {human_bytes(setup['budget'])} above the process's "
+            "baseline, page cache counted, after dropping the page cache; plain reads its disk "
+            f"share with O_DIRECT; computed in {setup['dtype']}):",
+            "",
+            "| weights | batch | resident | disk | read per forward | cgroup peak | "
+            "prefill s | decode ms/step | tokens/s | vs plain | kernel rows |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in results["capped"].items():
+            system, batch = name.split(" @ batch ")
+            base = results["capped"][f"plain @ batch {batch}"]["tokens_per_s"]
+            lines.append(
+                f"| {system} | {batch} | {human_bytes(r['resident'])} | {human_bytes(r['disk'])} | "
+                f"{human_bytes(r['disk_read_per_forward'])} | {human_bytes(r['cgroup_peak'])} | "
+                f"{r['prefill_s']:.1f} | {r['decode_ms_per_step']:.0f} | "
+                f"{r['tokens_per_s']:.2f} | {r['tokens_per_s'] / base:.2f}x | "
+                f"{r['kernel_rows']} |"
+            )
+    if results["resident"]:
+        runs = results["resident"]
+        plain = [n for n in runs if n.startswith("plain")]
+        best = max(plain, key=lambda n: runs[n]["tokens_per_s"])
+        lines += [
+            "",
+            "**Resident, batch 1** (everything in RAM; `vs best plain` is against "
+            f"`{best}`, the faster plain dtype here):",
+            "",
+            "| weights, compute dtype | resident | peak RSS | prefill s | decode ms/token | "
+            "tokens/s | vs best plain | kernel rows | first tokens = plain's |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in runs.items():
+            same = r["first_tokens"] == runs[best]["first_tokens"]
+            ratio = r["tokens_per_s"] / runs[best]["tokens_per_s"]
+            lines.append(
+                f"| {name} | {human_bytes(r['resident'])} | {human_bytes(r['peak_rss'])} | "
+                f"{r['prefill_s']:.2f} | {r['decode_ms_per_step']:.0f} | "
+                f"{r['tokens_per_s']:.2f} | {ratio:.2f}x | "
+                f"{r['kernel_rows']} | {'yes' if same else 'no'} |"
+            )
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="2GiB", help="RAM for weights, cache, activations")
+    parser.add_argument("--shape", default="opt-1.3b")
+    parser.add_argument("--scenarios", default="capped,resident")
+    parser.add_argument("--budget", default="2GiB", help="the capped scenario's memory cgroup")
+    parser.add_argument("--batches", default="4,32", help="the capped scenario's batch sizes")
     parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="compute dtype (float32: CPUs without AVX-512 BF16 run bf16 matmuls far slower)",
+        "--dtypes",
+        default="float32,bfloat16",
+        help="compute dtypes (the first is the capped scenario's); name each figure's CPU",
     )
-    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--gen-len", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model-dir", default=os.path.join(default_cache_dir(), "opt-1.3b-bf16"))
+    parser.add_argument("--model-dir", default=None)
     parser.add_argument("--offload-dir", default=os.path.join(default_cache_dir(), "bench-offload"))
+    parser.add_argument("--from-json", default=None, help="report a saved run again")
+    parser.add_argument("--docs", default=",".join(DOCS), help="files to write the results in")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    _device.add_device_arguments(parser)
     args = parser.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype)
-    device = _device.resolve(args.device)
-    if _device.is_cuda(device) and args.device_cap is None:
-        args.device_cap = parse_size(args.budget)  # the budget is the GPU's there
+    args.scenarios = args.scenarios.split(",")
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+    args.budget = parse_size(args.budget)
+    model_dir = args.model_dir or os.path.join(default_cache_dir(), f"{args.shape}-bfloat16")
+    saved = os.path.join(args.offload_dir, "compression.json")
 
-    config = OPTConfig(**OPT_1_3B)
-    print(f"checkpoint: {args.model_dir} (building it once takes a few minutes)", flush=True)
-    build_random_checkpoint(args.model_dir, config, torch.bfloat16)
-    budget = parse_size(args.budget)
-    compared = policies(config, budget, args.batch, args.dtype)
-    results: dict[str, list[dict]] = {name: [] for name in compared}
-    for repeat in range(args.repeats):
-        for name, policy in compared.items():
-            slug = "".join(c if c.isalnum() else "-" for c in name)
-            out = in_fresh_process(
-                _measure, args.model_dir, policy, os.path.join(args.offload_dir, slug), args
-            )
-            results[name].append(out)
-            print(f"[{repeat + 1}/{args.repeats}] {name:<18} {out['tokens_per_s']:6.2f} tok/s")
-    dequant = dequant_per_layer(config, args.dtype, repeats=5, device=device)
-
-    dtype_name = str(args.dtype).removeprefix("torch.")
-    lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}; OPT-1.3B shape, random bf16 "
-        f"checkpoint computed in {dtype_name} on {args.device}; batch {args.batch} "
-        "(2 micro-batches), prompt "
-        f"{args.prompt_len}, {args.gen_len} new tokens; budget {args.budget}; medians of "
-        f"{args.repeats} alternating repeats, each run in a fresh process (peak RSS is the whole "
-        "process's, Python and torch included, at the end of loading and of generating).",
-        "",
-        "| weights | resident | disk | read from disk per forward | peak RSS: load | "
-        "peak RSS: generate | prefill s | decode s/step | tokens/s | vs plain | "
-        f"{_device.PEAK_HEADER} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    base = statistics.median(r["tokens_per_s"] for r in results["plain"])
-    for name, runs in results.items():
-        tps = statistics.median(r["tokens_per_s"] for r in runs)
-        lines.append(
-            f"| {name} | {human_bytes(runs[0]['resident'])} | {human_bytes(runs[0]['disk'])} | "
-            f"{human_bytes(statistics.median(r['disk_read_per_forward'] for r in runs))} | "
-            f"{human_bytes(max(r['peak_rss_load'] for r in runs))} | "
-            f"{human_bytes(max(r['peak_rss'] for r in runs))} | "
-            f"{statistics.median(r['prefill_s'] for r in runs):.2f} | "
-            f"{statistics.median(r['decode_s_per_step'] for r in runs):.2f} | "
-            f"{tps:.2f} | {tps / base:.2f}x | {' | '.join(_device.peak_cells(runs[-1]))} |"
-        )
-    per_token = [
-        statistics.median(r["decode_ms_per_token"] for r in results[name])
-        for name in ("4bit", "plain, all in RAM")
-    ]
-    layers = config.num_hidden_layers
-    lines += [
-        "",
-        f"Dequantizing one decoder layer's matrices: {1000 * dequant:.0f} ms "
-        f"({1000 * dequant * layers:.0f} ms for the {layers} layers of a forward, "
-        f"{1000 * dequant * layers / args.batch:.1f} ms per sequence-token at batch "
-        f"{args.batch}).",
-        f"Decode cost per generated token, both in RAM: 4-bit {per_token[0]:.1f} ms, plain "
-        f"{per_token[1]:.1f} ms: dequantization adds {per_token[0] - per_token[1]:.1f} ms.",
-    ]
-    text = "\n".join(lines)
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+    else:
+        config = opt_config(args.shape)
+        print(f"checkpoint: {model_dir} (built once)", flush=True)
+        write_random_checkpoint(model_dir, config, torch.bfloat16)
+        results = run_all(model_dir, OPTShape.from_config(config), args)
+        setup = {
+            "date": time.strftime("%Y-%m-%d"),
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__,
+            "shape": args.shape.upper(),
+            "prompt_len": args.prompt_len,
+            "gen_len": args.gen_len,
+            "q4": repr(Q4),
+            "budget": args.budget,
+            "dtype": _name(args.dtypes[0]),
+        }
+        data = {"setup": setup, "results": results}
+        os.makedirs(args.offload_dir, exist_ok=True)
+        with open(saved, "w") as f:
+            json.dump(data, f, indent=2)
+    text = report(data["results"], data["setup"])
     print(text)
     if not args.no_write:
-        for doc in DOCS:
+        for doc in args.docs.split(","):
             write_between_markers(doc, START, END, text)
             print(f"wrote {os.path.normpath(doc)}")
+    return data
 
 
 if __name__ == "__main__":

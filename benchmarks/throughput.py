@@ -43,8 +43,8 @@ from dataclasses import dataclass, field, replace
 
 import _device
 import torch
-from _cgroup import MemoryCgroup, drop_page_cache
-from _common import AnonPeak, ChildDied, in_fresh_process, write_between_markers
+from _cgroup import MemoryCgroup, run_in_cgroup
+from _common import AnonPeak, in_fresh_process, write_between_markers
 from _throughput_report import best_rows, plot, report
 from checkpoints import opt_config, write_random_checkpoint
 from transformers import LogitsProcessorList, OPTForCausalLM
@@ -270,20 +270,9 @@ def run_capped(path: str, run: Run, args: argparse.Namespace, result: Result) ->
     the page cache is dropped when ``args.cap == "cgroup"``."""
     if run.budget is None or args.cap != "cgroup":
         return in_fresh_process(measure, path, run, args)
-    cgroup, why = MemoryCgroup.make("throughput", run.budget)
-    if cgroup is None:
-        raise RuntimeError(why)
-    try:
-        drop_page_cache()
-        try:
-            out = in_fresh_process(measure, path, run, args, cgroup=cgroup)
-        except ChildDied as err:
-            killed = "killed by the OOM killer, no error first: " if cgroup.oom_kills() else ""
-            raise RuntimeError(f"{killed}{err}") from None
-        result.cgroup_peak.append(cgroup.peak())
-        return out
-    finally:
-        cgroup.remove()
+    out, peak = run_in_cgroup("throughput", run.budget, measure, path, run, args)
+    result.cgroup_peak.append(peak)
+    return out
 
 
 def _ours_caps(budget: int | None, device_cap: int | None) -> dict | None:

@@ -188,7 +188,7 @@ def matmul(x: torch.Tensor, q: TiledInt4) -> torch.Tensor:
     """
     rows, cols = q.shape
     act = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    flat = x.reshape(-1, cols).to(act)
+    flat = x.reshape(-1, cols).to(act).contiguous()
     scale_zero = q.scale_zero if act == SCALE_DTYPE else q.scale_zero.to(act)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
         flat, q.codes.view(rows, cols // 2), q.format.config.group_size, scale_zero
