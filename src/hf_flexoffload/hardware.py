@@ -34,7 +34,9 @@ from .storage import dtype_name
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 7
+PROFILE_VERSION = 8  # 8: cpu_capability
+# Fields that are not a rate or capacity (>= 0): checked on their own or not at all.
+_NOT_RATES = {"device", "device_name", "dtype", "cpu_capability", "shared", "matrix"}
 
 
 def default_cache_dir() -> str:
@@ -74,6 +76,8 @@ class HardwareProfile:
         direct_overlap_penalty: The same with ``O_DIRECT`` reads (``None`` where the offload
             directory's filesystem has no O_DIRECT): policies with ``direct_io`` use it.
         matrix: The (in, out) shape the matmul rates were measured on.
+        cpu_capability: The host CPU's vector instruction set as torch uses it (``AVX2``,
+            ``AVX512``...): whether bf16 matmuls are fast there depends on it.
     """
 
     device: str
@@ -97,11 +101,12 @@ class HardwareProfile:
     overlap_penalty: float
     matrix: tuple[int, int]
     direct_overlap_penalty: float | None = None
+    cpu_capability: str = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("device", "device_name", "dtype", "shared", "matrix", "matmul_flops"):
+            if f.name in _NOT_RATES or f.name == "matmul_flops":
                 continue
             if f.name == "direct_overlap_penalty" and value is None:
                 continue
@@ -244,7 +249,8 @@ class HardwareProfile:
         caps = ", ".join(f"{t} {self.capacity(t) / 2**30:.1f} GiB" for t in TIERS)
         return "\n".join(
             [
-                f"device         {self.device} ({self.device_name}), {self.dtype}"
+                f"device         {self.device} ({self.device_name}), compute dtype {self.dtype}"
+                + (f", CPU capability {self.cpu_capability}" if self.cpu_capability else "")
                 + (", shares host RAM" if self.shared else ""),
                 f"capacity       {caps}",
                 f"matmul         GFLOP/s by rows {{{rows}}} on {self.matrix[0]}x{self.matrix[1]}",
