@@ -7,7 +7,9 @@ Builds (once) a random bf16 OPT-1.3B checkpoint, then in one process, alternatin
 * ``plain, all in RAM``: bf16 weights, ignoring the budget: the reference for the cost of
   dequantizing (``4bit`` minus this is what compression costs when nothing is read from disk).
 
-It also times dequantizing one decoder layer's matrices on their own. Results (medians) are
+It also times dequantizing one decoder layer's matrices on their own. Every row computes in one
+dtype, so the rows differ only in their weights: with ``--dtype auto`` (the default) the one whose
+measured matmul rates are faster here for a micro-batch of this workload. Results (medians) are
 written between markers in ``docs/compression.md`` and ``docs/benchmarks.md``.
 
 Usage::
@@ -31,7 +33,15 @@ import time
 
 import _device
 import torch
-from _common import in_fresh_process, peak_rss, write_between_markers
+from _common import (
+    DTYPE_CHOICES,
+    cpu_capability,
+    dtype_profiles,
+    fastest_dtype,
+    in_fresh_process,
+    peak_rss,
+    write_between_markers,
+)
 from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
@@ -127,9 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", default="2GiB", help="RAM for weights, cache, activations")
     parser.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="compute dtype (float32: CPUs without AVX-512 BF16 run bf16 matmuls far slower)",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="compute dtype of every row; auto: the faster here for this workload (default)",
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=16)
@@ -140,12 +150,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     _device.add_device_arguments(parser)
     args = parser.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype)
     device = _device.resolve(args.device)
     if _device.is_cuda(device) and args.device_cap is None:
         args.device_cap = parse_size(args.budget)  # the budget is the GPU's there
 
     config = OPTConfig(**OPT_1_3B)
+    requested = args.dtype
+    if requested == "auto":  # one dtype for every row: a micro-batch is what each matmul runs
+        os.makedirs(args.offload_dir, exist_ok=True)
+        matrix = (config.hidden_size, config.ffn_dim)
+        profiles = dtype_profiles(requested, device, args.offload_dir, matrix)
+        args.dtype = fastest_dtype(profiles, args.batch // 2, args.prompt_len, args.gen_len)
+        print(f"compute dtype: {args.dtype} (the faster here)", flush=True)
+    args.dtype = getattr(torch, args.dtype)
     print(f"checkpoint: {args.model_dir} (building it once takes a few minutes)", flush=True)
     build_random_checkpoint(args.model_dir, config, torch.bfloat16)
     budget = parse_size(args.budget)
@@ -165,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}; OPT-1.3B shape, random bf16 "
-        f"checkpoint computed in {dtype_name} on {args.device}; batch {args.batch} "
+        f"checkpoint computed in {dtype_name} on {args.device}"
+        + (
+            " (`--dtype auto`: the faster here at a micro-batch's rows)"
+            if requested == "auto"
+            else ""
+        )
+        + f", {cpu_capability()}; batch {args.batch} "
         "(2 micro-batches), prompt "
         f"{args.prompt_len}, {args.gen_len} new tokens; budget {args.budget}; medians of "
         f"{args.repeats} alternating repeats, each run in a fresh process (peak RSS is the whole "
