@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: one run per fresh process, RSS, doc markers."""
+"""Shared pieces of the benchmark scripts: one run per fresh process, RSS, doc markers, each
+system's compute dtype."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import queue as queue_module
 import threading
 from collections.abc import Callable
 
-from hf_flexoffload import Policy
+import torch
+
+from hf_flexoffload import HardwareProfile, Policy
+from hf_flexoffload.dtype_choice import candidate_dtypes
+from hf_flexoffload.planning import native_bf16
+from hf_flexoffload.storage import dtype_name
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def rss() -> int:
@@ -144,3 +152,59 @@ def tokens_bar_chart(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- compute dtypes ------------------------------------------------------------------------------
+
+
+def dtype_profiles(
+    requested: str, device: torch.device, offload_dir: str, matrix: tuple[int, int]
+) -> dict[str, HardwareProfile]:
+    """The hardware profile of every compute dtype a run may use, by name: ``--dtype auto``
+    measures the candidates ours measures for ``dtype="auto"`` (fp32 and bf16 on a CPU), a named
+    dtype only that one. Ours' runs then find them cached."""
+    if requested == "auto":
+        has_bf16 = device.type == "cuda" and native_bf16(device)
+        names = [dtype_name(d) for d in candidate_dtypes(device.type, has_bf16)]
+    else:
+        names = [requested]
+    return {
+        name: HardwareProfile.measure(
+            device, getattr(torch, name), offload_dir=offload_dir, matrix=matrix
+        )
+        for name in names
+    }
+
+
+def fastest_dtype(
+    profiles: dict[str, HardwareProfile], batch: int, prompt_len: int, gen_len: int
+) -> str:
+    """The dtype (of ``profiles``) whose measured matmul rates at the model's shape make a run
+    of ``batch`` sequences fastest: a prefill of ``batch * prompt_len`` rows and ``gen_len - 1``
+    decode steps of ``batch`` rows (a row's FLOPs are the same in every dtype). Stock
+    transformers and accelerate get it: the baselines at their best on this machine."""
+
+    def seconds(profile: HardwareProfile) -> float:
+        rows = batch * prompt_len
+        return rows / profile.matmul_rate(rows) + (gen_len - 1) * batch / profile.matmul_rate(batch)
+
+    return min(profiles, key=lambda name: seconds(profiles[name]))
+
+
+def cpu_capability() -> str:
+    """The CPU's instruction set as torch uses it (``AVX2``, ``AVX512``...): whether bf16
+    matmuls are fast here depends on it, so every report names it."""
+    return f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def dtype_sentence(requested: str) -> str:
+    """How a report's systems chose their compute dtypes, and the CPU's instruction set."""
+    capability = f"{cpu_capability()}."
+    if requested != "auto":
+        return f"Every system computes in {requested} (`--dtype {requested}`); {capability}"
+    return (
+        "Each system at its best compute dtype (`--dtype auto`, the dtype column): ours with "
+        '`dtype="auto"` (a profile per candidate dtype, the fastest predicted wins), stock '
+        "transformers and accelerate in the dtype whose measured matmul rates at the model's "
+        f"shape are faster for that run's batch; {capability}"
+    )

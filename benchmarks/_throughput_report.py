@@ -1,7 +1,7 @@
 """The throughput suite's report: the roofline bound of each row, the table, the plot.
 
 Split from throughput.py (which runs the suite); ``report`` reads only the results, the
-arguments, the profile and the shape.
+arguments, the profiles (one per compute dtype) and the shape.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 import _device
 import torch
-from _common import describe_policy, tokens_bar_chart
+from _common import describe_policy, dtype_sentence, tokens_bar_chart
 
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.hardware import HardwareProfile
 from hf_flexoffload.stats import human_bytes
 
 if TYPE_CHECKING:
-    from throughput import Result
+    from _throughput_plan import Result
 
 # -- roofline ------------------------------------------------------------------------------------
 
@@ -79,11 +79,13 @@ def best_rows(results: list[Result]) -> dict[tuple[str, str], Result]:
 def report(
     results: list[Result],
     args: argparse.Namespace,
-    profile: HardwareProfile,
+    profiles: dict[str, HardwareProfile],
     shape: OPTShape,
     weight_bytes: int,
 ) -> str:
     best = best_rows(results)
+    profile = next(iter(profiles.values()))  # the disk rates: the same in every dtype's
+    widest = max(profiles, key=lambda name: getattr(torch, name).itemsize)  # as throughput.py
     stock = [r for (c, s), r in best.items() if s == "stock transformers"]
     ceiling = max(stock, key=lambda r: r.median) if stock else None
     accel = best.get(("offload", "accelerate device_map"))
@@ -92,14 +94,17 @@ def report(
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {profile.device_name}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}; {args.model} shape, random "
-        f"{args.checkpoint_dtype} checkpoint computed in {args.compute_dtype}; prompt "
+        f"{args.checkpoint_dtype} checkpoint. {dtype_sentence(args.dtype)} Prompt "
         f"{args.prompt_len}, {args.gen_len} new tokens; medians of {args.repeats} alternating "
         f"repeats, each run in a fresh process. Offload budget: {human_bytes(budget)} of RAM "
-        f"({args.weights_in_ram:.0%} of the {human_bytes(weight_bytes)} of weights + "
+        f"({args.weights_in_ram:.0%} of the {human_bytes(weight_bytes)} of weights in {widest} + "
         f"{human_bytes(args.working_memory)} for the KV cache and activations); accelerate gets "
-        f"the weight share as `max_memory`. Roofline: matmul rate "
-        f"{profile.matmul_rate(1) / 1e9:.0f}-{max(profile.matmul_flops.values()) / 1e9:.0f} "
-        f"GFLOP/s by rows, disk {profile.cached_disk_read / 1e9:.1f} GB/s cached, "
+        f"the weight share as `max_memory`. Roofline: matmul rate (in the row's dtype) "
+        + ", ".join(
+            f"{name} {p.matmul_rate(1) / 1e9:.0f}-{max(p.matmul_flops.values()) / 1e9:.0f}"
+            for name, p in profiles.items()
+        )
+        + f" GFLOP/s by rows, disk {profile.cached_disk_read / 1e9:.1f} GB/s cached, "
         f"{profile.disk_read / 1e9:.2f} GB/s direct."
         + (
             f" Every system on {args.device}, GPU cap {_device.fmt(args.device_cap)}."
@@ -108,17 +113,18 @@ def report(
         )
         + f" {getattr(args, 'cap_note', '')}",
         "",
-        "| configuration | system | batch | tokens/s | prefill s | decode s | peak RAM above "
-        "baseline | vs stock (same batch) | vs stock best | vs accelerate | roofline tokens/s "
-        f"| of roofline | {_device.PEAK_HEADER} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | system | batch | dtype | tokens/s | prefill s | decode s | peak RAM "
+        "above baseline | vs stock (same batch) | vs stock best | vs accelerate | roofline "
+        f"tokens/s | of roofline | {_device.PEAK_HEADER} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     stock_at = {r.run.batch: r for r in results if r.run.kind == "stock" and r.tokens_per_s}
     for (config, system), r in best.items():
         tps = r.median
         same = stock_at.get(r.size)
+        ran = profiles.get(r.dtype, profile)  # each row's bound in its own dtype
         bound_s = roofline_seconds(
-            shape, profile, r.size, args.prompt_len, args.gen_len, _read_seconds(r, profile)
+            shape, ran, r.size, args.prompt_len, args.gen_len, _read_seconds(r, ran)
         )
         bound = r.size * args.gen_len / bound_s
         auto = r.chosen and r.run.policy == "auto"
@@ -126,6 +132,7 @@ def report(
             config,
             system + (f" ({describe_policy(r.chosen)})" if auto else ""),
             str(r.size),
+            r.dtype,
             f"{tps:.2f}",
             f"{statistics.median(r.prefill_s):.1f}",
             f"{statistics.median(r.decode_s):.1f}",
@@ -155,7 +162,7 @@ def report(
     lines += ["", "All runs (median tokens/s by batch):", ""]
     for r in results:
         lines.append(
-            f"- {r.run.config}, {r.run.system}, batch {r.size}: "
+            f"- {r.run.config}, {r.run.system}, batch {r.size}, {r.dtype or r.run.dtype}: "
             + (f"{r.median:.2f}" if r.tokens_per_s else "failed")
             + f" (runs: {', '.join(f'{t:.2f}' for t in r.tokens_per_s)}; peak "
             f"{human_bytes(max(r.peak)) if r.peak else '?'})"
@@ -166,6 +173,6 @@ def report(
 
 def plot(best: dict[tuple[str, str], Result], path: str) -> None:
     """A bar chart of each row's tokens/s (the PNG beside docs/benchmarks.md)."""
-    labels = [f"{c}\n{s} (b{r.size})" for (c, s), r in best.items()]
+    labels = [f"{c}\n{s} (b{r.size}, {r.dtype})" for (c, s), r in best.items()]
     values = [r.median for r in best.values()]
     tokens_bar_chart(labels, values, [r.run.kind == "ours" for r in best.values()], path)

@@ -19,10 +19,12 @@ Reported per run: tokens/s (generated tokens / wall time of ``generate``, FlexGe
 prefill and decode seconds, the peak private (anonymous) RAM above the process's baseline, the
 cgroup's peak (everything, page cache included), bytes read from storage per step
 (``/proc/self/io``), and for ours the fraction of the roofline: per step the larger of its
-FLOPs at the matmul rate measured here (in the compute dtype, at that step's rows) and its
+FLOPs at the matmul rate measured here (in the run's compute dtype, at that step's rows) and its
 weight bytes read at the cold O_DIRECT rate measured on the checkpoint files in the same run.
-Rows i of the prompts are the same whatever the batch, so the first generated tokens of ours
-and accelerate are compared row by row.
+Each system computes in its best dtype here (``--dtype auto``: ours with ``dtype="auto"``,
+accelerate in the dtype whose measured matmul rates are faster for its batch); ``--dtype``
+forces one. Rows i of the prompts are the same whatever the batch, so the first generated
+tokens of ours and accelerate are compared row by row where they ran the same dtype.
 
 Usage::
 
@@ -43,7 +45,15 @@ from dataclasses import replace
 import _device
 import torch
 from _cgroup import MemoryCgroup, drop_page_cache
-from _common import AnonPeak, ChildDied, in_fresh_process, write_between_markers
+from _common import (
+    DTYPE_CHOICES,
+    AnonPeak,
+    ChildDied,
+    dtype_profiles,
+    fastest_dtype,
+    in_fresh_process,
+    write_between_markers,
+)
 from _throughput_report import roofline_seconds
 from checkpoints import opt_config, write_random_checkpoint
 from side_by_side import synthetic_ids
@@ -54,6 +64,7 @@ from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
 from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
 from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.storage import dtype_name
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 START, END = "<!-- benchmark:beyond-ram:start -->", "<!-- benchmark:beyond-ram:end -->"
@@ -73,12 +84,13 @@ def _read_bytes() -> int:
     return 0
 
 
-def _load(path: str, system: str, batch: int, args: argparse.Namespace, offload_dir: str):
-    dtype = getattr(torch, args.dtype)
+def _load(
+    path: str, system: str, batch: int, dtype: str, args: argparse.Namespace, offload_dir: str
+):
     if system == "accelerate":
         return OPTForCausalLM.from_pretrained(
             path,
-            dtype=dtype,
+            dtype=getattr(torch, dtype),
             device_map="auto",
             max_memory={"cpu": args.budget - args.working_memory},
             offload_folder=offload_dir,
@@ -103,16 +115,18 @@ def _load(path: str, system: str, batch: int, args: argparse.Namespace, offload_
     )
 
 
-def measure(path: str, system: str, batch: int, args: argparse.Namespace) -> dict:
-    """Load, then time one ``generate`` of ``batch`` prompts (ours-auto: the block it picks)."""
+def measure(path: str, system: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
+    """Load, then time one ``generate`` of ``batch`` prompts (ours-auto: the block it picks) in
+    ``dtype`` (ours: ``"auto"`` too)."""
     torch.set_num_threads(args.threads)
     memory = AnonPeak()
     offload_dir = os.path.join(args.work_dir, f"offload-{os.getpid()}")
     out: dict = {}
     try:
         start = time.perf_counter()
-        model = _load(path, system, batch, args, offload_dir)
+        model = _load(path, system, batch, dtype, args, offload_dir)
         out["load_s"] = time.perf_counter() - start
+        out["dtype"] = dtype_name(model.dtype)
         if system.startswith("ours"):
             batch = model.offload_policy.block_size
             out["policy"] = model.offload_policy.to_dict()
@@ -146,13 +160,13 @@ def measure(path: str, system: str, batch: int, args: argparse.Namespace) -> dic
     return out
 
 
-def run(path: str, system: str, batch: int, args: argparse.Namespace) -> dict:
+def run(path: str, system: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
     """``measure`` in a fresh process in a new cgroup of the budget, the page cache dropped
     first (or, where no cgroup can be made, with RSS sampling only, said in ``note``)."""
     cgroup, why = MemoryCgroup.make("beyond-ram", args.budget) if args.cgroup else (None, "off")
     note = drop_page_cache() or ("" if cgroup else f"no cgroup: {why}")
     try:
-        out = in_fresh_process(measure, path, system, batch, args, cgroup=cgroup)
+        out = in_fresh_process(measure, path, system, batch, dtype, args, cgroup=cgroup)
         out["cgroup_peak"] = cgroup.peak() if cgroup else None
     except (RuntimeError, ChildDied) as err:
         killed = cgroup is not None and cgroup.oom_kills() > 0
@@ -237,7 +251,13 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="opt-13b", help="an OPT shape (see checkpoints.py)")
-    parser.add_argument("--dtype", default="bfloat16", help="checkpoint and compute dtype")
+    parser.add_argument("--checkpoint-dtype", default="bfloat16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="compute dtype of every system; auto: each at its fastest here (default)",
+    )
     parser.add_argument("--budget", type=parse_size, default=parse_size("4GiB"))
     parser.add_argument(
         "--working-memory",
@@ -268,8 +288,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     config = opt_config(args.model)
     shape = OPTShape.from_config(config)
-    dtype = getattr(torch, args.dtype)
-    path = os.path.join(args.checkpoint_dir, f"{args.model}-{args.dtype}")
+    dtype = getattr(torch, args.checkpoint_dtype)
+    path = os.path.join(args.checkpoint_dir, f"{args.model}-{args.checkpoint_dtype}")
     print(f"checkpoint: {path}", flush=True)
     write_random_checkpoint(path, config, dtype)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -277,8 +297,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         numel = sum(p.numel() for p in OPTForCausalLM(config).parameters())
     args.weight_bytes = numel * dtype.itemsize
     shards = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-    profile = HardwareProfile.measure(
-        torch.device("cpu"), dtype, offload_dir=args.work_dir, matrix=(shape.hidden, shape.ffn)
+    profiles = dtype_profiles(
+        args.dtype, torch.device("cpu"), args.work_dir, (shape.hidden, shape.ffn)
     )
     sample = min(4 * GiB, args.weight_bytes // 2)
     saved = os.path.join(args.work_dir, "beyond_ram.json")
@@ -286,10 +306,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.from_json) as f:
             data = json.load(f)
         results, cold = data["results"], data["cold_reads"]
+        for r in results:  # saved before issue 18: computed in the checkpoint's dtype
+            r.setdefault("dtype", args.checkpoint_dtype)
     else:
         cold = [cold_read_rate(shards[len(shards) // 2 :], sample)]
         print(f"cold O_DIRECT read of the checkpoint: {cold[0] / 1e9:.2f} GB/s", flush=True)
-        results = [run(path, system, batch, args) for system, batch in _plan(args)]
+        results = [run(path, *planned, args) for planned in _plan(args, profiles)]
         for r in results:
             print(_line(r), flush=True)
         # The disk's rate drifts (a virtual disk, a host cache): measured again after the runs.
@@ -297,22 +319,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"cold O_DIRECT read after the runs: {cold[1] / 1e9:.2f} GB/s", flush=True)
         with open(saved, "w") as f:
             json.dump({"cold_reads": cold, "results": results}, f, indent=1)
-    print(profile.describe())
+    for profile in profiles.values():
+        print(profile.describe())
     args.cold_reads = cold
     # The roofline's read rate is the fastest the disk was seen to deliver: either probe, or
     # any system's own decode reads (bytes per step over the decode step time). The stricter
     # the bound, the smaller our fraction of it.
     done = [r for r in results if "error" not in r]
     achieved = [r["read_per_step"] / (r["decode_s"] / max(1, args.gen_len - 1)) for r in done]
-    profile = replace(profile, disk_read=max(cold + achieved))
+    profiles = {n: replace(p, disk_read=max(cold + achieved)) for n, p in profiles.items()}
     ours = [r for r in done if r["system"].startswith("ours")]
-    rows = {n for r in ours for n in (r["batch"], r["batch"] * args.prompt_len)}
-    if rows:  # measured after the runs, at the blocks they ran (auto picks its own)
-        profile = replace(profile, matmul_flops=matmul_rates(shape, dtype, rows))
+    for name in {r["dtype"] for r in ours}:  # in the dtypes they ran, at the blocks they ran
+        ran = [r for r in ours if r["dtype"] == name]
+        rows = {n for r in ran for n in (r["batch"], r["batch"] * args.prompt_len)}
+        rates = matmul_rates(shape, getattr(torch, name), rows)
+        profiles[name] = replace(profiles[name], matmul_flops=rates)
     for r in ours:
-        r["roofline"] = roofline_fraction(r, shape, profile, args)
+        r["roofline"] = roofline_fraction(r, shape, profiles[r["dtype"]], args)
         print(f"{r['system']}: {r['roofline']:.0%} of the roofline", flush=True)
-    text = report(results, args, profile, shape, platform.machine())
+    text = report(results, args, profiles, shape, platform.machine())
     print(text)
     if not args.no_write:
         rel = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.doc)))
@@ -322,12 +347,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
-def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+def _plan(args: argparse.Namespace, profiles: dict) -> list[tuple[str, int, str]]:
+    """(system, batch, compute dtype) of each run: ours' ``--dtype`` (``"auto"`` too), and for
+    accelerate the dtype faster here at its batch."""
     systems = args.systems.split(";")
     plan = [(s, args.fixed_batch if s == "ours, fixed" else args.max_batch) for s in systems]
-    plan = [(s, b) for s, b in plan if s != "accelerate"]
+    plan = [(s, b, args.dtype) for s, b in plan if s != "accelerate"]
     if "accelerate" in systems:
-        plan += [("accelerate", b) for b in args.accelerate_batches]
+        for b in args.accelerate_batches:
+            plan.append(
+                ("accelerate", b, fastest_dtype(profiles, b, args.prompt_len, args.gen_len))
+            )
     return plan
 
 
@@ -336,7 +366,7 @@ def _line(out: dict) -> str:
         return f"{out['system']} b{out['requested_batch']}: FAILED {out['error']}"
     roof = f", {out['roofline']:.0%} of roofline" if "roofline" in out else ""
     return (
-        f"{out['system']} b{out['batch']}: {out['tokens_per_s']:.3f} tok/s (prefill "
+        f"{out['system']} b{out['batch']} {out['dtype']}: {out['tokens_per_s']:.3f} tok/s (prefill "
         f"{out['prefill_s']:.1f}s, decode {out['decode_s']:.1f}s, private peak "
         f"{human_bytes(out['peak_private'])}, read/step {human_bytes(out['read_per_step'])}{roof})"
     )

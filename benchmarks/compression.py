@@ -32,7 +32,7 @@ import time
 
 import torch
 from _cgroup import run_in_cgroup
-from _common import in_fresh_process, peak_rss, write_between_markers
+from _common import dtype_profiles, in_fresh_process, peak_rss, write_between_markers
 from checkpoints import opt_config, write_random_checkpoint
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
@@ -49,16 +49,19 @@ DOCS = [
 ]
 START, END = "<!-- benchmark:compression:start -->", "<!-- benchmark:compression:end -->"
 Q4 = QuantConfig()
+CPU = torch.device("cpu")
 # Of the budget, what the weights may take: the rest is for the staged layers, KV cache,
 # activations and the interpreter's growth.
 WEIGHT_SHARE = 0.7
 
 
-def capped_runs(shape: OPTShape, budget: int, batch: int, dtype: torch.dtype) -> dict[str, dict]:
-    """The capped scenario's runs at one batch: plain with what the budget holds resident."""
-    plain = placement_report(layout_for(shape, Policy(), dtype), Split(device=1.0)).total_bytes
+def capped_runs(shape: OPTShape, budget: int, batch: int, dtype: str) -> dict[str, dict]:
+    """The capped scenario's runs at one batch: plain with what the budget holds resident (its
+    bf16 storage is what the budget holds, whichever dtype it computes in)."""
+    stored = torch.bfloat16
+    plain = placement_report(layout_for(shape, Policy(), stored), Split(device=1.0)).total_bytes
     packed = placement_report(
-        layout_for(shape, Policy(compress_weights=Q4), dtype), Split(device=1.0)
+        layout_for(shape, Policy(compress_weights=Q4), stored), Split(device=1.0)
     ).total_bytes
     room = WEIGHT_SHARE * budget
     if packed > room:
@@ -72,13 +75,13 @@ def capped_runs(shape: OPTShape, budget: int, batch: int, dtype: torch.dtype) ->
     }
 
 
-def resident_runs(dtypes: list[torch.dtype]) -> dict[str, dict]:
-    runs = {f"plain, {_name(d)}": dict(policy=Policy(), dtype=d) for d in dtypes}
+def resident_runs(dtypes: list[str]) -> dict[str, dict]:
+    """Plain and 4-bit in each dtype (``auto``: ours measures), and 4-bit with the kernel off."""
+    runs = {f"plain, {d}": dict(policy=Policy(), dtype=d) for d in dtypes}
     for d in dtypes:
-        runs[f"4-bit, {_name(d)}"] = dict(policy=Policy(compress_weights=Q4), dtype=d)
-    # The kernel off: the dequantizing path, at the first dtype.
+        runs[f"4-bit, {d}"] = dict(policy=Policy(compress_weights=Q4), dtype=d)
     off = Policy(compress_weights=Q4, int4_kernel_rows=0)
-    runs[f"4-bit, dequantizing, {_name(dtypes[0])}"] = dict(policy=off, dtype=dtypes[0])
+    runs[f"4-bit, dequantizing, {dtypes[0]}"] = dict(policy=off, dtype=dtypes[0])
     return runs
 
 
@@ -92,6 +95,7 @@ def measure(path: str, run: dict, batch: int, args: argparse.Namespace) -> dict:
     ) as model:
         report = model.placement_report
         kernel_rows = model.engine.fetcher.kernel_rows
+        dtype = str(model.dtype).removeprefix("torch.")
         out = model.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
         stats = model.generation_stats
     steps = max(1, args.gen_len - 1)
@@ -104,6 +108,7 @@ def measure(path: str, run: dict, batch: int, args: argparse.Namespace) -> dict:
         "disk": report.bytes_per_tier["disk"],
         "peak_rss": peak_rss(),
         "kernel_rows": kernel_rows,
+        "dtype": dtype,
         "first_tokens": out[:, args.prompt_len].tolist(),
     }
 
@@ -112,17 +117,20 @@ def run_all(path: str, shape: OPTShape, args: argparse.Namespace) -> dict:
     results: dict = {"capped": {}, "resident": {}}
     if "capped" in args.scenarios:
         for batch in args.batches:
-            for name, run in capped_runs(shape, args.budget, batch, args.dtypes[0]).items():
+            for name, run in capped_runs(shape, args.budget, batch, args.capped_dtype).items():
                 job = (measure, path, run, batch, args)
                 out, peak = run_in_cgroup("compression", args.budget, *job)
                 out["cgroup_peak"] = peak
                 results["capped"][f"{name} @ batch {batch}"] = out
-                print(f"capped   {name:<8} batch {batch:<3} {out['tokens_per_s']:7.2f} tok/s")
+                print(
+                    f"capped   {name:<8} batch {batch:<3} {out['dtype']:<9} "
+                    f"{out['tokens_per_s']:7.2f} tok/s"
+                )
     if "resident" in args.scenarios:
         for name, run in resident_runs(args.dtypes).items():
             out = in_fresh_process(measure, path, run, 1, args)
             results["resident"][name] = out
-            print(f"resident {name:<28} {out['tokens_per_s']:7.2f} tok/s")
+            print(f"resident {name:<28} {out['dtype']:<9} {out['tokens_per_s']:7.2f} tok/s")
     return results
 
 
@@ -139,17 +147,18 @@ def report(results: dict, setup: dict) -> str:
             "",
             f"**Capped** (a memory cgroup of {human_bytes(setup['budget'])} above the process's "
             "baseline, page cache counted, after dropping the page cache; plain reads its disk "
-            f"share with O_DIRECT; computed in {setup['dtype']}):",
+            f"share with O_DIRECT; `dtype={setup['dtype']!r}`):",
             "",
-            "| weights | batch | resident | disk | read per forward | cgroup peak | "
-            "prefill s | decode ms/step | tokens/s | vs plain | kernel rows |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| weights | batch | compute dtype | resident | disk | read per forward | cgroup peak "
+            "| prefill s | decode ms/step | tokens/s | vs plain | kernel rows |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in results["capped"].items():
             system, batch = name.split(" @ batch ")
             base = results["capped"][f"plain @ batch {batch}"]["tokens_per_s"]
             lines.append(
-                f"| {system} | {batch} | {human_bytes(r['resident'])} | {human_bytes(r['disk'])} | "
+                f"| {system} | {batch} | {r['dtype']} | {human_bytes(r['resident'])} | "
+                f"{human_bytes(r['disk'])} | "
                 f"{human_bytes(r['disk_read_per_forward'])} | {human_bytes(r['cgroup_peak'])} | "
                 f"{r['prefill_s']:.1f} | {r['decode_ms_per_step']:.0f} | "
                 f"{r['tokens_per_s']:.2f} | {r['tokens_per_s'] / base:.2f}x | "
@@ -157,31 +166,36 @@ def report(results: dict, setup: dict) -> str:
             )
     if results["resident"]:
         runs = results["resident"]
-        plain = [n for n in runs if n.startswith("plain")]
+        plain = [n for n in runs if n.startswith("plain") and not n.endswith("auto")]
         best = max(plain, key=lambda n: runs[n]["tokens_per_s"])
         lines += [
             "",
             "**Resident, batch 1** (everything in RAM; `vs best plain` is against "
             f"`{best}`, the faster plain dtype here):",
             "",
-            "| weights, compute dtype | resident | peak RSS | prefill s | decode ms/token | "
-            "tokens/s | vs best plain | kernel rows | first tokens = plain's |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| weights, dtype asked | computed in | resident | peak RSS | prefill s | "
+            "decode ms/token | tokens/s | vs best plain | kernel rows | first tokens = plain's |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in runs.items():
             same = r["first_tokens"] == runs[best]["first_tokens"]
             ratio = r["tokens_per_s"] / runs[best]["tokens_per_s"]
             lines.append(
-                f"| {name} | {human_bytes(r['resident'])} | {human_bytes(r['peak_rss'])} | "
+                f"| {name} | {r['dtype']} | {human_bytes(r['resident'])} | "
+                f"{human_bytes(r['peak_rss'])} | "
                 f"{r['prefill_s']:.2f} | {r['decode_ms_per_step']:.0f} | "
                 f"{r['tokens_per_s']:.2f} | {ratio:.2f}x | "
                 f"{r['kernel_rows']} | {'yes' if same else 'no'} |"
             )
+        auto = [n for n in runs if n.startswith("plain") and n.endswith("auto")]
+        for name in auto:
+            share = runs[name]["tokens_per_s"] / runs[best]["tokens_per_s"]
+            lines += [
+                "",
+                f'`dtype="auto"` computed in {runs[name]["dtype"]}: {share:.0%} of the faster '
+                f"plain dtype ({best.removeprefix('plain, ')}).",
+            ]
     return "\n".join(lines)
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,9 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", default="4,32", help="the capped scenario's batch sizes")
     parser.add_argument(
         "--dtypes",
-        default="float32,bfloat16",
-        help="compute dtypes (the first is the capped scenario's); name each figure's CPU",
+        default="float32,bfloat16,auto",
+        help="the resident scenario's compute dtypes (auto: ours measures which is faster)",
     )
+    parser.add_argument("--capped-dtype", default="auto", help="the capped scenario's")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--gen-len", type=int, default=8)
     parser.add_argument("--model-dir", default=None)
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.scenarios = args.scenarios.split(",")
     args.batches = [int(b) for b in args.batches.split(",") if b]
-    args.dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.budget = parse_size(args.budget)
     model_dir = args.model_dir or os.path.join(default_cache_dir(), f"{args.shape}-bfloat16")
     saved = os.path.join(args.offload_dir, "compression.json")
@@ -217,7 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
         config = opt_config(args.shape)
         print(f"checkpoint: {model_dir} (built once)", flush=True)
         write_random_checkpoint(model_dir, config, torch.bfloat16)
-        results = run_all(model_dir, OPTShape.from_config(config), args)
+        shape = OPTShape.from_config(config)
+        if "auto" in (args.capped_dtype, *args.dtypes):  # measured once here, not in the runs
+            os.makedirs(args.offload_dir, exist_ok=True)
+            dtype_profiles("auto", CPU, args.offload_dir, (shape.hidden, shape.ffn))
+        results = run_all(model_dir, shape, args)
         setup = {
             "date": time.strftime("%Y-%m-%d"),
             "cpu": cpu_name(),
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
             "gen_len": args.gen_len,
             "q4": repr(Q4),
             "budget": args.budget,
-            "dtype": _name(args.dtypes[0]),
+            "dtype": args.capped_dtype,
         }
         data = {"setup": setup, "results": results}
         os.makedirs(args.offload_dir, exist_ok=True)

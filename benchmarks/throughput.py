@@ -9,6 +9,11 @@ Every run is one ``generate`` of one batch of the same random prompts in a fresh
   RAM and 75% on disk, read through the page cache or directly with ``O_DIRECT``) and
   ``offload_policy="auto"`` under the same RAM budget.
 
+Each system computes in its best dtype here (``--dtype auto``, the default): ours loads with
+``dtype="auto"`` (measured), stock and accelerate run the dtype whose measured matmul rates are
+faster at the model's shape for the run's batch; ``--dtype float32`` (or another) forces one
+dtype on every system. The table states each row's dtype.
+
 Throughput is FlexGen's: generated tokens / (prefill + decode time), the wall time of
 ``generate``. The offloading systems must fit the RAM budget: their peak anonymous RSS above the
 process's baseline (sampled every 10 ms; page-cache and mapped-file pages are the kernel's to
@@ -36,127 +41,34 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
 
 import _device
 import torch
 from _cgroup import MemoryCgroup, run_in_cgroup
-from _common import AnonPeak, in_fresh_process, write_between_markers
+from _common import (
+    DTYPE_CHOICES,
+    AnonPeak,
+    dtype_profiles,
+    in_fresh_process,
+    write_between_markers,
+)
+from _throughput_plan import Result, Run, plan_runs
 from _throughput_report import best_rows, plot, report
 from checkpoints import opt_config, write_random_checkpoint
 from transformers import LogitsProcessorList, OPTForCausalLM
 
-from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split, Workload
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Workload
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
-from hf_flexoffload.cost_model import estimate
-from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
+from hf_flexoffload.hardware import default_cache_dir
 from hf_flexoffload.stats import human_bytes
-from hf_flexoffload.weight_layout import storage_dtype
+from hf_flexoffload.storage import dtype_name
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 START, END = "<!-- benchmark:throughput:start -->", "<!-- benchmark:throughput:end -->"
 PLOT = os.path.join(os.path.dirname(__file__), "..", "docs", "throughput.png")
-
-
-# -- what runs -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """One system at one batch size in one configuration."""
-
-    config: str  # "resident", "offload" or "cold disk"
-    system: str  # row label
-    kind: str  # "stock", "accelerate" or "ours"
-    batch: int
-    policy: dict | str | None = None  # ours: a Policy dict or "auto"
-    budget: int | None = None  # peak anonymous RSS allowed above baseline
-
-
-@dataclass
-class Result:
-    run: Run
-    tokens_per_s: list[float] = field(default_factory=list)
-    prefill_s: list[float] = field(default_factory=list)
-    decode_s: list[float] = field(default_factory=list)
-    peak: list[int] = field(default_factory=list)
-    disk_read_per_step: float = 0.0
-    weights_read_per_step: float = 0.0
-    chosen: dict | None = None
-    batch: int = 0  # what ran: the auto policy picks its own block
-    device_peaks: dict = field(default_factory=dict)  # GPU and pinned-host peaks (CUDA)
-    cgroup_peak: list[int] = field(default_factory=list)  # capped runs: page cache included
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return self.batch or self.run.batch
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.tokens_per_s)
-
-    @property
-    def fits(self) -> bool:
-        return self.run.budget is None or max(self.peak) <= self.run.budget
-
-
-def _fitting(
-    policy: Policy,
-    shape: OPTShape,
-    profile: HardwareProfile,
-    args: argparse.Namespace,
-    budget: int,
-) -> Policy:
-    """``policy`` with as much of the KV cache in RAM as the cost model says fits the budget
-    (the rest on disk), in steps of 5%."""
-    dtype = getattr(torch, args.compute_dtype)
-    workload = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len)
-    for percent in range(100, -1, -5):
-        in_ram = percent / 100
-        candidate = replace(policy, cache=Split(device=in_ram, disk=round(1 - in_ram, 2)))
-        storage = storage_dtype(getattr(torch, args.checkpoint_dtype), dtype)
-        peak = estimate(shape, dtype, profile, workload, candidate, storage=storage).peak_bytes
-        if peak["device"] + peak["host"] <= budget:
-            return candidate
-    return replace(policy, cache=Split(disk=1.0))
-
-
-def plan_runs(
-    args: argparse.Namespace, profile: HardwareProfile, shape: OPTShape, weight_bytes: int
-) -> list[Run]:
-    share = int(args.weights_in_ram * weight_bytes)
-    budget = share + args.working_memory
-    offloaded = Split(device=args.weights_in_ram, disk=1 - args.weights_in_ram)
-    runs = []
-    for b in args.resident_batches:
-        runs.append(Run("resident", "stock transformers", "stock", b))
-    for b in args.ours_resident_batches:
-        runs.append(Run("resident", "ours, all resident", "ours", b, Policy(micro_batch_size=b)))
-    for b in args.offload_batches:
-        runs.append(Run("offload", "accelerate device_map", "accelerate", b, None, budget))
-    for b in args.ours_batches:
-        cached = _fitting(
-            Policy(micro_batch_size=b, weights=offloaded, overlap=profile.penalty_for(False) < 1),
-            shape,
-            profile,
-            args,
-            budget,
-        )
-        direct = replace(cached, direct_io=True, overlap=profile.penalty_for(True) < 1)
-        runs.append(Run("offload", "ours, fixed split", "ours", b, cached, budget))
-        runs.append(Run("cold disk", "ours, O_DIRECT", "ours", b, direct, budget))
-    runs.append(Run("offload", "ours, auto", "ours", args.auto_max_batch, "auto", budget))
-    if args.only:
-        runs = [r for r in runs if args.only in f"{r.config} {r.system}"]
-    return [
-        Run(**{**r.__dict__, "policy": r.policy.to_dict()}) if isinstance(r.policy, Policy) else r
-        for r in runs
-    ]
 
 
 # -- one run, in a fresh process -----------------------------------------------------------------
@@ -167,7 +79,7 @@ def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = _device.resolve(args.device)
     _device.cap_memory(device, args.device_cap)
-    dtype = getattr(torch, args.compute_dtype)
+    dtype = run.dtype if run.dtype == "auto" else getattr(torch, run.dtype)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50000, (run.batch, args.prompt_len), generator=g)
     first = _device.FirstToken(device)
@@ -228,6 +140,7 @@ def measure(path: str, run: Run, args: argparse.Namespace) -> dict:
         out["prefill_s"] = first.at - start
         out["decode_s"] = wall - out["prefill_s"]
         out["batch"] = ids.shape[0]
+        out["dtype"] = dtype_name(model.dtype)
         if run.kind == "ours":
             stats = model.generation_stats
             out["disk_read_per_step"] = stats.bytes_moved.get("disk_to_host", 0) / stats.forwards
@@ -293,9 +206,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="opt-1.3b", help="an OPT shape (see checkpoints.py)")
     parser.add_argument("--checkpoint-dtype", default="bfloat16")
     parser.add_argument(
+        "--dtype",
         "--compute-dtype",
-        default="float32",
-        help="bf16 matmuls are slow on CPUs without AVX-512 BF16/AMX; use float32 there",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="compute dtype of every system; auto: each at its fastest here (default)",
     )
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-len", type=int, default=32)
@@ -332,19 +247,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"checkpoint: {path}", flush=True)
     write_random_checkpoint(path, config, getattr(torch, args.checkpoint_dtype))
     os.makedirs(args.work_dir, exist_ok=True)
-    compute = getattr(torch, args.compute_dtype)
-    profile = HardwareProfile.measure(
-        _device.resolve(args.device),
-        compute,
-        offload_dir=args.work_dir,
-        matrix=(shape.hidden, shape.ffn),
-    )
-    print(profile.describe(), flush=True)
+    device = _device.resolve(args.device)
+    profiles = dtype_profiles(args.dtype, device, args.work_dir, (shape.hidden, shape.ffn))
+    for profile in profiles.values():
+        print(profile.describe(), flush=True)
+    # The budget's weight share is of the weights in the widest dtype any system may hold.
+    itemsize = max(getattr(torch, name).itemsize for name in profiles)
     with torch.device("meta"):
-        weight_bytes = (
-            sum(p.numel() for p in OPTForCausalLM(config).parameters()) * compute.itemsize
-        )
-    runs = plan_runs(args, profile, shape, weight_bytes)
+        weight_bytes = sum(p.numel() for p in OPTForCausalLM(config).parameters()) * itemsize
+    runs = plan_runs(args, profiles, shape, weight_bytes)
     results = [Result(r) for r in runs]
     args.cap_note = capped_mode(args)
     for repeat in range(args.repeats):
@@ -364,15 +275,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
             result.weights_read_per_step = out.get("weights_read_per_step", 0.0)
             result.chosen = out.get("chosen")
             result.batch = out["batch"]
+            result.dtype = out["dtype"]
             result.device_peaks = out["device_peaks"]
             print(
                 f"[{repeat + 1}/{args.repeats}] {run.config:<9} {run.system:<24} "
-                f"b{out['batch']:<4} {out['tokens_per_s']:7.2f} tok/s (prefill "
+                f"b{out['batch']:<4} {out['dtype']:<8} {out['tokens_per_s']:7.2f} tok/s (prefill "
                 f"{out['prefill_s']:.1f}s, decode {out['decode_s']:.1f}s, peak "
                 f"{human_bytes(out['peak'])})",
                 flush=True,
             )
-    text = report(results, args, profile, shape, weight_bytes)
+    text = report(results, args, profiles, shape, weight_bytes)
     print(text)
     if not args.no_write:
         write_between_markers(args.doc, START, END, text + f"\n\n![throughput]({_rel(args)})")

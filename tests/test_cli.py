@@ -84,6 +84,33 @@ def test_plan_prints_the_policy_and_writes_it(pre_ln_checkpoint, tmp_path, capsy
     assert policy.block_size >= 1
 
 
+def test_plan_with_dtype_auto_shows_the_measured_candidates(
+    pre_ln_checkpoint, tmp_path, monkeypatch, capsys
+):
+    import tempfile
+
+    import torch
+
+    from .test_hardware import seed_profile
+
+    monkeypatch.setenv("HF_FLEXOFFLOAD_CACHE", str(tmp_path))
+    slow = {1: 1e9, 16: 5e9, 256: 10e9}
+    for dtype, scale in ((torch.float32, 1), (torch.bfloat16, 20)):  # bf16 20x faster here
+        rates = {rows: scale * rate for rows, rate in slow.items()}
+        seed_profile(tmp_path, tempfile.gettempdir(), (64, 128), dtype, matmul_flops=rates)
+    path, _ = pre_ln_checkpoint
+    assert plan("--model", path, "--prompt-len", "16", "--gen-len", "8", "--dtype", "auto") == 0
+    out = capsys.readouterr().out
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert f"Compute dtype: bfloat16 (measured; CPU capability {capability})" in out
+    assert "  float32 " in out and "GFLOP/s" in out
+    assert [line for line in out.splitlines() if line.endswith("<- chosen")] == [
+        next(line for line in out.splitlines() if line.startswith("  bfloat16 "))
+    ]
+    assert plan("--model", path, "--prompt-len", "16", "--gen-len", "8") == 0
+    assert "Compute dtype: float32 (the checkpoint's;" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "extra, code",
     [

@@ -39,6 +39,32 @@ def make_profile(**overrides) -> HardwareProfile:
     return HardwareProfile(**values)
 
 
+# Capacities are read at every run; only the measured rates are cached.
+CAPACITIES = ("device_memory", "host_memory", "disk_space", "ram_available", "shared")
+
+
+def seed_profile(
+    cache: str | os.PathLike,
+    probe_dir: str | os.PathLike,
+    matrix: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> dict:
+    """Cache a synthetic profile's rates under ``cache`` (``$HF_FLEXOFFLOAD_CACHE``) where
+    ``HardwareProfile.measure`` looks them up for ``probe_dir``'s filesystem, so nothing is
+    measured (minutes for a large shape, or bf16 on an AVX2 CPU). ``overrides``: e.g. the
+    ``matmul_flops`` that make one dtype win."""
+    from hf_flexoffload import hardware
+
+    rates = make_profile(matrix=matrix, dtype=str(dtype).removeprefix("torch."), **overrides)
+    rates = rates.to_dict()
+    for name in CAPACITIES:
+        rates.pop(name)
+    key = hardware._machine_key(torch.device("cpu"), dtype, matrix, str(probe_dir))
+    hardware._write_cached(os.path.join(cache, "profiles", key), rates)
+    return rates
+
+
 def test_json_round_trip():
     profile = make_profile()
     again = HardwareProfile.from_json(profile.to_json())
@@ -105,6 +131,10 @@ def test_measure_caches_rates_but_reads_capacities_again(tmp_path):
     if direct_io_supported(str(tmp_path)):
         assert 0.0 <= first.direct_overlap_penalty <= MAX_OVERLAP_PENALTY
     assert first.penalty_for(False) == first.overlap_penalty
+    # Whether bf16 is fast depends on the instruction set: the summary says which one it is.
+    assert first.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert f"CPU capability {first.cpu_capability}" in first.describe()
+    assert "compute dtype float32" in first.describe()
     again = HardwareProfile.measure("cpu", torch.float32, max_memory={"host": 10**9}, **kwargs)
     assert again.matmul_flops == first.matmul_flops  # from the cache
     assert again.host_memory == again.device_memory == 10**9

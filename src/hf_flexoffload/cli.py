@@ -21,12 +21,14 @@ from transformers import (
 from . import demo
 from .architectures import ARCHITECTURES, architecture_for
 from .budget import parse_size
+from .dtype_choice import MEASURED
 from .hardware import HardwareProfile, default_cache_dir
 from .hub import resolve_pretrained
 from .optimizer import InfeasiblePolicyError
 from .planning import plan_policy
 from .policy import TIERS, Workload
 from .stats import human_bytes
+from .storage import dtype_name
 from .transfer import resolve_device
 
 EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE = 1, 2, 3
@@ -63,7 +65,7 @@ def plan(args: argparse.Namespace) -> int:
         allow_compression=args.allow_compression,
     )
     try:
-        policy, est, hw = plan_policy(
+        planned = plan_policy(
             config.name_or_path,
             config=config,
             device=resolve_device(args.device),
@@ -75,6 +77,15 @@ def plan(args: argparse.Namespace) -> int:
     except InfeasiblePolicyError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INFEASIBLE
+    policy, est, hw, choice = planned.policy, planned.estimate, planned.profile, planned.choice
+    print(
+        f"Compute dtype: {dtype_name(choice.dtype)} ({choice.reason}; CPU capability "
+        f"{choice.cpu_capability})"
+    )
+    if choice.reason == MEASURED:
+        for candidate in choice.candidates:
+            chosen = "  <- chosen" if candidate.dtype == choice.dtype else ""
+            print(f"  {candidate.describe()}{chosen}")
     print(f"Policy ({workload.prompt_len}-token prompts, {workload.gen_len} new tokens):")
     print("  " + policy.to_json(indent=None))
     print(
@@ -165,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=None, help="fix the block size")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype, or 'auto': the fastest predicted here of those measured (float32, "
+        "bfloat16; float16 on CUDA); default: the checkpoint's",
+    )
     p.add_argument(
         "--max-memory",
         action="append",

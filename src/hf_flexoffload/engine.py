@@ -32,7 +32,7 @@ from .memory_model import MODEL_ITEMS, Footprint, footprint, load_chunk_bytes
 from .offload_cache import FlexOffloadCache
 from .optimizer import optimize
 from .placement import PlacementReport
-from .planning import auto_policy, checkpoint_compute_dtype, default_workload
+from .planning import checkpoint_compute_dtype, default_workload, plan_load
 from .policy import TIERS, Policy, Workload
 from .schedule import MicroBatch, run_block
 from .stats import Counters, GenerationStats
@@ -42,7 +42,6 @@ from .weight_layout import (
     StageLayout,
     layout_for,
     placement_report,
-    storage_dtype,
     warn_if_inflated,
 )
 from .weights import WeightFetcher
@@ -157,23 +156,18 @@ class OffloadEngine:
         arch = architecture_for(config)
         ckpt = open_checkpoint(path, use_safetensors)
         saved = ckpt.compression
-        dtype = checkpoint_compute_dtype(dtype, ckpt, device)
-        if saved is not None and dtype != saved.dtype:
+        if saved is not None and checkpoint_compute_dtype(dtype, ckpt, device) != saved.dtype:
             raise ValueError(
                 f"{path!r} is a compressed checkpoint for dtype {saved.dtype}; load it with "
                 "dtype=None (or that dtype), or compress the original checkpoint for another."
             )
         if saved is not None and policy != "auto":
             saved.check(policy, path)
-        storage = storage_dtype(ckpt.dtype(), dtype)
         bound_heap_slack()
         caps = Capacities.measure(device, offload_dir, max_memory)
-        auto, chosen = policy == "auto", None
-        if auto:
-            workload = workload or default_workload(arch)
-            policy, chosen, _ = auto_policy(
-                arch, ckpt, dtype, storage, device, offload_dir, max_memory, workload
-            )
+        auto, workload = policy == "auto", workload or default_workload(arch)
+        plan = plan_load(arch, ckpt, policy, dtype, device, offload_dir, max_memory, workload)
+        dtype, storage, policy, chosen = plan.dtype, plan.storage, plan.policy, plan.estimate
         layouts = layout_for(arch, policy, dtype, storage)
         check_tensors(ckpt, layouts, layouts[-1].aliases.values(), compressed=saved is not None)
         report = placement_report(layouts, policy.weights)
@@ -186,7 +180,7 @@ class OffloadEngine:
             arch,
             dtype,
             policy,
-            workload or default_workload(arch),
+            workload,
             shared=caps.shared,
             storage=storage,
             quantizing=quantizing,

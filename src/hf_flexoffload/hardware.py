@@ -34,7 +34,10 @@ from .storage import dtype_name
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 8
+PROFILE_VERSION = 9  # 8: cpu_capability; 9: the int4 kernel's rates
+# Fields that are not a rate or capacity (>= 0): checked on their own or not at all.
+_NOT_RATES = {"device", "device_name", "dtype", "cpu_capability", "shared", "matrix"}
+_ROW_RATES = ("matmul_flops", "int4_matmul_flops")  # {rows: FLOP/s}
 
 
 def default_cache_dir() -> str:
@@ -74,6 +77,8 @@ class HardwareProfile:
         direct_overlap_penalty: The same with ``O_DIRECT`` reads (``None`` where the offload
             directory's filesystem has no O_DIRECT): policies with ``direct_io`` use it.
         matrix: The (in, out) shape the matmul rates were measured on.
+        cpu_capability: The host CPU's vector instruction set as torch uses it (``AVX2``,
+            ``AVX512``...): whether bf16 matmuls are fast there depends on it.
         int4_matmul_flops: ``{rows: FLOP/s}`` of the CPU int4 kernel on 4-bit weights in its
             layout (``int4_tiled``), on the (out, in) layer matrix; empty where it cannot run.
         int4_kernel_rows: Rows up to which that kernel beat dequantizing + ``F.linear``.
@@ -100,21 +105,14 @@ class HardwareProfile:
     overlap_penalty: float
     matrix: tuple[int, int]
     direct_overlap_penalty: float | None = None
+    cpu_capability: str = ""
     int4_matmul_flops: dict[int, float] = field(default_factory=dict)
     int4_kernel_rows: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in (
-                "device",
-                "device_name",
-                "dtype",
-                "shared",
-                "matrix",
-                "matmul_flops",
-                "int4_matmul_flops",
-            ):
+            if f.name in _NOT_RATES or f.name in _ROW_RATES:
                 continue
             if f.name == "direct_overlap_penalty" and value is None:
                 continue
@@ -132,7 +130,7 @@ class HardwareProfile:
                 f"Invalid HardwareProfile.matmul_flops={self.matmul_flops!r}: needs at least one "
                 "positive {rows: FLOP/s} entry."
             )
-        for name in ("matmul_flops", "int4_matmul_flops"):
+        for name in _ROW_RATES:
             rates = getattr(self, name)
             object.__setattr__(self, name, {int(k): float(v) for k, v in sorted(rates.items())})
         object.__setattr__(self, "matrix", tuple(self.matrix))
@@ -226,7 +224,8 @@ class HardwareProfile:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["matmul_flops"] = {str(k): v for k, v in self.matmul_flops.items()}
+        for name in _ROW_RATES:
+            data[name] = {str(k): v for k, v in getattr(self, name).items()}
         data["matrix"] = list(self.matrix)
         return data
 
@@ -253,7 +252,8 @@ class HardwareProfile:
         caps = ", ".join(f"{t} {self.capacity(t) / 2**30:.1f} GiB" for t in TIERS)
         return "\n".join(
             [
-                f"device         {self.device} ({self.device_name}), {self.dtype}"
+                f"device         {self.device} ({self.device_name}), compute dtype {self.dtype}"
+                + (f", CPU capability {self.cpu_capability}" if self.cpu_capability else "")
                 + (", shares host RAM" if self.shared else ""),
                 f"capacity       {caps}",
                 f"matmul         GFLOP/s by rows {{{rows}}} on {self.matrix[0]}x{self.matrix[1]}",
@@ -327,7 +327,7 @@ def _read_cached(path: str) -> dict | None:
     if data.get("version") != PROFILE_VERSION:
         return None
     rates = data["rates"]
-    for name in ("matmul_flops", "int4_matmul_flops"):
+    for name in _ROW_RATES:
         rates[name] = {int(k): v for k, v in rates.get(name, {}).items()}
     return rates
 

@@ -1,9 +1,9 @@
 """Building blocks shared by the architectures, as pure functions of plain tensors.
 
-Attention with padding and grouped queries, RMS norm, and the lookups and projections that read
-embedding matrices which may be stored quantized. Each follows the transformers implementation
-step by step (dtype casts included) so results match stock models bit-closely. The model-specific
-math lives in ``architectures/``.
+Positions from the attention mask, attention with padding and grouped queries, RMS norm, and
+the lookups and projections that read embedding matrices which may be stored quantized. Each
+follows the transformers implementation step by step (dtype casts included) so results match
+stock models bit-closely. The model-specific math lives in ``architectures/``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,16 @@ from .int4_tiled import KernelOperand
 from .streamed import StreamedMatrix
 
 Matrix = torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedMatrix
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, past: int, new: int, batch: int
+) -> torch.Tensor:
+    """Positions of the ``new`` last tokens: counted over real tokens, never over padding."""
+    if attention_mask is None:
+        return torch.arange(past, past + new).expand(batch, new)
+    mask = attention_mask.long()
+    return (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
 
 
 def lookup(weight: Matrix, ids: torch.Tensor) -> torch.Tensor:

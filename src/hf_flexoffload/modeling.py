@@ -27,6 +27,7 @@ from .cost_model import Estimate
 from .engine import OffloadEngine
 from .generation_options import check_generate_options
 from .hub import resolve_pretrained
+from .layers import positions_from_mask
 from .offload_cache import FlexOffloadCache
 from .placement import PlacementReport
 from .policy import Policy, Workload
@@ -53,16 +54,6 @@ def resolve_policy(offload_policy: Policy | dict | str | os.PathLike) -> Policy 
         f"Invalid offload_policy={offload_policy!r}: pass a Policy, a dict, a path to a policy "
         "JSON file, or 'auto'."
     )
-
-
-def positions_from_mask(
-    attention_mask: torch.Tensor | None, past: int, new: int, batch: int
-) -> torch.Tensor:
-    """Positions of the ``new`` last tokens: counted over real tokens, never over padding."""
-    if attention_mask is None:
-        return torch.arange(past, past + new).expand(batch, new)
-    mask = attention_mask.long()
-    return (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
 
 
 class FlexOffloadCausalLMMixin:
@@ -107,7 +98,12 @@ class FlexOffloadCausalLMMixin:
                 the same checkpoint and policy. Default: a temporary directory removed on
                 ``close()`` or exit.
             device: Compute device; default ``cuda:0`` when available, else CPU.
-            dtype: Compute dtype; default the checkpoint's (fp16 becomes bf16 on CPU).
+            dtype: Compute dtype, a ``torch.dtype`` or its name. ``None`` (default): the
+                checkpoint's (fp16 becomes bf16 on CPU). ``"auto"`` *measures* this machine:
+                fp32 and bf16 on CPU (fp32, fp16 and, where native, bf16 on CUDA), each priced
+                by the cost model on its own profile; the fastest predicted wins. transformers'
+                ``torch_dtype="auto"`` means the checkpoint's dtype instead: ``None`` here.
+                Weights stay stored in the checkpoint's dtype when it is the narrower.
             max_memory: Caps per tier, e.g. ``{"device": "12GiB", "host": "48GiB"}``. On a
                 CPU-only machine device and host are the same RAM: either key caps it.
             workload: What ``offload_policy="auto"`` optimizes for (prompt and generation

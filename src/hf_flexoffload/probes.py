@@ -58,6 +58,7 @@ def measure_rates(
     rates: dict = {
         "device": str(device),
         "device_name": device_name(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dtype": dtype_name(dtype),
         "matrix": list(matrix),
     }

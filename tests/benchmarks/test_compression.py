@@ -39,6 +39,7 @@ def test_runs_both_scenarios_and_writes_the_tables(compression, tmp_path):
             "--batches=2",
             "--budget=512MiB",
             "--dtypes=float32",
+            "--capped-dtype=float32",
             "--prompt-len=8",
             "--gen-len=2",
             f"--model-dir={tmp_path / 'ckpt'}",

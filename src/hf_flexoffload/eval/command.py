@@ -73,7 +73,11 @@ def add_parser(sub, machine_options, parse_max_memory) -> None:
     p.add_argument(
         "--offload-policy", default="auto", help="'auto' or a policy JSON file (see plan)"
     )
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype, or 'auto' (measured); default: the checkpoint's",
+    )
     p.add_argument(
         "--max-memory", action="append", default=[], metavar="TIER=SIZE", help="cap a tier"
     )
