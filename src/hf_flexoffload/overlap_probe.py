@@ -78,11 +78,16 @@ def measure_overlap(
     nbytes = rows * cols * itemsize
     chunks = _file_bytes(f) // nbytes
     steps = 2 * chunks if max_steps is None else min(2 * chunks, max_steps)
-    x = torch.randn(64, cols, device=device).to(dtype)
     on_device = [t.to(device) for t in staging]  # the same tensors on CPU
 
     def read(i: int) -> None:
         f.read_into((i % chunks) * nbytes, staging[i % 2])
+
+    # Up to 64 rows, fewer where a step's matmul would take far longer than its read (bf16 on
+    # an AVX2 CPU: minutes of probing for a penalty that only weighs the shorter task).
+    one_row = timed(lambda: F.linear(torch.ones(1, cols, dtype=dtype), on_device[0]), device, 1)
+    rows = calibrated_reps(timed(lambda: read(0), torch.device("cpu"), 1), one_row, 64)
+    x = torch.randn(rows, cols, device=device).to(dtype)
 
     def compute(i: int) -> None:
         F.linear(x, on_device[i % 2])
