@@ -27,7 +27,7 @@ def simulated(stock, config: QuantConfig, embeddings: bool = True):
         for name, p in model.named_parameters():
             if p.dim() < 2 or (not embeddings and any(e in name for e in EMBEDDINGS)):
                 continue
-            p.copy_(dequantize(quantize(p, config, default_dim=0)))
+            p.copy_(dequantize(quantize(p, config)))
     return model
 
 
@@ -46,8 +46,10 @@ CASES = {
     "4bit_keep_embeddings": Policy(
         compress_weights=Q4, compress_embeddings=False, weights=Split(host=0.5, disk=0.5)
     ),
-    "4bit_input_channel_groups": Policy(
-        compress_weights=QuantConfig(group_size=32, dim=1), weights=Split(disk=1.0)
+    "4bit_default": Policy(compress_weights=QuantConfig(), weights=Split(disk=1.0)),
+    "4bit_flexgen_output_channel_groups": Policy(
+        compress_weights=QuantConfig(group_size=64, dim=0, rounding="minmax"),
+        weights=Split(host=0.5, disk=0.5),
     ),
 }
 
@@ -55,15 +57,7 @@ CASES = {
 @pytest.mark.parametrize("policy", list(CASES.values()), ids=list(CASES))
 def test_tokens_match_stock_on_simulated_quantized_weights(checkpoint, policy):
     path, stock = checkpoint
-    config = policy.compress_weights
-    if config.dim == 1:
-        reference = copy.deepcopy(stock)
-        with torch.no_grad():
-            for p in reference.parameters():
-                if p.dim() == 2:
-                    p.copy_(dequantize(quantize(p, config)))
-    else:
-        reference = simulated(stock, config, policy.compress_embeddings)
+    reference = simulated(stock, policy.compress_weights, policy.compress_embeddings)
     ids, mask = batch()
     kw = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
     expected = reference.generate(ids, attention_mask=mask, **kw)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compression import QuantizedTensor, linear, take_rows
+from .compression import QuantizedTensor
+from .quantized_matrix import linear, take_rows
 from .streamed import StreamedMatrix
 
 Matrix = torch.Tensor | QuantizedTensor | StreamedMatrix
