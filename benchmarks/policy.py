@@ -48,7 +48,7 @@ from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
 from hf_flexoffload.stats import human_bytes
 from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
 
-Q4 = QuantConfig(bits=4, group_size=64)
+Q4 = QuantConfig()  # the default: 4 bits, groups of 32 input channels
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "policy.md")
 START, END = "<!-- benchmark:policy:start -->", "<!-- benchmark:policy:end -->"
 

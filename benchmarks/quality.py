@@ -1,7 +1,9 @@
 """Quality under compression on real weights: perplexity and a HELM-style score per configuration.
 
 For each configuration (stock transformers as the reference; the offloaded model uncompressed;
-4-bit weights; 4-bit weights + 4-bit KV cache; group sizes 32, 64 and 128), on the same model:
+4-bit weights in groups of 32, 64 and 128 input channels, min-max and searched rounding; FlexGen's
+groups of 64 output channels; the default weights with the embeddings kept; 4-bit weights +
+4-bit KV cache), on the same model:
 
 * **perplexity** on a held-out English text (``data/devils_dictionary_a-e.txt``), with sliding
   windows of ``--window`` tokens moved by ``--stride``: each window scores only its last
@@ -70,6 +72,7 @@ class Config:
         name: What the table calls it.
         weights: ``Policy.compress_weights``.
         cache: ``Policy.compress_cache``.
+        embeddings: ``Policy.compress_embeddings`` (with ``weights``).
         stock: Stock transformers instead of the offloaded model. With ``weights``, every 2-D
             parameter is quantized and dequantized in place by ``hf_flexoffload.compression``
             (as the offloaded model does with ``compress_embeddings=True``): a cross-check of
@@ -81,21 +84,35 @@ class Config:
     name: str
     weights: QuantConfig | None = None
     cache: QuantConfig | None = None
+    embeddings: bool = True
     stock: bool = False
     extra: bool = False
 
 
 def configurations(group_sizes: list[int]) -> list[Config]:
+    default, cache = QuantConfig(), QuantConfig(bits=4, group_size=64, rounding="minmax")
     out = [
         Config(key="stock", name="stock transformers (reference)", stock=True),
         Config(key="plain", name="uncompressed"),
     ]
     for g in group_sizes:
-        q = QuantConfig(bits=4, group_size=g)
-        out.append(Config(key=f"w4g{g}", name=f"4-bit weights, g{g}", weights=q))
+        q = QuantConfig(bits=4, group_size=g, rounding="minmax")
+        out.append(Config(key=f"w4g{g}-minmax", name=f"4-bit weights, g{g}, min-max", weights=q))
     for g in group_sizes:
         q = QuantConfig(bits=4, group_size=g)
-        out.append(Config(key=f"w4kv4g{g}", name=f"4-bit weights + KV, g{g}", weights=q, cache=q))
+        out.append(Config(key=f"w4g{g}", name=f"4-bit weights, g{g}, search", weights=q))
+    q = QuantConfig(bits=4, group_size=64, dim=0, rounding="minmax")
+    out.append(Config(key="w4g64-out", name="4-bit weights, FlexGen's g64", weights=q))
+    out += [
+        Config(
+            key="w4-keep-embeddings",
+            name="4-bit weights (default), embeddings kept",
+            weights=default,
+            embeddings=False,
+        ),
+        Config(key="w4kv4", name="4-bit weights + KV (defaults)", weights=default, cache=default),
+        Config(key="w4kv4g64", name="4-bit weights + KV g64", weights=default, cache=cache),
+    ]
     for g in group_sizes:
         name = f"stock, 4-bit weights in place, g{g}"
         q = QuantConfig(bits=4, group_size=g)
@@ -114,11 +131,14 @@ def load_model(path: str, config: Config, batch: int, device: torch.device):
             with torch.no_grad():
                 for weight in model.parameters():  # tied weights are listed once
                     if weight.dim() == 2:
-                        packed = quantize(weight, config.weights, default_dim=0)
+                        packed = quantize(weight, config.weights)
                         weight.copy_(dequantize(packed))
         return model
     policy = Policy(
-        micro_batch_size=batch, compress_weights=config.weights, compress_cache=config.cache
+        micro_batch_size=batch,
+        compress_weights=config.weights,
+        compress_cache=config.cache,
+        compress_embeddings=config.embeddings,
     )
     return OFFLOADED.from_pretrained(
         path, offload_policy=policy, device=device, dtype=torch.float32
@@ -231,8 +251,11 @@ def measure(path: str, tokenizer, ids: torch.Tensor, config: Config, args) -> di
 
 
 def table(configs: list[Config], results: dict[str, dict]) -> list[str]:
-    def quant(q: QuantConfig | None) -> str:
-        return "fp32" if q is None else f"{q.bits}-bit g{q.group_size}"
+    def quant(q: QuantConfig | None, rounding: str, along: str) -> str:
+        if q is None:
+            return "fp32"
+        along = {0: "outputs", -2: "outputs"}.get(q.dim, along)
+        return f"{q.bits}-bit g{q.group_size} {along}, {q.rounding or rounding}"
 
     base = results.get("plain") or results.get("stock") or next(iter(results.values()))
     lines = [
@@ -248,7 +271,9 @@ def table(configs: list[Config], results: dict[str, dict]) -> list[str]:
         change = 100 * (r["perplexity"] / base["perplexity"] - 1)
         scores = " | ".join(f"{r['metrics'][m]:.3f}" for m in METRICS)
         lines.append(
-            f"| {c.name} | {quant(c.weights)} | {quant(c.cache)} | "
+            f"| {c.name} | {quant(c.weights, 'search', 'inputs')}"
+            f"{'' if c.embeddings or c.weights is None else ' (not embeddings)'} | "
+            f"{quant(c.cache, 'minmax', 'head dim')} | "
             f"{r['perplexity']:.3f} | {change:+.2f}% | {scores} | {r['seconds']:.0f} |"
         )
     return lines

@@ -292,7 +292,8 @@ def test_save_compressed_then_load_skips_quantization(pre_ln_checkpoint, tmp_pat
 
     monkeypatch.setattr(checkpoint_store, "quantize_rows_to_bytes", no_quantize)
     other = Policy(
-        compress_weights=QuantConfig(bits=4, group_size=32, dim=0),  # the same, spelled out
+        # the same, spelled out: input-channel groups, searched rounding
+        compress_weights=QuantConfig(bits=4, group_size=32, dim=-1, rounding="search"),
         weights=Split(device=0.3, host=0.3, disk=0.4),
         micro_batch_size=2,
     )
@@ -321,13 +322,32 @@ def test_save_compressed_then_load_skips_quantization(pre_ln_checkpoint, tmp_pat
             "compress_embeddings=False",
         ),
         (
+            dict(offload_policy=Policy(compress_weights=QuantConfig(group_size=32, dim=0))),
+            "dim=0",
+        ),
+        (
+            dict(
+                offload_policy=Policy(
+                    compress_weights=QuantConfig(group_size=32, rounding="minmax")
+                )
+            ),
+            "rounding='minmax'",
+        ),
+        (
             dict(
                 offload_policy=Policy(compress_weights=QuantConfig(group_size=32)), dtype="bfloat16"
             ),
             "compressed checkpoint for dtype torch.float32",
         ),
     ],
-    ids=["uncompressed_policy", "other_bits", "other_embeddings", "other_dtype"],
+    ids=[
+        "uncompressed_policy",
+        "other_bits",
+        "other_embeddings",
+        "output_channel_groups",
+        "other_rounding",
+        "other_dtype",
+    ],
 )
 def test_compressed_checkpoint_with_other_settings_is_an_error(
     pre_ln_checkpoint, tmp_path, kwargs, message
@@ -341,6 +361,23 @@ def test_compressed_checkpoint_with_other_settings_is_an_error(
     with pytest.raises(ValueError, match=message):
         FlexOffloadOPTForCausalLM.from_pretrained(tmp_path / "q", offload_dir=offload, **kwargs)
     assert not offload.exists()
+
+
+def test_version_1_compressed_checkpoint_is_refused(pre_ln_checkpoint, tmp_path):
+    """Version 1 wrote dim=None for groups along the output channels; read with today's
+    meaning (input channels) its bytes would be garbage, so it is refused by name."""
+    path, _ = pre_ln_checkpoint
+    policy = Policy(compress_weights=QuantConfig())
+    with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
+        model.save_compressed(tmp_path / "q")
+    file = tmp_path / "q" / "model.safetensors"
+    data = file.read_bytes()
+    assert data.count(b'"version":"2"') == 1
+    file.write_bytes(data.replace(b'"version":"2"', b'"version":"1"'))  # same header length
+    with pytest.raises(
+        ValueError, match=r"format version '1'; this hf_flexoffload reads version 2"
+    ):
+        FlexOffloadOPTForCausalLM.from_pretrained(tmp_path / "q", offload_policy=policy)
 
 
 def test_save_compressed_needs_compressed_weights(pre_ln_checkpoint, tmp_path):

@@ -1,8 +1,10 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from hf_flexoffload import quantized_matrix, rounding
 from hf_flexoffload.compression import (
     QuantConfig,
     QuantFormat,
@@ -13,8 +15,10 @@ from hf_flexoffload.compression import (
     to_bytes,
     unpack_codes,
 )
+from hf_flexoffload.quantized_matrix import linear, quantize_rows_to_bytes, take_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROUNDINGS = ("minmax", "search")
 SHAPES = [((256, 128), 0), ((7, 33, 5), 1), ((3, 130), -1), ((100,), 0), ((1, 1), 0)]
 
 
@@ -33,10 +37,10 @@ def _group_bound(x: torch.Tensor, q) -> torch.Tensor:
 @pytest.mark.parametrize(("shape", "dim"), SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
 @pytest.mark.parametrize("group_size", [2, 64], ids=["g2", "g64"])
-def test_round_trip_error_is_within_half_a_step(dtype, shape, dim, bits, group_size):
+def test_minmax_round_trip_error_is_within_half_a_step(dtype, shape, dim, bits, group_size):
     torch.manual_seed(0)
     x = (torch.randn(shape) * 3 + 1).to(dtype)
-    q = quantize(x, QuantConfig(bits=bits, group_size=group_size, dim=dim))
+    q = quantize(x, QuantConfig(bits=bits, group_size=group_size, dim=dim, rounding="minmax"))
     y = dequantize(q)
     assert y.shape == x.shape and y.dtype == dtype
     err = (y.float() - x.float()).abs()
@@ -50,18 +54,20 @@ def test_round_trip_error_is_within_half_a_step(dtype, shape, dim, bits, group_s
     [torch.zeros(64, 32), torch.full((65, 3), -2.5), torch.ones(5, 130)],
     ids=["zeros", "constant_padded", "ones_last_dim"],
 )
-def test_constant_groups_are_exact(dtype, x):
+@pytest.mark.parametrize("mode", ROUNDINGS)
+def test_constant_groups_are_exact(dtype, x, mode):
     x = x.to(dtype)
     for dim in (0, -1):
-        q = quantize(x, QuantConfig(group_size=64, dim=dim))
+        q = quantize(x, QuantConfig(group_size=64, dim=dim, rounding=mode))
         assert torch.equal(q.scale, torch.zeros_like(q.scale))
         assert torch.equal(dequantize(q), x)
 
 
-def test_constant_group_inside_varying_tensor_is_exact():
+@pytest.mark.parametrize("mode", ROUNDINGS)
+def test_constant_group_inside_varying_tensor_is_exact(mode):
     x = torch.randn(128, 4)
     x[:64, 1] = 0.7  # one group along dim 0 is constant
-    y = dequantize(quantize(x, QuantConfig(group_size=64, dim=0)))
+    y = dequantize(quantize(x, QuantConfig(group_size=64, dim=0, rounding=mode)))
     assert torch.equal(y[:64, 1], x[:64, 1])
 
 
@@ -81,10 +87,22 @@ def test_quantized_codes_survive_pack_and_unpack():
     assert torch.equal(unpack_codes(pack_codes(codes, 4, dim=3), 4, dim=3), codes)
 
 
-def test_default_dim_groups_weights_along_output_channels():
+def test_default_config_groups_32_input_channels():
+    assert QuantConfig() == QuantConfig(bits=4, group_size=32, dim=None, rounding=None)
+    w = torch.randn(8, 128)
+    w[3] *= 100  # one output row is huge: groups along the rows keep the other rows precise
+    q = quantize(w, QuantConfig())
+    assert q.format.config.dim == 1
+    assert q.scale.shape == (1, 8, 4, 1, 1)  # (records, rows, groups of 32, 1, 1)
+    err = (dequantize(q) - w).abs()
+    assert err[[0, 1, 2, 4]].max() < 0.25
+    assert err[3].max() > 1  # its own groups are a hundred times coarser
+
+
+def test_output_channel_groups_stay_available():
     w = torch.randn(128, 8)
     w[:, 3] *= 100  # one input column is huge: per-column groups keep other columns precise
-    q = quantize(w, QuantConfig(group_size=64), default_dim=0)
+    q = quantize(w, QuantConfig(group_size=64, dim=0))
     assert q.format.config.dim == 0
     err = (dequantize(q) - w).abs()
     assert err[:, [0, 1, 2, 4]].max() < 0.25
@@ -121,7 +139,9 @@ def test_dequantize_into_out():
     assert torch.equal(out, dequantize(q))
 
 
-def test_compressed_size_is_about_28_percent_of_bf16():
+def test_compressed_size_is_31_percent_of_bf16_by_default():
+    fmt = QuantFormat.of((2048, 8192), torch.bfloat16, QuantConfig())
+    assert fmt.nbytes / fmt.plain_nbytes == pytest.approx(5 / 16)  # 4 + 2 * 16 / 32 bits
     fmt = QuantFormat.of((2048, 8192), torch.bfloat16, QuantConfig(bits=4, group_size=64), 0)
     assert fmt.nbytes / fmt.plain_nbytes == pytest.approx(0.28125)
 
@@ -133,8 +153,12 @@ def test_compressed_size_is_about_28_percent_of_bf16():
         (dict(group_size=63), "QuantConfig.group_size"),
         (dict(group_size=0), "QuantConfig.group_size"),
         (dict(dim="0"), "QuantConfig.dim"),
+        (
+            dict(rounding="nearest"),
+            r"Invalid QuantConfig.rounding='nearest': allowed values are None, 'minmax', 'search'",
+        ),
     ],
-    ids=["bits", "odd_group", "zero_group", "dim_type"],
+    ids=["bits", "odd_group", "zero_group", "dim_type", "rounding"],
 )
 def test_invalid_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -153,33 +177,54 @@ def test_records_must_not_cut_groups():
 
 @pytest.mark.parametrize("dim", [0, 1], ids=["groups_down_rows", "groups_along_rows"])
 def test_take_rows_equals_indexing_the_dequantized_matrix(dim):
-    from hf_flexoffload.compression import take_rows
-
     table = torch.randn(200, 24)  # 200 rows: the last group is padded
     q = quantize(table, QuantConfig(group_size=8 if dim else 64, dim=dim))
     ids = torch.tensor([[0, 199, 5], [64, 64, 130]])
     assert torch.equal(take_rows(q, ids), dequantize(q)[ids])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("dim", "group_size"), [(0, 64), (1, 16)], ids=["dim0", "dim1"])
 @pytest.mark.parametrize("chunk_rows", [64, 100, 4096], ids=["chunk_64", "chunk_100", "one_chunk"])
-def test_chunked_linear_equals_linear_on_the_dequantized_weight(chunk_rows):
-    from hf_flexoffload.compression import linear
-
-    weight = torch.randn(200, 24)
-    q = quantize(weight, QuantConfig(group_size=64), default_dim=0)
-    x = torch.randn(3, 5, 24)
+def test_chunked_linear_equals_linear_on_the_dequantized_weight(
+    monkeypatch, chunk_rows, dim, group_size, dtype
+):
+    """200 rows in chunks of 64 or 100: a ragged last chunk; dim 0's last group is padded,
+    and so is every row's last group with dim 1 (24 columns, groups of 16)."""
+    weight = torch.randn(200, 24).to(dtype)
+    q = quantize(weight, QuantConfig(group_size=group_size, dim=dim))
+    x = torch.randn(3, 5, 24).to(dtype)
     expected = torch.nn.functional.linear(x, dequantize(q))
+    rows = []
+
+    def counted(part, out=None):
+        rows.append(part.format.shape[0])
+        return dequantize(part, out=out)
+
+    monkeypatch.setattr(quantized_matrix, "dequantize", counted)
     torch.testing.assert_close(linear(x, q, chunk_rows=chunk_rows), expected)
+    step = chunk_rows if dim == 1 else chunk_rows // group_size * group_size
+    assert max(rows) == min(step, 200) and sum(rows) == 200
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dim", [0, 1], ids=["dim0", "dim1"])
+def test_dequantize_rounds_once_from_fp32(dtype, dim):
+    """Whichever addcmul path the layout takes (dim 1 spreads the minimums first), the values
+    are fp32 ``min + code * scale`` rounded once to the dtype."""
+    q = quantize(torch.randn(96, 64).to(dtype), QuantConfig(group_size=32, dim=dim))
+    codes = unpack_codes(q.codes, 4, dim=3).float()
+    exact = (q.minimum.float() + codes * q.scale.float()).to(dtype)
+    assert torch.equal(dequantize(q), exact.reshape(96, 64))
+
+
+@pytest.mark.parametrize("mode", ROUNDINGS)
 @pytest.mark.parametrize("dim", [0, 1], ids=["dim0", "dim1"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_blockwise_quantization_gives_the_same_bytes(dim, bits, dtype):
-    from hf_flexoffload.compression import quantize_rows_to_bytes
-
+def test_blockwise_quantization_gives_the_same_bytes(dim, bits, dtype, mode):
     matrix = torch.randn(203, 40).to(dtype)  # the last group along dim 0 is padded
-    config = QuantConfig(bits=bits, group_size=16, dim=dim)
+    config = QuantConfig(bits=bits, group_size=16, dim=dim, rounding=mode)
     fmt = QuantFormat.of(matrix.shape, dtype, config)
     reads = []
 
@@ -192,13 +237,95 @@ def test_blockwise_quantization_gives_the_same_bytes(dim, bits, dtype):
     assert torch.equal(blockwise, to_bytes(quantize(matrix, config)))
 
 
+# -- rounding: min-max and the search ----------------------------------------------------------
+
+
+def _group_errors(x: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Per group, the summed squared error of ``dequantize(quantize(x))`` (fp64; padding, being
+    cut off by dequantize, counts nothing)."""
+    q = quantize(x, config)
+    fmt = q.format
+    pre, groups, size, post = fmt.dims
+    n = fmt.shape[fmt.config.dim]
+    err = (dequantize(q).double() - x.double()).square().reshape(pre, n, post)
+    padded = torch.zeros(pre, groups * size, post, dtype=torch.float64)
+    padded[:, :n] = err
+    return padded.reshape(pre, groups, size, post).sum(2)
+
+
+def _with_outliers(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator)
+    spikes = torch.rand(shape, generator=generator) < 0.02
+    return torch.where(spikes, x * 20, x)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    ("shape", "dim", "group_size"),
+    [((96, 64), 1, 32), ((96, 64), 0, 32), ((40, 70), 1, 16), ((7, 33, 5), 1, 8)],
+    ids=["rows", "columns", "rows_padded", "3d_padded"],
+)
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_search_never_has_more_error_than_minmax(seed, shape, dim, group_size, bits):
+    x = _with_outliers(shape, seed)
+    config = QuantConfig(bits=bits, group_size=group_size, dim=dim)
+    searched = _group_errors(x, replace(config, rounding="search"))
+    plain = _group_errors(x, replace(config, rounding="minmax"))
+    # fp32 sums in another order than fp64's: a relative slack far below any real difference
+    assert torch.all(searched <= plain * (1 + 1e-5) + 1e-12)
+    assert searched.sum() < (0.8 if bits == 4 else 0.97) * plain.sum()  # and clearly better
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_search_is_no_worse_than_minmax_in_half_precision(dtype):
+    """The comparison with min-max uses the values as dequantize returns them, rounded to the
+    dtype (for outliers of ~60 a bf16 step is 0.25, as much as a group's whole 4-bit error)."""
+    x = _with_outliers((64, 256), 7).to(dtype)
+    searched = _group_errors(x, QuantConfig(rounding="search"))
+    plain = _group_errors(x, QuantConfig(rounding="minmax"))
+    assert torch.all(searched <= plain * (1 + 1e-5) + 1e-12)
+    assert searched.sum() < 0.8 * plain.sum()
+
+
+def test_search_keeps_a_group_already_on_a_grid():
+    """Weights that were 4-bit min-max quantized with these groups (SmolLM2's Q4_1 blocks of
+    32 are) come back as they were, up to fp32 rounding of the scale, as with min-max."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (64, 4, 32), generator=generator).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans all levels
+    scale = torch.rand(64, 4, 1, generator=generator) / 8
+    low = torch.randn(64, 4, 1, generator=generator)
+    x = (low + codes * scale).reshape(64, 128)
+    searched = _group_errors(x, QuantConfig())
+    assert torch.all(searched <= _group_errors(x, QuantConfig(rounding="minmax")) * (1 + 1e-5))
+    assert searched.sum().sqrt() < 1e-6 * x.norm()
+
+
+def test_search_shrinks_a_range_stretched_by_an_outlier():
+    x = torch.tensor([[0.0, 0.1, 0.2, 0.3, 3.0, 0.25]])
+    grouped = x.reshape(1, 1, 6, 1)
+    scale, low = rounding.search(grouped, 3, torch.float32)
+    minmax_scale, _ = rounding.minmax(grouped, 3, torch.float32)
+    assert scale < minmax_scale  # the five small values share levels instead of level 0
+    error = rounding.squared_error(grouped, scale, low, 3)
+    assert error < 0.3 * rounding.squared_error(
+        grouped, *rounding.minmax(grouped, 3, torch.float32), 3
+    )
+
+
+def test_search_stores_scale_and_minimum_in_the_dtype():
+    x = _with_outliers((16, 64), 1).to(torch.float16)
+    q = quantize(x, QuantConfig())
+    assert q.scale.dtype == q.minimum.dtype == torch.float16
+    assert torch.all(q.scale >= 0)
+
+
 def test_scales_round_up_so_no_group_is_clipped():
     """fp32 -> bf16 rounding of a group's range goes towards +inf (branch-free, the same result
     whether or not any value needed it)."""
-    from hf_flexoffload.compression import _round_up
-
     values = torch.tensor([1.0, 1.0 + 2**-10, 3.0, -1.0 - 2**-12])
-    out = _round_up(values, torch.bfloat16)
+    out = rounding.round_up(values, torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert torch.all(out.float() >= values)
     assert torch.equal(out[[0, 2]].float(), values[[0, 2]]), "exact values stay"
@@ -214,21 +341,20 @@ def _round_up_with_a_branch(values: torch.Tensor, dtype: torch.dtype) -> torch.T
     return out
 
 
+@pytest.mark.parametrize("mode", ROUNDINGS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
-def test_branch_free_round_up_quantizes_identically(monkeypatch, dtype, bits):
+def test_branch_free_round_up_quantizes_identically(monkeypatch, dtype, bits, mode):
     """Same bytes as the branching round-up, for groups whose range needs rounding up, groups
     that do not (fp32 never does), all-negative groups and constant groups."""
-    from hf_flexoffload import compression
-
     torch.manual_seed(0)
     x = torch.randn(64, 96) * 3
     x[:16] = -x[:16].abs() - 5  # groups entirely below zero
     x[16:24] = -2.5  # constant groups: zero range
     x = x.to(dtype)
-    config = QuantConfig(bits=bits, group_size=32, dim=1)
+    config = QuantConfig(bits=bits, group_size=32, dim=1, rounding=mode)
     ours = to_bytes(quantize(x, config))
-    monkeypatch.setattr(compression, "_round_up", _round_up_with_a_branch)
+    monkeypatch.setattr(rounding, "round_up", _round_up_with_a_branch)
     assert torch.equal(ours, to_bytes(quantize(x, config)))
 
 

@@ -125,7 +125,7 @@ def test_hot_path_helpers_do_not_sync():
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        q = quantize(x, QuantConfig(bits=4, group_size=64), default_dim=0)
+        q = quantize(x, QuantConfig())
         dequantize(q)
         rope.cos_sin(positions, torch.float16)
     finally:

@@ -18,19 +18,18 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from hf_flexoffload import compression
+from hf_flexoffload import rounding
 from hf_flexoffload.architectures import architecture_for
 from hf_flexoffload.compression import (
     QuantConfig,
     QuantizedTensor,
     dequantize,
     from_bytes,
-    linear,
     quantize,
-    take_rows,
     to_bytes,
 )
 from hf_flexoffload.layers import attention, lookup
+from hf_flexoffload.quantized_matrix import linear, take_rows
 
 from .conftest import tiny_config, tiny_llama_config
 from .test_streamed import streamed
@@ -136,37 +135,37 @@ def _round_up_with_a_branch(values: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def test_the_old_branching_round_up_is_caught(monkeypatch):
-    monkeypatch.setattr(compression, "_round_up", _round_up_with_a_branch)
+    monkeypatch.setattr(rounding, "round_up", _round_up_with_a_branch)
     x = torch.randn(64, 32, dtype=torch.bfloat16)
-    with HostReads(x) as mode:
-        quantize(x, QuantConfig(bits=4, group_size=32, dim=0))
-    assert mode.reads == ["__bool__"]
+    for mode_name in ("minmax", "search"):  # the search rounds min-max's pair up once too
+        with HostReads(x) as mode:
+            quantize(x, QuantConfig(bits=4, group_size=32, dim=0, rounding=mode_name))
+        assert mode.reads == ["__bool__"]
 
 
 # -- the hot path --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rounding_mode", ["minmax", "search"])
 @pytest.mark.parametrize("dim", [0, 1], ids=["rows", "cols"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_compression_reads_nothing_on_the_host(dim, bits, dtype):
-    """Quantize (KV cache writes), dequantize, bytes round trip, row lookups and the chunked
-    LM-head projection, on tensors that live on the device."""
+def test_compression_reads_nothing_on_the_host(dim, bits, dtype, rounding_mode):
+    """Quantize (KV cache writes; weights with the search), dequantize, bytes round trip, row
+    lookups and the chunked LM-head projection, on tensors that live on the device."""
     torch.manual_seed(0)
-    x, ids = torch.randn(200, 64).to(dtype), torch.tensor([[3, 199, 3], [64, 0, 127]])
-    inputs, h = torch.randn(2, 64, dtype=dtype), None
-    config = QuantConfig(bits=bits, group_size=32, dim=dim)
+    x, ids = torch.randn(200, 48).to(dtype), torch.tensor([[3, 199, 3], [64, 0, 127]])
+    inputs = torch.randn(2, 48, dtype=dtype)
+    config = QuantConfig(bits=bits, group_size=32, dim=dim, rounding=rounding_mode)
     with HostReads(x, ids, inputs) as mode:
-        q = quantize(x, config)
+        q = quantize(x, config)  # 200 rows and 48 columns: padded groups either way
         back = from_bytes(to_bytes(q), q.format)
         dequantize(back, out=torch.empty_like(x))
         take_rows(back, ids)
-        if dim == 0:
-            h = linear(inputs, back, chunk_rows=64)
+        h = linear(inputs, back, chunk_rows=64)
     assert mode.reads == []
     assert torch.equal(take_rows(q, ids), dequantize(q)[ids])
-    if h is not None:
-        torch.testing.assert_close(h, inputs @ dequantize(q).t())
+    torch.testing.assert_close(h, inputs @ dequantize(q).t())
 
 
 @pytest.mark.parametrize(

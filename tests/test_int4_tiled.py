@@ -13,13 +13,11 @@ from hf_flexoffload.compression import (
     QuantizedTensor,
     dequantize,
     from_bytes,
-    linear,
     quantize,
-    quantize_rows_to_bytes,
-    take_rows,
     to_bytes,
 )
 from hf_flexoffload.int4_kernel_choice import KERNEL_PROBE_ROWS, crossover, kernel_rows
+from hf_flexoffload.quantized_matrix import linear, quantize_rows_to_bytes, take_rows
 from hf_flexoffload.weight_layout import layout_for
 
 from .conftest import batch, tiny_config

@@ -171,7 +171,7 @@ def test_4bit_weights_match_stock_on_simulated_quantized_weights(gqa_checkpoint,
     with torch.no_grad():
         for name, p in reference.named_parameters():  # a tied head is quantized once, shared
             if p.dim() == 2 and (policy.compress_embeddings or "embed_tokens" not in name):
-                p.copy_(dequantize(quantize(p, policy.compress_weights, default_dim=0)))
+                p.copy_(dequantize(quantize(p, policy.compress_weights)))
     ids, mask = batch()
     expected = reference.generate(ids, attention_mask=mask, **GREEDY)
     with load(path, policy) as model:

@@ -38,6 +38,33 @@ def test_quant_config_validation():
         QuantConfig(bits=3)
     with pytest.raises(ValueError, match=r"QuantConfig\.group_size"):
         QuantConfig(group_size=63)
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid QuantConfig\.rounding='min-max': allowed values are None, 'minmax', "
+        r"'search'",
+    ):
+        QuantConfig(rounding="min-max")
+
+
+def test_quant_config_defaults_and_rounding():
+    assert QuantConfig() == QuantConfig(bits=4, group_size=32, dim=None, rounding=None)
+    assert QuantConfig().resolved("minmax").rounding == "minmax"
+    assert QuantConfig(rounding="search").resolved("minmax").rounding == "search"
+
+
+def test_quant_config_json_round_trip():
+    policy = Policy(
+        compress_weights=QuantConfig(bits=8, group_size=64, dim=0, rounding="minmax"),
+        compress_cache=QuantConfig(rounding="search"),
+    )
+    data = policy.to_dict()
+    assert data["compress_weights"] == dict(bits=8, group_size=64, dim=0, rounding="minmax")
+    assert Policy.from_json(policy.to_json()) == policy
+    # A policy saved before ``rounding`` existed loads with the default (None).
+    old = {"compress_weights": {"bits": 4, "group_size": 64, "dim": None}}
+    assert Policy.from_dict(old).compress_weights == QuantConfig(bits=4, group_size=64)
+    with pytest.raises(ValueError, match=r"QuantConfig\.rounding"):
+        Policy.from_dict({"compress_weights": {"rounding": "nearest"}})
 
 
 def test_json_round_trip(tmp_path):

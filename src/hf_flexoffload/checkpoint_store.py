@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import torch
 
 from .checkpoint import Checkpoint
-from .compression import quantize_rows_to_bytes
 from .memory_model import LOAD_CHUNK_BYTES
 from .placement import Segment
+from .quantized_matrix import quantize_rows_to_bytes
 from .storage import TierStore
 from .weight_layout import StageLayout, segment_key
 

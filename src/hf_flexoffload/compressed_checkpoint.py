@@ -16,7 +16,9 @@ from .storage import TierStore, dtype_from_name, dtype_name
 from .weight_layout import StageLayout, segment_key
 
 COMPRESSED_FORMAT = "hf_flexoffload.compressed"
-COMPRESSED_VERSION = "1"
+# 2: QuantConfig.dim=None means the input channels (in 1: the output channels), and the config
+# has ``rounding``; a version-1 file is refused rather than read with the new meaning.
+COMPRESSED_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,10 @@ class SavedCompression:
 
 
 def _as_matrix_config(config: QuantConfig) -> QuantConfig:
-    # Compressed weights are matrices: dim None, 0 and -2 all mean dim 0.
-    return replace(config, dim=0 if config.dim is None else config.dim % 2)
+    # Compressed weights are matrices quantized once: dim None, 1 and -1 all mean dim 1 (0 and
+    # -2 mean 0), and rounding None means "search".
+    dim = 1 if config.dim is None else config.dim % 2
+    return replace(config.resolved("search"), dim=dim)
 
 
 def save_store(

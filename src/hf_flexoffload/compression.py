@@ -1,20 +1,23 @@
-"""Group-wise min–max quantization (FlexGen's compression) as pure functions over plain tensors.
+"""Group-wise asymmetric quantization (FlexGen's compression) as pure functions over plain tensors.
 
-A tensor is cut into groups of ``group_size`` consecutive elements along one dimension; each group
-keeps its minimum and a scale ``(max - min) / (2**bits - 1)`` in the tensor's own dtype, and every
-element becomes an integer code ``round((x - min) / scale)``. Two 4-bit codes share a byte. With
-4 bits and groups of 64 that is 4.5 bits per element, 28% of bf16.
+A tensor is cut into groups of ``group_size`` consecutive elements along one dimension (by
+default the last: a weight's input channels, the KV cache's head dimension); each group keeps a
+minimum and a scale in the tensor's own dtype, and every element becomes an integer code
+``round((x - min) / scale)`` in ``[0, 2**bits - 1]``. Two 4-bit codes share a byte. With 4 bits
+and groups of 32 that is 5 bits per element, 31% of bf16 (groups of 64: 4.5 bits, 28%). How
+each group's pair is chosen (min–max, or a search for the least squared error) is
+``rounding``'s; the format is the same.
 
 Internally a tensor of shape ``(..., n, ...)`` grouped along ``n`` is viewed as
 ``(pre, n, post)``: ``pre`` is the product of the dimensions before the grouped one, ``post`` of
 those after it. Groups are formed as ``(pre, G, group_size, post)``, so dequantizing a weight
-grouped along its output channels (dim 0) writes a contiguous ``(out, in)`` matrix, with no
+grouped along either of its dimensions writes a contiguous ``(out, in)`` matrix, with no
 transpose. The byte format (``to_bytes``/``from_bytes``) is what the tiers store and move:
 per record, scales, then minimums, then codes.
 
 Example:
     >>> x = torch.randn(256, 128)
-    >>> q = quantize(x, QuantConfig(bits=4, group_size=64, dim=0))
+    >>> q = quantize(x, QuantConfig(bits=4, group_size=32, rounding="minmax"))
     >>> (dequantize(q) - x).abs().max() <= q.scale.max() / 2 + 1e-6
     tensor(True)
 """
@@ -22,12 +25,11 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
-from . import int4_tiled
+from . import int4_tiled, rounding
 from .int4_tiled import TiledInt4
 from .policy import QuantConfig
 
@@ -38,11 +40,8 @@ __all__ = [
     "TiledInt4",
     "dequantize",
     "from_bytes",
-    "linear",
     "pack_codes",
     "quantize",
-    "quantize_rows_to_bytes",
-    "take_rows",
     "to_bytes",
     "unpack_codes",
 ]
@@ -167,13 +166,14 @@ def quantize(
 ) -> QuantizedTensor | TiledInt4:
     """Quantize ``x`` group-wise along ``config.dim`` (``default_dim`` when it is None).
 
-    Runs on ``x``'s device. A grouped dimension that is not a multiple of the group size is
-    padded with a copy of its last element, which changes no group's min or max. A constant
-    group gets scale 0 and is reproduced exactly.
+    Runs on ``x``'s device, reading nothing back on the host. A grouped dimension that is not a
+    multiple of the group size is padded with a copy of its last element, which changes no
+    group's min or max (and which the search gives no weight). A constant group gets scale 0
+    and is reproduced exactly. Scales and minimums are stored in ``x.dtype``.
 
     Args:
         x: Any floating tensor.
-        config: Bits, group size and dimension.
+        config: Bits, group size, dimension and rounding (None: ``"search"``).
         lead_dims: The first ``lead_dims`` dims index independent records (``to_bytes`` with the
             same value makes one record per index; the KV cache uses 1: one record per token).
         default_dim: The dimension used when ``config.dim`` is None.
@@ -187,35 +187,28 @@ def quantize(
     pre, groups, size, post = fmt.dims
     n = x.shape[fmt.config.dim]
     flat = x.reshape(pre, n, post)
+    weight = None
     if groups * size != n:
         pad = flat[:, n - 1 : n].expand(pre, groups * size - n, post)
         flat = torch.cat((flat, pad), dim=1)
+        weight = (torch.arange(groups * size, device=x.device) < n).float()
+        weight = weight.reshape(1, groups, size, 1)
     grouped = flat.reshape(pre, groups, size, post).float()
-    low = grouped.amin(dim=2, keepdim=True)  # (pre, G, 1, post), exact in x.dtype
-    high = grouped.amax(dim=2, keepdim=True)
     levels = 2**fmt.config.bits - 1
-    if fmt.tiled and not lead_dims:  # (N, G, g, 1): ranges per group, packed for the kernel
-        return int4_tiled.pack(x, low[:, :, 0, 0], ((high - low) / levels)[:, :, 0, 0], fmt)
-    scale = _round_up((high - low) / levels, x.dtype)  # stored scale, never below the exact one
-    inverse = torch.where(scale > 0, scale.float().reciprocal(), 0.0)
-    codes = ((grouped - low) * inverse).round_().clamp_(0, levels)
+    choose = rounding.minmax if fmt.config.rounding == "minmax" else rounding.search
+    scale, low = choose(grouped, levels, x.dtype, weight)
+    if fmt.tiled and not lead_dims:  # (N, G, 1, 1): each group's pair, packed for the kernel
+        return int4_tiled.pack(x, low.float()[:, :, 0, 0], scale.float()[:, :, 0, 0], fmt)
+    codes = rounding.codes(grouped, scale, low, levels)
     records = math.prod(x.shape[:lead_dims])
     view = (records, pre // records, groups, -1, post)
     return QuantizedTensor(
         codes=pack_codes(codes, fmt.config.bits).reshape(view),
         scale=scale.reshape(view),
-        minimum=low.to(x.dtype).reshape(view),
+        minimum=low.reshape(view),
         format=fmt,
         lead_dims=lead_dims,
     )
-
-
-def _round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` (fp32) in ``dtype``, rounded towards +inf so no group's range is clipped."""
-    out = values.to(dtype)
-    # Branch-free: testing ``low.any()`` first would wait for the device on every call.
-    up = torch.nextafter(out, torch.full_like(out, math.inf))
-    return torch.where(out.float() < values, up, out)
 
 
 def dequantize(q: QuantizedTensor | TiledInt4, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,12 +227,20 @@ def dequantize(q: QuantizedTensor | TiledInt4, out: torch.Tensor | None = None) 
     records, pre, groups, _, post = q.codes.shape
     size, n = fmt.config.group_size, fmt.shape[fmt.config.dim]
     codes = unpack_codes(q.codes, fmt.config.bits, dim=3).to(fmt.dtype)  # (r, pre, G, g, post)
+    whole = out is not None and groups * size == n
+    values = out.view(codes.shape) if whole else torch.empty_like(codes)
+    minimum = q.minimum
+    if post == 1 and fmt.dtype.itemsize < 4:
+        # Grouped along the last dim, scale and minimum both repeat along the innermost one,
+        # where torch's addcmul runs a scalar loop (3.5x slower in bf16 here); with the minimum
+        # spread first only the scale repeats, and the loop is vectorized.
+        minimum = values.copy_(minimum.expand(codes.shape))
     # Codes are small integers, exact in every float dtype, and addcmul rounds once, so this
     # equals computing in fp32 and casting, at a third of the memory traffic.
-    if out is not None and groups * size == n:
-        torch.addcmul(q.minimum, codes, q.scale, out=out.view(codes.shape))
+    torch.addcmul(minimum, codes, q.scale, out=values)
+    if whole:
         return out
-    values = torch.addcmul(q.minimum, codes, q.scale).view(records * pre, groups * size, post)
+    values = values.view(records * pre, groups * size, post)
     if out is None:
         return values[:, :n].reshape(fmt.shape)
     out.view(records * pre, n, post).copy_(values[:, :n])
@@ -302,118 +303,3 @@ def from_bytes(data: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor | TiledI
         format=fmt,
         lead_dims=lead,
     )
-
-
-def take_rows(q: QuantizedTensor | TiledInt4, index: torch.Tensor) -> torch.Tensor:
-    """``dequantize(q)[index]`` for a 2-D ``q``, dequantizing exactly those rows (an embedding
-    lookup reads a few rows of a large matrix): memory is the rows asked for, not their groups.
-
-    Args:
-        q: A quantized (rows, cols) matrix.
-        index: Row indices of any shape.
-
-    Returns:
-        (*index.shape, cols) in the original dtype.
-    """
-    if isinstance(q, TiledInt4):
-        return int4_tiled.take_rows(q, index)
-    fmt = q.format
-    if len(fmt.shape) != 2:
-        raise ValueError(f"take_rows needs a quantized matrix, got shape {list(fmt.shape)}.")
-    flat = index.reshape(-1)
-    if fmt.config.dim == 1:  # groups run along each row: rows are independent
-        rows = QuantizedTensor(
-            codes=q.codes[:, flat],
-            scale=q.scale[:, flat],
-            minimum=q.minimum[:, flat],
-            format=replace(fmt, shape=(flat.numel(), fmt.shape[1])),
-        )
-        return dequantize(rows).reshape(*index.shape, -1)
-    # Grouped along the rows: row r is element r % size of group r // size, in every column.
-    size, bits = fmt.config.group_size, fmt.config.bits
-    group, within = flat // size, flat % size
-    if bits == 8:
-        codes = q.codes[0, 0, group, within]  # (n, cols)
-    else:  # pack_codes: the group's first half in the low nibbles, the second in the high
-        half = size // 2
-        packed = q.codes[0, 0, group, within % half]  # (n, cols)
-        codes = torch.where((within < half)[:, None], packed & 0x0F, packed >> 4)
-    # The same addcmul as dequantize, element by element: bit-identical rows.
-    values = torch.addcmul(q.minimum[0, 0, group, 0], codes.to(fmt.dtype), q.scale[0, 0, group, 0])
-    return values.reshape(*index.shape, -1)
-
-
-def linear(x: torch.Tensor, q: QuantizedTensor | TiledInt4, chunk_rows: int = 4096) -> torch.Tensor:
-    """``F.linear(x, dequantize(q))`` for a weight grouped along its output rows (dim 0),
-    dequantizing ``chunk_rows`` output rows at a time into one reused buffer, so a large matrix
-    (an LM head) is never dequantized whole.
-
-    Args:
-        x: (..., in) inputs.
-        q: A quantized (out, in) weight.
-        chunk_rows: Output rows per chunk (rounded to whole groups).
-
-    Returns:
-        (..., out) in ``x``'s dtype.
-    """
-    if isinstance(q, TiledInt4):
-        return int4_tiled.chunked_linear(x, q, chunk_rows)
-    fmt = q.format
-    out_features = fmt.shape[0]
-    if len(fmt.shape) != 2 or fmt.config.dim != 0:
-        return torch.nn.functional.linear(x, dequantize(q))
-    size = fmt.config.group_size
-    per_chunk = max(1, chunk_rows // size)
-    groups = q.codes.shape[2]
-    result = x.new_empty((*x.shape[:-1], out_features))
-    buffer = torch.empty((per_chunk * size, fmt.shape[1]), dtype=fmt.dtype, device=x.device)
-    for first in range(0, groups, per_chunk):
-        last = min(groups, first + per_chunk)
-        rows = min(out_features, last * size) - first * size
-        part = QuantizedTensor(
-            codes=q.codes[:, :, first:last],
-            scale=q.scale[:, :, first:last],
-            minimum=q.minimum[:, :, first:last],
-            format=replace(fmt, shape=(rows, fmt.shape[1])),
-        )
-        weight = dequantize(part, out=buffer[:rows])
-        result[..., first * size : first * size + rows] = x @ weight.t()
-    return result
-
-
-def quantize_rows_to_bytes(
-    read_rows: Callable[[int, int], torch.Tensor], fmt: QuantFormat, block_bytes: int = 1 << 26
-) -> torch.Tensor:
-    """``to_bytes(quantize(matrix, fmt.config))`` computed a block of rows at a time, so
-    quantizing a large matrix never holds more than a block of it in floating point.
-
-    Args:
-        read_rows: ``read_rows(start, stop)`` returns rows ``[start, stop)`` of the matrix, in
-            ``fmt.dtype``, on the device to quantize on.
-        fmt: The matrix's format (2-D).
-        block_bytes: About how many bytes of input each block holds.
-
-    Returns:
-        The matrix's bytes, (fmt.nbytes,) uint8 on the blocks' device.
-    """
-    rows, cols = fmt.shape
-    size = fmt.config.group_size
-    step = max(1, block_bytes // max(1, cols * fmt.dtype.itemsize))
-    if fmt.tiled:
-        return int4_tiled.pack_rows_to_bytes(
-            lambda a, b: quantize(read_rows(a, b), fmt.config), fmt, step
-        )
-    if fmt.config.dim == 0:  # blocks of whole groups
-        step = max(size, step // size * size)
-    out, offsets = None, None
-    for start in range(0, rows, step):
-        q = quantize(read_rows(start, min(rows, start + step)), fmt.config)
-        parts = [t.reshape(-1).view(torch.uint8) for t in (q.scale, q.minimum, q.codes)]
-        if out is None:
-            out = torch.zeros(fmt.nbytes, dtype=torch.uint8, device=parts[0].device)
-            pairs = fmt.dims[0] * fmt.dims[1] * fmt.dims[3] * fmt.dtype.itemsize
-            offsets = [0, pairs, 2 * pairs]
-        for i, part in enumerate(parts):
-            out[offsets[i] : offsets[i] + part.numel()] = part
-            offsets[i] += part.numel()
-    return out

@@ -48,7 +48,9 @@ from .weights import WeightFetcher
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: QuantConfig.dim=None groups weights along their input channels (in 1: output channels),
+# so an offload directory written by 1 holds other bytes for the same policy.
+FORMAT_VERSION = 2
 
 
 def _direct_io(policy: Policy, store: TierStore) -> bool:

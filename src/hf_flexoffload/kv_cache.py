@@ -53,7 +53,7 @@ class TokenCodec:
     Args:
         token_shape: (2, b, H_kv, d).
         dtype: The compute dtype.
-        config: ``Policy.compress_cache`` (None = store as is).
+        config: ``Policy.compress_cache`` (None = store as is; rounding None = min-max).
     """
 
     def __init__(
@@ -61,7 +61,9 @@ class TokenCodec:
     ) -> None:
         self.token_shape = token_shape
         self.dtype = dtype
-        self.config = config
+        # Every new token is quantized at run time: min-max unless the config asks for the
+        # search (a dozen passes over the token where min-max makes three).
+        self.config = None if config is None else config.resolved("minmax")
         if config is None:
             self.record_shape, self.storage_dtype = token_shape, dtype
         else:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import compression, int4_tiled
-from .compression import QuantizedTensor, TiledInt4, take_rows
+from . import int4_tiled, quantized_matrix
+from .compression import QuantizedTensor, TiledInt4
 from .int4_tiled import KernelOperand
+from .quantized_matrix import take_rows
 from .streamed import StreamedMatrix
 
 Matrix = torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedMatrix
@@ -46,7 +47,7 @@ def project(x: torch.Tensor, weight: Matrix) -> torch.Tensor:
     if isinstance(weight, KernelOperand):
         return int4_tiled.matmul(x, weight.weight)
     if isinstance(weight, QuantizedTensor | TiledInt4):
-        return compression.linear(x, weight)
+        return quantized_matrix.linear(x, weight)
     if isinstance(weight, StreamedMatrix):
         return weight.linear(x)
     return F.linear(x, weight)

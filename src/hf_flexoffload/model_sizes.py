@@ -168,7 +168,7 @@ class ModelSizes:
             largest_elements=max(math.prod(d) for tensors in stage_tensors for _, d in tensors),
             largest_layer_elements=arch.largest_layer_tensor,
             widest_row=max(math.prod(d[1:]) for tensors in stage_tensors for _, d in tensors),
-            # A quantized head dequantizes 4096 rows at a time (compression.linear).
+            # A quantized head dequantizes 4096 rows at a time (quantized_matrix.linear).
             stream_buffers=min(arch.vocab, 4096) * arch.embed_dim * e if head_fmt else stream,
             kv_token=codec.record_bytes,
             kv_token_plain=2 * kv_width * e,

@@ -235,7 +235,7 @@ class FlexOffloadCausalLMMixin:
                 ``model.safetensors``.
 
         Example:
-            >>> policy = Policy(compress_weights=QuantConfig(bits=4, group_size=64))
+            >>> policy = Policy(compress_weights=QuantConfig())  # 4 bits, groups of 32
             >>> model = FlexOffloadOPTForCausalLM.from_pretrained("opt", offload_policy=policy)
             >>> model.save_compressed("opt-4bit")
             >>> FlexOffloadOPTForCausalLM.from_pretrained("opt-4bit", offload_policy=policy)

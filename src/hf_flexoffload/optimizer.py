@@ -32,7 +32,10 @@ from .stats import human_bytes
 
 logger = logging.getLogger(__name__)
 
-Q4 = QuantConfig(bits=4, group_size=64)
+Q4 = QuantConfig()  # weights: 4 bits, groups of 32 input channels, searched rounding
+# The KV cache: groups of 64 along the head dimension (a whole head of most models), min-max
+# rounding because every new token is quantized at run time.
+Q4_CACHE = QuantConfig(bits=4, group_size=64, rounding="minmax")
 _MAX_MICRO_BATCHES = 16
 _TIE_BREAK = 1e-3
 HEADROOM = 0.9
@@ -142,11 +145,11 @@ def _candidates(
     elif compression is not None:
         kinds = [dict(compress_weights=compression[0], compress_embeddings=compression[1])]
         if workload.allow_compression:
-            kinds.append({**kinds[0], "compress_cache": Q4})
+            kinds.append({**kinds[0], "compress_cache": Q4_CACHE})
     else:
         kinds = [{}]
         if workload.allow_compression:
-            kinds += [dict(compress_weights=Q4), dict(compress_weights=Q4, compress_cache=Q4)]
+            kinds += [dict(compress_weights=Q4), dict(compress_weights=Q4, compress_cache=Q4_CACHE)]
     if fixed is None:
         # Overlap changes no memory, and the model prices an overlapped layer at
         # max + penalty * (sum - max): better than running in turn exactly when penalty < 1
@@ -338,7 +341,7 @@ def _infeasible(
     if fixed is not None:
         smallest = replace(fixed, micro_batch_size=batch, num_micro_batches=1)
     elif workload.allow_compression:
-        smallest = replace(smallest, compress_weights=Q4, compress_cache=Q4)
+        smallest = replace(smallest, compress_weights=Q4, compress_cache=Q4_CACHE)
     values = {v: 1.0 if v.endswith(".disk") else 0.0 for v in VARIABLES}
     if fixed is not None:
         values.update({f"weights.{t}": getattr(fixed.weights, t) for t in TIERS})

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 TIERS = ("device", "host", "disk")
+ROUNDINGS = ("minmax", "search")  # QuantConfig.rounding
 
 
 def _require(condition: bool, field_name: str, value: Any, allowed: str) -> None:
@@ -76,23 +77,32 @@ def _all_on_device() -> Split:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantConfig:
-    """Group-wise quantization settings (min–max, asymmetric), as in FlexGen.
+    """Group-wise asymmetric quantization settings: FlexGen's, with input-channel groups of 32
+    and a searched rounding by default (see docs/compression.md for the measurements).
 
     Args:
         bits: Bits per code, 4 or 8.
         group_size: Elements sharing one (scale, min) pair; positive and even.
-        dim: The dimension along which groups are formed. ``None`` (the default) picks
-            FlexGen's: the output channels (dim 0) of a weight matrix, the head dimension of the
-            KV cache (the only choice for the cache).
+        dim: The dimension along which groups are formed. ``None`` (the default) picks the last
+            dimension: the input channels (dim 1) of a weight matrix, the head dimension of the
+            KV cache (the only choice for the cache). ``dim=0`` groups a weight's output
+            channels, as FlexGen does.
+        rounding: How each group's scale and minimum are chosen (the stored format is the same):
+            ``"minmax"`` spans the group's range, as FlexGen; ``"search"`` tries a few
+            shrinkings of that range and keeps the one with the least squared error (never more
+            than min–max's). ``None`` (the default) picks ``"search"`` for weights, quantized
+            once at load, and ``"minmax"`` for the KV cache, quantized token by token at run
+            time.
 
     Example:
-        >>> QuantConfig(bits=4, group_size=64)
-        QuantConfig(bits=4, group_size=64, dim=None)
+        >>> QuantConfig()
+        QuantConfig(bits=4, group_size=32, dim=None, rounding=None)
     """
 
     bits: int = 4
-    group_size: int = 64
+    group_size: int = 32
     dim: int | None = None
+    rounding: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.bits in (4, 8), "QuantConfig.bits", self.bits, "allowed values are 4 and 8")
@@ -108,6 +118,16 @@ class QuantConfig:
             self.dim,
             "must be None or an integer dimension",
         )
+        _require(
+            self.rounding in (None, *ROUNDINGS),
+            "QuantConfig.rounding",
+            self.rounding,
+            f"allowed values are None, {', '.join(repr(r) for r in ROUNDINGS)}",
+        )
+
+    def resolved(self, rounding: str) -> QuantConfig:
+        """This config with ``rounding`` filled in where it is None."""
+        return self if self.rounding is not None else replace(self, rounding=rounding)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +147,8 @@ class Policy:
             and move only the query and the attention output.
         compress_weights: Group-quantize weights (``None`` = keep the compute dtype).
         compress_cache: Group-quantize the KV cache (``None`` = keep the compute dtype); its
-            groups run along the head dimension.
+            groups run along the head dimension, with min-max rounding unless ``rounding``
+            says otherwise.
         compress_embeddings: With ``compress_weights``, also quantize the token and position
             embeddings and the LM head (as FlexGen does); ``False`` keeps them in the compute
             dtype. 1-D weights (biases, layer norms) are never quantized.

@@ -140,7 +140,7 @@ def layout_for(
         stages.append(named)
         for name, local, dims in named:
             if _compressed(policy, arch, local, dims):
-                formats[name] = QuantFormat.of(dims, dtype, policy.compress_weights, default_dim=0)
+                formats[name] = QuantFormat.of(dims, dtype, policy.compress_weights)
     aliases = [{} for _ in stages]
     for local_name, (stage, name) in arch.head_aliases().items():
         aliases[-1][local_name] = arch.checkpoint_name(stage, name)
