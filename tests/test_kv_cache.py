@@ -96,9 +96,10 @@ def test_compressed_unit_attends_over_dequantized_history(tmp_path, tier, bits):
         q, k, v = (torch.randn(3, s, 2, 4) for _ in range(3))
         past_k = torch.cat(ks, 1) if ks else k[:, :0]
         past_v = torch.cat(vs, 1) if vs else v[:, :0]
-        # Each token is quantized on its own, along the head dim; new tokens are exact.
-        kq = dequantize(quantize(past_k, config)) if ks else past_k
-        vq = dequantize(quantize(past_v, config)) if vs else past_v
+        # Each token is quantized on its own (min-max), along the head dim; new tokens exact.
+        minmax = QuantConfig(bits=bits, group_size=4, rounding="minmax")
+        kq = dequantize(quantize(past_k, minmax)) if ks else past_k
+        vq = dequantize(quantize(past_v, minmax)) if vs else past_v
         out = unit.attend(unit.fetch(), q, k, v, key_mask=None, mover=mover)
         keys = torch.cat([kq, k], 1).transpose(1, 2)
         values = torch.cat([vq, v], 1).transpose(1, 2)

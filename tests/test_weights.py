@@ -81,16 +81,22 @@ def test_tokens_match_stock_on_simulated_quantized_weights(checkpoint, policy):
     expected = reference.generate(ids, attention_mask=mask, **kw)
     with FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy) as model:
         got = model.generate(ids, attention_mask=mask, **kw)
-    assert torch.equal(got.sequences, expected.sequences)
-    # Where the int4 kernel may run (bf16 activations and outputs), to bf16 precision.
     shape = OPTShape.from_config(stock.config)
-    tiled = any(
-        f.tiled for lay in layout_for(shape, policy, torch.float32) for f in lay.formats.values()
-    )
-    kernel = tiled and policy.int4_kernel_rows != 0
-    tolerance = dict(atol=0.1, rtol=0.02) if kernel else dict(atol=1e-3, rtol=1e-4)
-    for ours, theirs in zip(got.scores, expected.scores, strict=True):
-        torch.testing.assert_close(ours, theirs, **tolerance)
+    layouts = layout_for(shape, policy, torch.float32)
+    kernel_allowed = policy.int4_kernel_rows != 0
+    if kernel_allowed and any(f.tiled for lay in layouts for f in lay.formats.values()):
+        # The int4 kernel may run: bf16 activations and outputs. Scores agree to bf16
+        # precision while the inputs are the same (prefill, and the first decode step); on
+        # these random models (weights x8) that rounding can flip a later greedy token.
+        first = ids.shape[1]
+        assert torch.equal(got.sequences[:, : first + 1], expected.sequences[:, : first + 1])
+        for ours, theirs in zip(got.scores[:2], expected.scores[:2], strict=True):
+            scale = theirs.abs().max().item()
+            torch.testing.assert_close(ours, theirs, atol=0.02 * scale, rtol=0)
+    else:
+        assert torch.equal(got.sequences, expected.sequences)
+        for ours, theirs in zip(got.scores, expected.scores, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-4)
     # Quantization did change the model: the reference is not the stock model.
     assert not torch.equal(reference.lm_head.weight, stock.lm_head.weight) or (
         not policy.compress_embeddings
@@ -103,7 +109,8 @@ def test_bf16_tokens_match_simulated_reference(pre_ln_checkpoint):
     stock.float()
     ids, mask = batch()
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    policy = Policy(compress_weights=Q4, weights=Split(host=0.5, disk=0.5))
+    # The dequantizing path (the int4 kernel's bf16 rounding differs: test_int4_tiled.py).
+    policy = Policy(compress_weights=Q4, weights=Split(host=0.5, disk=0.5), int4_kernel_rows=0)
     with FlexOffloadOPTForCausalLM.from_pretrained(
         path, offload_policy=policy, dtype=torch.bfloat16
     ) as model:

@@ -156,8 +156,11 @@ class WeightFetcher:
                 continue
             spec, fmt = self._specs[name], self._formats.get(name)
             convert = fmt is None and self._dtypes[name] != layout.compute_dtype
+            kept = f"{key}#stored"  # an outer stage's gathered bytes serve both forms
             if self._in_place(name):
                 stored = self._segment_tensor(self._segments[name][0], spec)
+            elif not pooled and kept in self._ready:
+                stored = self._ready[kept]
             elif convert:  # gathered and converted in one pass, straight into the buffer
                 stored = self._gather(name, buffer(key, spec.shape, layout.compute_dtype))
             else:
@@ -177,6 +180,8 @@ class WeightFetcher:
                 value = dequantize(from_bytes(stored, fmt), out=buffer(key, fmt.shape, fmt.dtype))
             if not pooled:
                 self._ready[ready] = value
+                if fmt is not None and self._by_rows(name):
+                    self._ready[kept] = stored
             out[local] = value
         self.counters.count_stage_load(stage)
         return out
