@@ -91,7 +91,7 @@ def test_cost_model_counts_llama_bytes_and_flops():
     assert sizes.kv_token == sizes.kv_token_plain == 2 * kv * 2  # keys and values of 3 heads
     assert sizes.weights_stored == (sizes.layer_plain * 30 + 49152 * h * 2 + h * 2)  # tied once
     packed = ModelSizes.of(arch, torch.bfloat16, Policy(compress_cache=QuantConfig()))
-    assert packed.kv_token == 2 * kv * (4 + 2 * 16 / 64) / 8  # codes + scale, min per 64
+    assert packed.kv_token == 2 * kv * (4 + 2 * 16 / 32) / 8  # codes + scale, min per 32
 
 
 def test_auto_policy_plans_smollm2():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, int4_tiled
 from hf_flexoffload.architectures import architecture_for
 from hf_flexoffload.compression import (
+    QuantFormat,
     QuantizedTensor,
     dequantize,
     from_bytes,
@@ -183,3 +184,12 @@ def test_the_search_lowers_the_error_in_the_kernel_layout_too(dtype):
         assert isinstance(q, int4_tiled.TiledInt4)
         errors[mode] = (dequantize(q).double() - x.double()).pow(2).sum().item()
     assert errors["search"] < 0.8 * errors["minmax"]
+
+
+def test_a_matrix_not_tiled_as_a_whole_is_quantized_generically_block_by_block():
+    # 80 rows: not the kernel's layout, though a block of 32 or 64 of its rows would be.
+    x = torch.randn(80, 128)
+    fmt = QuantFormat.of((80, 128), torch.float32, QuantConfig(group_size=32))
+    assert not fmt.tiled
+    blocks = quantize_rows_to_bytes(lambda a, b: x[a:b], fmt, block_bytes=64 * 128 * 4)
+    assert torch.equal(blocks, to_bytes(quantize(x, fmt.config)))

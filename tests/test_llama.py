@@ -155,12 +155,15 @@ def test_unsupported_rope_type_fails_before_loading(tmp_path):
 @pytest.mark.parametrize(
     "policy",
     [
-        Policy(compress_weights=QuantConfig(bits=4, group_size=32)),
+        # The dequantizing path: exact against stock (the int4 kernel's bf16 rounding is
+        # tested in tests/test_int4_tiled.py and tests/test_weights.py).
+        Policy(compress_weights=QuantConfig(bits=4, group_size=32), int4_kernel_rows=0),
         Policy(
             micro_batch_size=2,
             compress_weights=QuantConfig(bits=4, group_size=32),
             compress_embeddings=False,
             weights=Split(device=0.2, host=0.3, disk=0.5),
+            int4_kernel_rows=0,
         ),
     ],
     ids=["4bit_all_device", "4bit_offloaded_keep_embeddings"],

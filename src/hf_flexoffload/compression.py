@@ -162,7 +162,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int = -2) -> torch.Tensor
 
 
 def quantize(
-    x: torch.Tensor, config: QuantConfig, *, lead_dims: int = 0, default_dim: int = -1
+    x: torch.Tensor,
+    config: QuantConfig,
+    *,
+    lead_dims: int = 0,
+    default_dim: int = -1,
+    tile: bool = True,
 ) -> QuantizedTensor | TiledInt4:
     """Quantize ``x`` group-wise along ``config.dim`` (``default_dim`` when it is None).
 
@@ -177,6 +182,8 @@ def quantize(
         lead_dims: The first ``lead_dims`` dims index independent records (``to_bytes`` with the
             same value makes one record per index; the KV cache uses 1: one record per token).
         default_dim: The dimension used when ``config.dim`` is None.
+        tile: False keeps the generic layout even where the kernel's applies (a block of rows
+            of a matrix that is not in the kernel's layout as a whole).
 
     Returns:
         The QuantizedTensor, or a TiledInt4 for a weight the CPU int4 kernel can multiply
@@ -197,7 +204,9 @@ def quantize(
     levels = 2**fmt.config.bits - 1
     choose = rounding.minmax if fmt.config.rounding == "minmax" else rounding.search
     scale, low = choose(grouped, levels, x.dtype, weight)
-    if fmt.tiled and not lead_dims:  # (N, G, 1, 1): each group's pair, packed for the kernel
+    if (
+        fmt.tiled and tile and not lead_dims
+    ):  # (N, G, 1, 1): each group's pair, packed for the kernel
         return int4_tiled.pack(x, low.float()[:, :, 0, 0], scale.float()[:, :, 0, 0], fmt)
     codes = rounding.codes(grouped, scale, low, levels)
     records = math.prod(x.shape[:lead_dims])

@@ -137,7 +137,7 @@ def quantize_rows_to_bytes(
         step = max(size, step // size * size)
     out, offsets = None, None
     for start in range(0, rows, step):
-        q = quantize(read_rows(start, min(rows, start + step)), fmt.config)
+        q = quantize(read_rows(start, min(rows, start + step)), fmt.config, tile=False)
         parts = [t.reshape(-1).view(torch.uint8) for t in (q.scale, q.minimum, q.codes)]
         if out is None:
             out = torch.zeros(fmt.nbytes, dtype=torch.uint8, device=parts[0].device)

@@ -15,10 +15,15 @@ def compression(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setenv("HF_FLEXOFFLOAD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONPATH", str(BENCHMARKS))  # the spawned runs import the scripts
+    # Fresh, together: a child's function pickles by the ``_common`` in sys.modules, which
+    # other benchmark tests drop and re-import.
+    scripts = ("compression", "checkpoints", "_cgroup", "_common")
+    for name in scripts:
+        sys.modules.pop(name, None)
     import compression
 
     yield compression
-    for name in ("compression", "checkpoints", "_cgroup"):
+    for name in scripts:
         sys.modules.pop(name, None)
 
 

@@ -66,8 +66,10 @@ def test_quality_benchmark_runs_end_to_end(quality, tmp_path):
     # history (the perplexity path must exercise the stored cache, not just one forward).
     assert results["plain"]["perplexity"] == pytest.approx(results["stock"]["perplexity"], 1e-5)
     assert results["w4kv4"]["perplexity"] != results["w4g32"]["perplexity"]
-    # The in-place cross-check on stock transformers agrees with the offloaded 4-bit weights.
-    assert results["stock-w4g32"]["perplexity"] == pytest.approx(results["w4g32"]["perplexity"])
+    # The in-place cross-check on stock transformers agrees with the offloaded 4-bit weights (to
+    # bf16 precision: the int4 kernel, where it runs, takes bf16 activations).
+    stock_w4 = results["stock-w4g32"]["perplexity"]
+    assert stock_w4 == pytest.approx(results["w4g32"]["perplexity"], rel=1e-3)
     assert results["w4g32"]["perplexity"] != pytest.approx(results["plain"]["perplexity"])
     assert all(r["instances"] == 2 and r["scored_tokens"] == 359 for r in results.values())
     written = doc.read_text()
