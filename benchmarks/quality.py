@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -103,13 +104,13 @@ def configurations(group_sizes: list[int]) -> list[Config]:
         out.append(Config(key=f"w4g{g}", name=f"4-bit weights, g{g}, search", weights=q))
     q = QuantConfig(bits=4, group_size=64, dim=0, rounding="minmax")
     out.append(Config(key="w4g64-out", name="4-bit weights, FlexGen's g64", weights=q))
+    # Embeddings (and the tied LM head) kept in fp32: what the decoder matrices alone cost.
+    for g, rounding in ((32, None), (64, "minmax"), (64, None)):
+        q = QuantConfig(bits=4, group_size=g, rounding=rounding)
+        name = f"4-bit weights, g{g}, {rounding or 'search'}, embeddings kept"
+        key = f"w4g{g}{'-minmax' if rounding else ''}-keep-embeddings"
+        out.append(Config(key=key, name=name, weights=q, embeddings=False))
     out += [
-        Config(
-            key="w4-keep-embeddings",
-            name="4-bit weights (default), embeddings kept",
-            weights=default,
-            embeddings=False,
-        ),
         Config(key="w4kv4", name="4-bit weights + KV (defaults)", weights=default, cache=default),
         Config(key="w4kv4g64", name="4-bit weights + KV g64", weights=default, cache=cache),
     ]
@@ -279,6 +280,29 @@ def table(configs: list[Config], results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _settings(args, path: str) -> dict:
+    """What a saved result depends on, besides its configuration."""
+    keys = ("max_tokens", "window", "stride", "chunk", "batch", "scenario", "instances", "text")
+    return {"model": path, **{k: getattr(args, k) for k in (*keys, "max_new_tokens", "device")}}
+
+
+def _load_results(file: str | None, settings: dict) -> dict[str, dict]:
+    """The results saved in ``file`` under the same settings, by configuration key."""
+    if not file or not os.path.exists(file):
+        return {}
+    with open(file) as f:
+        data = json.load(f)
+    return data["results"] if data["settings"] == settings else {}
+
+
+def _save_results(file: str | None, settings: dict, key: str, result: dict) -> None:
+    if file:
+        results = {**_load_results(file, settings), key: result}
+        with open(f"{file}.tmp", "w") as f:
+            json.dump({"settings": settings, "results": results}, f, indent=1)
+        os.replace(f"{file}.tmp", file)
+
+
 # -- the model and the text --------------------------------------------------------------------
 
 
@@ -322,6 +346,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         "default) quantizes stock transformers' weights in place: a cross-check of w4g64",
     )
     parser.add_argument("--doc", default=DOC, help="where to write the table")
+    parser.add_argument(
+        "--results",
+        help="JSON file that keeps each configuration's result as soon as it is measured; a "
+        "rerun with the same settings reuses them (a long run that is interrupted resumes)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     _device.add_device_arguments(parser)
     args = parser.parse_args(argv)
@@ -354,8 +383,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         configs = [c for c in configs if not c.extra]
 
     results: dict[str, dict] = {}
+    settings = _settings(args, path)
+    saved = _load_results(args.results, settings)
     for c in configs:
-        results[c.key] = r = measure(path, tokenizer, ids, c, args)
+        r = saved.get(c.key)
+        if r is None or r["config"] != repr(c):
+            r = {"config": repr(c), **measure(path, tokenizer, ids, c, args)}
+            _save_results(args.results, settings, c.key, r)
+        results[c.key] = r
         scores = ", ".join(f"{METRICS[m]} {v:.3f}" for m, v in r["metrics"].items())
         print(
             f"{c.name:<32} perplexity {r['perplexity']:8.3f}  {scores}  "

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> str:
     for what, matrices in smollm2_matrices().items():
         for label, kw in groupings:
             errors = {r: relative_error(matrices, QuantConfig(**kw, rounding=r)) for r in ROUNDINGS}
-            rows.append((f"{len(matrices)} {what}", label, errors))
+            rows.append((f"{what} ({len(matrices)})", label, errors))
             print(what, label, errors, flush=True)
 
     minmax, search = seconds["minmax"], seconds["search"]

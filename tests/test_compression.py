@@ -276,7 +276,7 @@ def test_search_never_has_more_error_than_minmax(seed, shape, dim, group_size, b
     plain = _group_errors(x, replace(config, rounding="minmax"))
     # fp32 sums in another order than fp64's: a relative slack far below any real difference
     assert torch.all(searched <= plain * (1 + 1e-5) + 1e-12)
-    assert searched.sum() < (0.8 if bits == 4 else 0.97) * plain.sum()  # and clearly better
+    assert searched.sum() < (0.9 if bits == 4 else 0.97) * plain.sum()  # and clearly better
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -287,7 +287,7 @@ def test_search_is_no_worse_than_minmax_in_half_precision(dtype):
     searched = _group_errors(x, QuantConfig(rounding="search"))
     plain = _group_errors(x, QuantConfig(rounding="minmax"))
     assert torch.all(searched <= plain * (1 + 1e-5) + 1e-12)
-    assert searched.sum() < 0.8 * plain.sum()
+    assert searched.sum() < 0.9 * plain.sum()
 
 
 def test_search_keeps_a_group_already_on_a_grid():

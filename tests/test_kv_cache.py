@@ -78,6 +78,26 @@ def test_reports_every_layer_as_full_attention_and_not_croppable(tmp_path):
 # -- compressed cache --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("rounding", "expected"), [(None, "minmax"), ("minmax", "minmax"), ("search", "search")]
+)
+def test_token_codec_rounds_min_max_unless_asked(rounding, expected):
+    """The cache quantizes every new token at run time: min-max unless the config asks for the
+    search, and its records are exactly ``quantize`` with that rounding."""
+    from hf_flexoffload.compression import QuantConfig, quantize, to_bytes
+    from hf_flexoffload.kv_cache import TokenCodec
+
+    config = QuantConfig(group_size=8, rounding=rounding)
+    codec = TokenCodec((2, 1, 2, 16), torch.float32, config)
+    assert codec.config.rounding == expected
+    tokens = torch.randn(3, 2, 1, 2, 16)
+    tokens[..., 0] *= 20  # an outlier per group: the two roundings differ
+    resolved = QuantConfig(group_size=8, rounding=expected)
+    assert torch.equal(codec.encode(tokens), to_bytes(quantize(tokens, resolved, lead_dims=1)))
+    other = QuantConfig(group_size=8, rounding="search" if expected == "minmax" else "minmax")
+    assert not torch.equal(codec.encode(tokens), to_bytes(quantize(tokens, other, lead_dims=1)))
+
+
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
 def test_compressed_unit_attends_over_dequantized_history(tmp_path, tier, bits):

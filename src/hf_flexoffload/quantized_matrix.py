@@ -117,7 +117,7 @@ def quantize_rows_to_bytes(
         read_rows: ``read_rows(start, stop)`` returns rows ``[start, stop)`` of the matrix, in
             ``fmt.dtype``, on the device to quantize on.
         fmt: The matrix's format (2-D).
-        block_bytes: About how many bytes of input each block holds (half that for the search).
+        block_bytes: About how many bytes of input each block holds (a quarter for the search).
 
     Returns:
         The matrix's bytes, (fmt.nbytes,) uint8 on the blocks' device.
@@ -125,9 +125,10 @@ def quantize_rows_to_bytes(
     rows, cols = fmt.shape
     size = fmt.config.group_size
     if fmt.config.rounding != "minmax":
-        # The search holds one more fp32 copy of the block than min-max (its candidates' codes)
-        # and a few passes more; halved blocks keep its peak below min-max's on whole ones.
-        block_bytes //= 2
+        # The search holds five fp32 copies of its block (the values, their emphasis, their
+        # places on the min-max levels, a candidate's codes and their weighted copy) where
+        # min-max holds about three: quarter blocks keep its peak below min-max's.
+        block_bytes //= 4
     step = max(1, block_bytes // max(1, cols * fmt.dtype.itemsize))
     if fmt.tiled:
         return int4_tiled.pack_rows_to_bytes(

@@ -78,3 +78,26 @@ def test_quality_benchmark_runs_end_to_end(quality, tmp_path):
     weights = "4-bit g32 inputs, search"
     assert f"| 4-bit weights + KV (defaults) | {weights} | 4-bit g32 head dim, minmax |" in written
     assert f"| stock, 4-bit weights in place, g32 | {weights} | fp32 |" in written
+
+
+def test_results_file_resumes_an_interrupted_run(quality, tmp_path, monkeypatch):
+    text = tmp_path / "tiny.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    saved = tmp_path / "results.json"
+    argv = ["--toy", "--text", str(text), "--window", "24", "--stride", "12", "--chunk", "8",
+            "--batch", "2", "--instances", "1", "--max-new-tokens", "2", "--group-sizes", "32",
+            "--no-write", "--results", str(saved)]  # fmt: skip
+    first = quality.main([*argv, "--only", "plain"])
+    measured = []
+    real = quality.measure
+
+    def counted(path, tokenizer, ids, config, args):
+        measured.append(config.key)
+        return real(path, tokenizer, ids, config, args)
+
+    monkeypatch.setattr(quality, "measure", counted)
+    second = quality.main([*argv, "--only", "plain,w4g32"])
+    assert measured == ["w4g32"]  # plain came from the file
+    assert second["plain"] == first["plain"]
+    third = quality.main([*argv, "--only", "plain,w4g32", "--stride", "6"])  # other settings
+    assert measured == ["w4g32", "plain", "w4g32"] and third["plain"] != first["plain"]
