@@ -73,11 +73,12 @@ class Config:
         name: What the table calls it.
         weights: ``Policy.compress_weights``.
         cache: ``Policy.compress_cache``.
-        embeddings: ``Policy.compress_embeddings`` (with ``weights``).
+        embeddings: ``Policy.compress_embeddings`` (with ``weights``; False is the default).
         stock: Stock transformers instead of the offloaded model. With ``weights``, every 2-D
-            parameter is quantized and dequantized in place by ``hf_flexoffload.compression``
-            (as the offloaded model does with ``compress_embeddings=True``): a cross-check of
-            the offloaded numbers that needs no offloaded model. ``cache`` must be None.
+            parameter (the embeddings and LM head only with ``embeddings``) is quantized and
+            dequantized in place by ``hf_flexoffload.compression``, as the offloaded model
+            does: a cross-check of the offloaded numbers that needs no offloaded model.
+            ``cache`` must be None.
         extra: Run only when named in ``--only``.
     """
 
@@ -85,7 +86,7 @@ class Config:
     name: str
     weights: QuantConfig | None = None
     cache: QuantConfig | None = None
-    embeddings: bool = True
+    embeddings: bool = Policy().compress_embeddings
     stock: bool = False
     extra: bool = False
 
@@ -102,14 +103,13 @@ def configurations(group_sizes: list[int]) -> list[Config]:
     for g in group_sizes:
         q = QuantConfig(bits=4, group_size=g)
         out.append(Config(key=f"w4g{g}", name=f"4-bit weights, g{g}, search", weights=q))
+    # FlexGen's setting: output-channel groups of 64, min-max, embeddings and LM head too.
     q = QuantConfig(bits=4, group_size=64, dim=0, rounding="minmax")
-    out.append(Config(key="w4g64-out", name="4-bit weights, FlexGen's g64", weights=q))
-    # Embeddings (and the tied LM head) kept in fp32: what the decoder matrices alone cost.
-    for g, rounding in ((32, None), (64, "minmax"), (64, None)):
-        q = QuantConfig(bits=4, group_size=g, rounding=rounding)
-        name = f"4-bit weights, g{g}, {rounding or 'search'}, embeddings kept"
-        key = f"w4g{g}{'-minmax' if rounding else ''}-keep-embeddings"
-        out.append(Config(key=key, name=name, weights=q, embeddings=False))
+    name = "4-bit weights and embeddings, FlexGen's g64"
+    out.append(Config(key="w4g64-out", name=name, weights=q, embeddings=True))
+    # What quantizing the embeddings (and the tied LM head) adds to the default.
+    name = "4-bit weights and embeddings, g32, search"
+    out.append(Config(key="w4g32-embeddings", name=name, weights=default, embeddings=True))
     out += [
         Config(key="w4kv4", name="4-bit weights + KV (defaults)", weights=default, cache=default),
         Config(key="w4kv4g64", name="4-bit weights + KV g64", weights=default, cache=cache),
@@ -130,8 +130,9 @@ def load_model(path: str, config: Config, batch: int, device: torch.device):
         model = model.to(device).eval()
         if config.weights is not None:
             with torch.no_grad():
-                for weight in model.parameters():  # tied weights are listed once
-                    if weight.dim() == 2:
+                for name, weight in model.named_parameters():  # tied weights listed once
+                    embedding = "embed" in name or name.startswith("lm_head.")
+                    if weight.dim() == 2 and (config.embeddings or not embedding):
                         packed = quantize(weight, config.weights)
                         weight.copy_(dequantize(packed))
         return model
@@ -273,7 +274,7 @@ def table(configs: list[Config], results: dict[str, dict]) -> list[str]:
         scores = " | ".join(f"{r['metrics'][m]:.3f}" for m in METRICS)
         lines.append(
             f"| {c.name} | {quant(c.weights, 'search', 'inputs')}"
-            f"{'' if c.embeddings or c.weights is None else ' (not embeddings)'} | "
+            f"{' (embeddings too)' if c.embeddings and c.weights is not None else ''} | "
             f"{quant(c.cache, 'minmax', 'head dim')} | "
             f"{r['perplexity']:.3f} | {change:+.2f}% | {scores} | {r['seconds']:.0f} |"
         )
