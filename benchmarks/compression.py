@@ -28,20 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
+from dataclasses import replace
 
 import torch
 from _cgroup import run_in_cgroup
 from _common import dtype_profiles, in_fresh_process, peak_rss, write_between_markers
 from checkpoints import opt_config, write_random_checkpoint
 
-from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
 from hf_flexoffload.hardware import default_cache_dir
+from hf_flexoffload.memory_model import footprint
 from hf_flexoffload.probes import cpu_name
 from hf_flexoffload.stats import human_bytes
-from hf_flexoffload.weight_layout import layout_for, placement_report
 
 DOCS = [
     os.path.join(os.path.dirname(__file__), "..", "docs", name)
@@ -50,28 +52,46 @@ DOCS = [
 START, END = "<!-- benchmark:compression:start -->", "<!-- benchmark:compression:end -->"
 Q4 = QuantConfig()
 CPU = torch.device("cpu")
-# Of the budget, what the weights may take: the rest is for the staged layers, KV cache,
-# activations and the interpreter's growth.
-WEIGHT_SHARE = 0.7
+# Of the budget, what the memory model's footprint may take: the rest is the interpreter's growth
+# and the allocator's slack, which the model does not count.
+FOOTPRINT_SHARE = 0.95
 
 
-def capped_runs(shape: OPTShape, budget: int, batch: int, dtype: str) -> dict[str, dict]:
-    """The capped scenario's runs at one batch: plain with what the budget holds resident (its
-    bf16 storage is what the budget holds, whichever dtype it computes in)."""
-    stored = torch.bfloat16
-    plain = placement_report(layout_for(shape, Policy(), stored), Split(device=1.0)).total_bytes
-    packed = placement_report(
-        layout_for(shape, Policy(compress_weights=Q4), stored), Split(device=1.0)
-    ).total_bytes
-    room = WEIGHT_SHARE * budget
-    if packed > room:
-        raise SystemExit(f"A budget of {human_bytes(budget)} cannot hold even the 4-bit weights.")
-    resident = round(min(1.0, room / plain), 3)
+def resident_share(shape: OPTShape, policy: Policy, budget: int, batch: int, dtypes, args) -> float:
+    """The largest share of ``policy``'s weights (to 0.01) that keeps the memory model's
+    footprint of ``batch`` sequences within ``FOOTPRINT_SHARE`` of ``budget`` in every one of
+    ``dtypes``, the rest on disk; 0 when even none fits."""
+    work = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=batch)
+
+    def fits(share: float) -> bool:
+        split = Split(device=share, disk=round(1 - share, 2))
+        placed = replace(policy, weights=split, micro_batch_size=batch)
+        return all(
+            footprint(shape, d, placed, work, shared=True, storage=torch.bfloat16)[0].memory
+            <= FOOTPRINT_SHARE * budget
+            for d in dtypes
+        )
+
+    return max((s / 100 for s in range(101) if fits(s / 100)), default=0.0)
+
+
+def capped_runs(shape: OPTShape, budget: int, batch: int, dtype: str, args) -> dict[str, dict]:
+    """The capped scenario's runs at one batch: plain with as much of its (bf16) weights
+    resident as the budget holds at this batch, whichever dtype it computes in, the rest read
+    from disk with O_DIRECT; 4-bit with all of its weights resident."""
+    dtypes = [torch.float32, torch.bfloat16] if dtype == "auto" else [getattr(torch, dtype)]
     common = dict(micro_batch_size=batch, cache=Split(device=1.0))
-    split = Split(device=resident, disk=round(1 - resident, 3))
+    packed = Policy(compress_weights=Q4, **common)
+    if resident_share(shape, packed, budget, batch, dtypes, args) < 1.0:
+        raise SystemExit(
+            f"A budget of {human_bytes(budget)} cannot hold the 4-bit weights at batch {batch}."
+        )
+    plain = Policy(direct_io=True, **common)
+    resident = resident_share(shape, plain, budget, batch, dtypes, args)
+    split = Split(device=resident, disk=round(1 - resident, 2))
     return {
-        "plain": dict(policy=Policy(weights=split, direct_io=True, **common), dtype=dtype),
-        "4-bit": dict(policy=Policy(compress_weights=Q4, **common), dtype=dtype),
+        "plain": dict(policy=replace(plain, weights=split), dtype=dtype),
+        "4-bit": dict(policy=packed, dtype=dtype),
     }
 
 
@@ -90,8 +110,14 @@ def measure(path: str, run: dict, batch: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(3, 50000, (batch, args.prompt_len))
     offload_dir = os.path.join(args.offload_dir, f"run-{os.getpid()}")
+    # The workload run, so that ``dtype="auto"`` prices this one (not FlexGen's 512 + 32).
+    workload = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=batch)
     with FlexOffloadOPTForCausalLM.from_pretrained(
-        path, offload_policy=run["policy"], offload_dir=offload_dir, dtype=run["dtype"]
+        path,
+        offload_policy=run["policy"],
+        offload_dir=offload_dir,
+        dtype=run["dtype"],
+        workload=workload,
     ) as model:
         report = model.placement_report
         kernel_rows = model.engine.fetcher.kernel_rows
@@ -99,7 +125,7 @@ def measure(path: str, run: dict, batch: int, args: argparse.Namespace) -> dict:
         out = model.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
         stats = model.generation_stats
     steps = max(1, args.gen_len - 1)
-    return {
+    result = {
         "tokens_per_s": stats.tokens_per_second,
         "prefill_s": stats.prefill_seconds,
         "decode_ms_per_step": 1000 * stats.decode_seconds / steps,
@@ -111,13 +137,16 @@ def measure(path: str, run: dict, batch: int, args: argparse.Namespace) -> dict:
         "dtype": dtype,
         "first_tokens": out[:, args.prompt_len].tolist(),
     }
+    shutil.rmtree(offload_dir, ignore_errors=True)
+    return result
 
 
 def run_all(path: str, shape: OPTShape, args: argparse.Namespace) -> dict:
     results: dict = {"capped": {}, "resident": {}}
     if "capped" in args.scenarios:
         for batch in args.batches:
-            for name, run in capped_runs(shape, args.budget, batch, args.capped_dtype).items():
+            runs = capped_runs(shape, args.budget, batch, args.capped_dtype, args)
+            for name, run in runs.items():
                 job = (measure, path, run, batch, args)
                 out, peak = run_in_cgroup("compression", args.budget, *job)
                 out["cgroup_peak"] = peak
@@ -135,12 +164,17 @@ def run_all(path: str, shape: OPTShape, args: argparse.Namespace) -> dict:
 
 
 def report(results: dict, setup: dict) -> str:
+    embeddings = (
+        "embeddings and LM head included"
+        if setup.get("embeddings", True)  # runs saved before the default changed quantized them
+        else "embeddings and LM head kept in the compute dtype (the default)"
+    )
     lines = [
         f"Measured {setup['date']} on {setup['cpu']} ({setup['cores']} cores, "
         f"{setup['capability']}), torch {setup['torch']}; {setup['shape']} shape, random bf16 "
         f"checkpoint; prompt {setup['prompt_len']}, {setup['gen_len']} new tokens; 4-bit "
         f"weights: `{setup['q4']}` (input-feature groups, stored in the CPU int4 kernel's "
-        "layout), embeddings and LM head included. Each run in a fresh process.",
+        f"layout), {embeddings}. Each run in a fresh process.",
     ]
     if results["capped"]:
         lines += [
@@ -187,13 +221,17 @@ def report(results: dict, setup: dict) -> str:
                 f"{r['tokens_per_s']:.2f} | {ratio:.2f}x | "
                 f"{r['kernel_rows']} | {'yes' if same else 'no'} |"
             )
-        auto = [n for n in runs if n.startswith("plain") and n.endswith("auto")]
-        for name in auto:
-            share = runs[name]["tokens_per_s"] / runs[best]["tokens_per_s"]
+        for kind in ("plain", "4-bit"):  # auto against the faster explicit dtype of its kind
+            asked = [n for n in runs if n.startswith(f"{kind}, ") and "dequantizing" not in n]
+            fixed = [n for n in asked if not n.endswith("auto")]
+            if f"{kind}, auto" not in runs or not fixed:
+                continue
+            faster = max(fixed, key=lambda n: runs[n]["tokens_per_s"])
+            share = runs[f"{kind}, auto"]["tokens_per_s"] / runs[faster]["tokens_per_s"]
             lines += [
                 "",
-                f'`dtype="auto"` computed in {runs[name]["dtype"]}: {share:.0%} of the faster '
-                f"plain dtype ({best.removeprefix('plain, ')}).",
+                f'{kind}, `dtype="auto"` computed in {runs[f"{kind}, auto"]["dtype"]}: '
+                f"{share:.0%} of the faster {kind} dtype ({faster.removeprefix(f'{kind}, ')}).",
             ]
     return "\n".join(lines)
 
@@ -247,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
             "prompt_len": args.prompt_len,
             "gen_len": args.gen_len,
             "q4": repr(Q4),
+            "embeddings": Policy().compress_embeddings,
             "budget": args.budget,
             "dtype": args.capped_dtype,
         }

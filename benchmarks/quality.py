@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from hf_flexoffload.cache_keyword import CACHE_KEYWORD, cache_from_output
 from hf_flexoffload.compression import dequantize, quantize
 from hf_flexoffload.eval import builtin_scenario, evaluate
 from hf_flexoffload.hardware import default_cache_dir
+from hf_flexoffload.probes import device_name
 from hf_flexoffload.smollm2 import PACKAGE, PACKAGE_VERSION, smollm2_checkpoint
 from hf_flexoffload.toy import build_random_checkpoint, char_tokenizer
 
@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     model_class = "stock" if all(c.stock for c in configs) else OFFLOADED.__name__
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}; model: {source}, computed in fp32 "
+        f"Measured {time.strftime('%Y-%m-%d')} on {device_name(torch.device('cpu'))}, "
+        f"torch {torch.__version__}; model: {source}, computed in fp32 "
         f"through `{model_class}` (all "
         f"{'in RAM' if args.device == 'cpu' else f'on {args.device}'}). Perplexity: "
         f"`{os.path.relpath(args.text, os.path.join(HERE, '..'))}`, {len(ids)} tokens, "

@@ -28,25 +28,12 @@ from safetensors import safe_open
 
 from hf_flexoffload import QuantConfig
 from hf_flexoffload.compression import dequantize, quantize
+from hf_flexoffload.probes import device_name
 from hf_flexoffload.smollm2 import PACKAGE, PACKAGE_VERSION, smollm2_checkpoint
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "compression.md")
 START, END = "<!-- benchmark:rounding:start -->", "<!-- benchmark:rounding:end -->"
 ROUNDINGS = ("minmax", "search")
-
-
-def cpu_name() -> str:
-    """The CPU as /proc/cpuinfo names it, with its family and model numbers."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return "an unknown CPU"
-    name = fields.get("model name", "an unknown CPU")
-    return f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def quantize_seconds(repeats: int) -> dict[str, float]:
@@ -103,7 +90,7 @@ def main(argv: list[str] | None = None) -> str:
 
     minmax, search = seconds["minmax"], seconds["search"]
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_name()}, {os.cpu_count()} cores, "
+        f"Measured {time.strftime('%Y-%m-%d')} on {device_name(torch.device('cpu'))}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of "
         f"{args.repeats} alternating runs. Errors: SmolLM2-135M-Instruct from "
         f"{PACKAGE}=={PACKAGE_VERSION} (fp32; its decoder matrices were Q4_1 in blocks of 32 "

@@ -316,10 +316,10 @@ def test_save_compressed_then_load_skips_quantization(pre_ln_checkpoint, tmp_pat
         (
             dict(
                 offload_policy=Policy(
-                    compress_weights=QuantConfig(group_size=32), compress_embeddings=False
+                    compress_weights=QuantConfig(group_size=32), compress_embeddings=True
                 )
             ),
-            "compress_embeddings=False",
+            "compress_embeddings=True",
         ),
         (
             dict(offload_policy=Policy(compress_weights=QuantConfig(group_size=32, dim=0))),
