@@ -20,7 +20,7 @@ Q8_SMALL = QuantConfig(bits=8, group_size=16)
 EMBEDDINGS = ("embed_tokens", "embed_positions", "lm_head")
 
 
-def simulated(stock, config: QuantConfig, embeddings: bool = True):
+def simulated(stock, config: QuantConfig, embeddings: bool):
     """Stock OPT whose matrices were quantized and dequantized by the same functions."""
     model = copy.deepcopy(stock)
     with torch.no_grad():
@@ -85,14 +85,18 @@ def test_tokens_match_stock_on_simulated_quantized_weights(checkpoint, policy):
     layouts = layout_for(shape, policy, torch.float32)
     kernel_allowed = policy.int4_kernel_rows != 0
     if kernel_allowed and any(f.tiled for lay in layouts for f in lay.formats.values()):
-        # The int4 kernel may run: bf16 activations and outputs. Scores agree to bf16
-        # precision while the inputs are the same (prefill, and the first decode step); on
-        # these random models (weights x8) that rounding can flip a later greedy token.
+        # The int4 kernel may run: bf16 activations and outputs. Prefill scores agree to bf16
+        # precision; on these random models (weights x8) that rounding can flip a greedy token
+        # only where the reference's two best scores are closer than it, and the next step's
+        # scores agree wherever the first new token is the same.
         first = ids.shape[1]
-        assert torch.equal(got.sequences[:, : first + 1], expected.sequences[:, : first + 1])
-        for ours, theirs in zip(got.scores[:2], expected.scores[:2], strict=True):
-            scale = theirs.abs().max().item()
-            torch.testing.assert_close(ours, theirs, atol=0.02 * scale, rtol=0)
+        atol = 0.02 * expected.scores[0].abs().max().item()
+        torch.testing.assert_close(got.scores[0], expected.scores[0], atol=atol, rtol=0)
+        best, second = expected.scores[0].topk(2, dim=-1).values.unbind(-1)
+        same = got.sequences[:, first] == expected.sequences[:, first]
+        assert torch.all(same | (best - second <= 2 * atol)) and same.any()
+        atol = 0.02 * expected.scores[1].abs().max().item()
+        torch.testing.assert_close(got.scores[1][same], expected.scores[1][same], atol=atol, rtol=0)
     else:
         assert torch.equal(got.sequences, expected.sequences)
         for ours, theirs in zip(got.scores, expected.scores, strict=True):
@@ -105,12 +109,12 @@ def test_tokens_match_stock_on_simulated_quantized_weights(checkpoint, policy):
 
 def test_bf16_tokens_match_simulated_reference(pre_ln_checkpoint):
     path, stock = pre_ln_checkpoint
-    reference = simulated(stock.to(torch.bfloat16), Q4)
+    # The dequantizing path (the int4 kernel's bf16 rounding differs: test_int4_tiled.py).
+    policy = Policy(compress_weights=Q4, weights=Split(host=0.5, disk=0.5), int4_kernel_rows=0)
+    reference = simulated(stock.to(torch.bfloat16), Q4, policy.compress_embeddings)
     stock.float()
     ids, mask = batch()
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    # The dequantizing path (the int4 kernel's bf16 rounding differs: test_int4_tiled.py).
-    policy = Policy(compress_weights=Q4, weights=Split(host=0.5, disk=0.5), int4_kernel_rows=0)
     with FlexOffloadOPTForCausalLM.from_pretrained(
         path, offload_policy=policy, dtype=torch.bfloat16
     ) as model:
@@ -141,7 +145,8 @@ def test_opt_125m_shape_compresses_to_under_30_percent_of_bf16(embeddings):
 def test_loaded_model_bytes_per_tier_are_compressed(tmp_path):
     config = tiny_config(vocab_size=128, max_position_embeddings=126)  # dims multiples of 64
     build_model(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "ckpt")
-    policy = Policy(compress_weights=Q4, weights=Split(device=0.3, host=0.3, disk=0.4))
+    split = Split(device=0.3, host=0.3, disk=0.4)
+    policy = Policy(compress_weights=Q4, compress_embeddings=True, weights=split)
     with FlexOffloadOPTForCausalLM.from_pretrained(
         tmp_path / "ckpt", offload_policy=policy, offload_dir=tmp_path / "off"
     ) as model:
