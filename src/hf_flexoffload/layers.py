@@ -114,12 +114,3 @@ def attention(
         v = v[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # (b, H, s, d)
     return out.transpose(1, 2)
-
-
-def __getattr__(name: str):
-    # ``OPTShape`` lived here before architectures became modules; still importable from here.
-    if name == "OPTShape":
-        from .architectures.opt import OPTShape
-
-        return OPTShape
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
