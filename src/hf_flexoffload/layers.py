@@ -8,6 +8,8 @@ stock models bit-closely. The model-specific math lives in ``architectures/``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 
@@ -15,9 +17,24 @@ from . import int4_tiled, quantized_matrix
 from .compression import QuantizedTensor, TiledInt4
 from .int4_tiled import KernelOperand
 from .quantized_matrix import take_rows
-from .streamed import StreamedMatrix
 
-Matrix = torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedMatrix
+
+class StreamedRows(ABC):
+    """A matrix used where it is stored instead of gathered whole (the embedding and LM head,
+    as ``StreamedMatrix`` in the storage layer): the math reads one only through ``take`` and
+    ``linear``. Declared here so ``lookup`` and ``project`` recognize one without importing
+    the storage that implements it, which builds on the math."""
+
+    @abstractmethod
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape) -> (*ids.shape, cols) in the compute dtype."""
+
+    @abstractmethod
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, matrix)``: (..., cols) -> (..., rows)."""
+
+
+Matrix = torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedRows
 
 
 def positions_from_mask(
@@ -37,7 +54,7 @@ def lookup(weight: Matrix, ids: torch.Tensor) -> torch.Tensor:
         weight = weight.weight
     if isinstance(weight, QuantizedTensor | TiledInt4):
         return take_rows(weight, ids)
-    if isinstance(weight, StreamedMatrix):
+    if isinstance(weight, StreamedRows):
         return weight.take(ids)
     return F.embedding(ids, weight)
 
@@ -48,7 +65,7 @@ def project(x: torch.Tensor, weight: Matrix) -> torch.Tensor:
         return int4_tiled.matmul(x, weight.weight)
     if isinstance(weight, QuantizedTensor | TiledInt4):
         return quantized_matrix.linear(x, weight)
-    if isinstance(weight, StreamedMatrix):
+    if isinstance(weight, StreamedRows):
         return weight.linear(x)
     return F.linear(x, weight)
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from .layers import StreamedRows
 from .stats import Counters
 from .storage import TierStore
 from .transfer import (
@@ -90,7 +91,7 @@ class ChunkBuffers:
             self._staging.close()
 
 
-class StreamedMatrix:
+class StreamedMatrix(StreamedRows):
     """A (rows, cols) weight stored as row segments on any tiers, used in place.
 
     Args:

@@ -26,13 +26,13 @@ import torch
 
 from ..compression import QuantizedTensor, TiledInt4
 from ..int4_tiled import KernelOperand
-from ..streamed import StreamedMatrix
+from ..layers import StreamedRows
 
 # Embedding and head matrices may stay quantized or be streamed from where they are stored (see
 # Architecture.embeddings): only ``layers.lookup`` and ``layers.project`` read them. Decoder
 # weights are plain tensors, or a ``KernelOperand`` in steps where the int4 kernel multiplies
 # them: only ``layers.linear`` reads those.
-Weights = dict[str, torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedMatrix]
+Weights = dict[str, torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedRows]
 # attend(q, k_new, v_new, scale) -> attention output (b, s, H, d). q is (b, s, H, d); the new
 # keys and values are (b, s, H_kv, d) with H a multiple of H_kv (grouped-query attention).
 Attend = Callable[..., torch.Tensor]
