@@ -14,11 +14,23 @@ from collections.abc import Iterator
 import torch
 
 from .checkpoint import Checkpoint
-from .memory_model import LOAD_CHUNK_BYTES
 from .placement import Segment
 from .quantized_matrix import quantize_rows_to_bytes
 from .storage import TierStore
 from .weight_layout import StageLayout, segment_key
+
+# Loading converts and writes a chunk of rows at a time: at most ``load_chunk_bytes`` of
+# checkpoint rows, and as many of converted rows, are in RAM beside what the placement keeps
+# (the memory model counts them).
+LOAD_CHUNK_BYTES = 16 << 20
+_MIN_LOAD_CHUNK = 1 << 20
+
+
+def load_chunk_bytes(largest_layer_tensor: int) -> int:
+    """Bytes per load chunk for a model whose largest decoder-layer tensor has that many
+    elements: one byte per element of it, between 1 MiB and ``LOAD_CHUNK_BYTES`` (small models
+    get small chunks, so the load buffers stay a small share of them)."""
+    return min(LOAD_CHUNK_BYTES, max(_MIN_LOAD_CHUNK, largest_layer_tensor))
 
 
 def read_in_place(ckpt: Checkpoint, layout: StageLayout, seg: Segment) -> tuple[str, int] | None:

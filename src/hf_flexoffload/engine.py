@@ -21,14 +21,14 @@ from .activations import ActivationStore
 from .architectures import Architecture, architecture_for
 from .budget import Capacities, bound_heap_slack, return_freed_memory
 from .checkpoint import INDEX_FILE, SINGLE_FILE, check_tensors, open_checkpoint
-from .checkpoint_store import bytes_to_write, load_into_store
+from .checkpoint_store import bytes_to_write, load_chunk_bytes, load_into_store
 from .compressed_checkpoint import SavedCompression, save_store
 from .cost_model import Estimate, estimate
 from .disk_file import check_writable
 from .hardware import HardwareProfile
 from .int4_kernel_choice import kernel_rows
 from .kv_cache import TokenCodec
-from .memory_model import MODEL_ITEMS, Footprint, footprint, load_chunk_bytes
+from .memory_model import MODEL_ITEMS, Footprint, footprint
 from .offload_cache import FlexOffloadCache
 from .optimizer import optimize
 from .placement import PlacementReport

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import Architecture
+from .checkpoint_store import load_chunk_bytes
 from .model_sizes import Affine, ModelSizes, frac, is_offloaded, realized_fractions
 from .policy import TIERS, Policy, Workload
 from .stats import human_bytes
@@ -26,18 +27,6 @@ from .weights import BOUNCE_BYTES, READ_AHEAD
 # heap has not returned yet; see budget.bound_heap_slack): the allowance the memory tests grant
 # over the predicted footprint. Measured: at most 12 MiB over, on the cases in docs/benchmarks.md.
 RUNTIME_SLACK = 24 << 20
-
-# Loading converts and writes a chunk of rows at a time: at most ``load_chunk_bytes`` of
-# checkpoint rows, and as many of converted rows, are in RAM beside what the placement keeps.
-LOAD_CHUNK_BYTES = 16 << 20
-_MIN_LOAD_CHUNK = 1 << 20
-
-
-def load_chunk_bytes(largest_layer_tensor: int) -> int:
-    """Bytes per load chunk for a model whose largest decoder-layer tensor has that many
-    elements: one byte per element of it, between 1 MiB and ``LOAD_CHUNK_BYTES`` (small models
-    get small chunks, so the load buffers stay a small share of them)."""
-    return min(LOAD_CHUNK_BYTES, max(_MIN_LOAD_CHUNK, largest_layer_tensor))
 
 
 ITEMS = {
