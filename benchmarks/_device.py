@@ -18,7 +18,7 @@ import torch
 from transformers import LogitsProcessor
 
 from hf_flexoffload.budget import parse_size
-from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.counters import human_bytes
 
 NA = "n/a"
 # The keys of a peaks dict (None where this device or this torch has no such counter).

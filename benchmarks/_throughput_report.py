@@ -19,7 +19,7 @@ from _common import describe_policy, dtype_sentence, tokens_bar_chart
 
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.hardware import HardwareProfile
-from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.counters import human_bytes
 
 if TYPE_CHECKING:
     from _throughput_plan import Result

@@ -43,7 +43,7 @@ from hf_flexoffload.budget import parse_size
 from hf_flexoffload.hardware import default_cache_dir
 from hf_flexoffload.memory_model import footprint
 from hf_flexoffload.probes import cpu_name
-from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.counters import human_bytes
 
 DOCS = [
     os.path.join(os.path.dirname(__file__), "..", "docs", name)

@@ -45,7 +45,7 @@ from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
 from hf_flexoffload.cost_model import estimate
 from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
-from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.counters import human_bytes
 from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
 
 Q4 = QuantConfig()  # the default: 4 bits, groups of 32 input channels

@@ -63,7 +63,7 @@ from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Workload
 from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.budget import parse_size
 from hf_flexoffload.hardware import default_cache_dir
-from hf_flexoffload.stats import human_bytes
+from hf_flexoffload.counters import human_bytes
 from hf_flexoffload.storage import dtype_name
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")

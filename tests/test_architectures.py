@@ -243,7 +243,7 @@ def test_cache_quantization_groups_never_straddle_kv_heads(group_size):
 
 def test_cache_split_realizes_over_kv_units_for_gqa(tmp_path):
     from hf_flexoffload import FlexOffloadCache
-    from hf_flexoffload.stats import Counters
+    from hf_flexoffload.counters import Counters
 
     cache = FlexOffloadCache(
         num_layers=2,

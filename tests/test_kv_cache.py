@@ -7,7 +7,7 @@ import torch
 
 from hf_flexoffload import FlexOffloadCache, Split
 from hf_flexoffload.cache_keyword import cache_from_output
-from hf_flexoffload.stats import Counters
+from hf_flexoffload.counters import Counters
 
 
 def make_cache(tmp_path, split):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_flexoffload.disk_file import check_writable
-from hf_flexoffload.stats import Counters
+from hf_flexoffload.counters import Counters
 from hf_flexoffload.storage import (
     CheckpointChangedError,
     DiskFile,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_flexoffload.stats import Counters
+from hf_flexoffload.counters import Counters
 from hf_flexoffload.storage import TierStore
 from hf_flexoffload.streamed import ChunkBuffers, StreamedMatrix, _runs, chunk_rows
 from hf_flexoffload.transfer import PinnedHost

@@ -15,7 +15,7 @@ import torch
 
 from .placement import assign_units
 from .policy import Split
-from .stats import Counters
+from .counters import Counters
 from .storage import DiskFile
 from .transfer import Mover, Pending, host_empty, shares_host_memory, to_compute, to_host
 

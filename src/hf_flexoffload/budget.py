@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .policy import TIERS
-from .stats import human_bytes
+from .counters import human_bytes
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})

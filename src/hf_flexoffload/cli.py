@@ -27,7 +27,7 @@ from .hub import resolve_pretrained
 from .optimizer import InfeasiblePolicyError
 from .planning import plan_policy
 from .policy import TIERS, Workload
-from .stats import human_bytes
+from .counters import human_bytes
 from .storage import dtype_name
 from .transfer import resolve_device
 

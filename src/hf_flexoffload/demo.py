@@ -28,7 +28,7 @@ from transformers import (
 from .auto import AutoFlexOffloadModelForCausalLM
 from .policy import Policy, Split
 from .smollm2 import INSTALL_HINT, gguf_path, smollm2_checkpoint
-from .stats import human_bytes
+from .counters import human_bytes
 from .toy import OPT_125M, build_random_checkpoint, char_tokenizer
 
 EXIT_MISMATCH = 1

@@ -35,7 +35,8 @@ from .placement import PlacementReport
 from .planning import checkpoint_compute_dtype, default_workload, plan_load
 from .policy import TIERS, Policy, Workload
 from .schedule import MicroBatch, run_block
-from .stats import Counters, GenerationStats
+from .counters import Counters
+from .stats import GenerationStats
 from .storage import TierStore, dtype_name
 from .transfer import Mover, shares_host_memory, upload
 from .weight_layout import (

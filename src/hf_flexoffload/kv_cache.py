@@ -29,7 +29,7 @@ import torch
 
 from .compression import QuantConfig, QuantFormat, dequantize, from_bytes, quantize, to_bytes
 from .layers import attention
-from .stats import Counters
+from .counters import Counters
 from .storage import DiskFile
 from .transfer import (
     Mover,

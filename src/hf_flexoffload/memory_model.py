@@ -20,7 +20,7 @@ from .architectures import Architecture
 from .checkpoint_store import load_chunk_bytes
 from .model_sizes import Affine, ModelSizes, frac, is_offloaded, realized_fractions
 from .policy import TIERS, Policy, Workload
-from .stats import human_bytes
+from .counters import human_bytes
 from .weights import BOUNCE_BYTES, READ_AHEAD
 
 # What the process holds beyond the items (thread stacks, small tensors, freed temporaries the

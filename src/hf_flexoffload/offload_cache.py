@@ -17,7 +17,7 @@ from .compression import QuantConfig
 from .kv_cache import HistoryBuffers, KVUnit
 from .placement import assign_units
 from .policy import Split
-from .stats import Counters
+from .counters import Counters
 
 
 class FlexOffloadCache(Cache):

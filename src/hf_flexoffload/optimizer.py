@@ -28,7 +28,7 @@ from .hardware import HardwareProfile
 from .memory_model import memory_terms
 from .model_sizes import KINDS, VARIABLES, Affine, ModelSizes
 from .policy import TIERS, Policy, QuantConfig, Split, Workload
-from .stats import human_bytes
+from .counters import human_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .policy import TIERS, Split
-from .stats import human_bytes
+from .counters import human_bytes
 
 if TYPE_CHECKING:  # memory_model builds on placement: the type only, no import cycle
     from .memory_model import Footprint

@@ -1,55 +1,13 @@
-"""Counters of what a run moved and held, and the per-generate summary built from them."""
+"""The per-generate summary, built from the run's counters."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .policy import TIERS, Policy
-
-if TYPE_CHECKING:  # memory_model builds on stats: the type only, no import cycle
-    from .memory_model import Footprint
-
-LINKS = ("disk_to_host", "host_to_device", "device_to_host", "host_to_disk")
-
-
-class Counters:
-    """Thread-safe byte counters: bytes moved per link and live/peak bytes per tier.
-
-    I/O runs in background threads, so every update takes a lock.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.moved = dict.fromkeys(LINKS, 0)
-        self.live = dict.fromkeys(TIERS, 0)
-        self.peak = dict.fromkeys(TIERS, 0)
-        self.stage_loads: dict[int, int] = {}
-
-    def add_moved(self, link: str, nbytes: int) -> None:
-        with self._lock:
-            self.moved[link] += nbytes
-
-    def alloc(self, tier: str, nbytes: int) -> None:
-        with self._lock:
-            self.live[tier] += nbytes
-            self.peak[tier] = max(self.peak[tier], self.live[tier])
-
-    def free(self, tier: str, nbytes: int) -> None:
-        with self._lock:
-            self.live[tier] -= nbytes
-
-    def count_stage_load(self, stage: int) -> None:
-        with self._lock:
-            self.stage_loads[stage] = self.stage_loads.get(stage, 0) + 1
-
-    def reset_run(self) -> None:
-        """Start a new measurement window: moved bytes and loads to zero, peaks to what is live."""
-        with self._lock:
-            self.moved = dict.fromkeys(LINKS, 0)
-            self.peak = dict(self.live)
-            self.stage_loads = {}
+from .counters import human_bytes
+from .memory_model import Footprint
+from .policy import Policy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,12 +63,3 @@ class GenerationStats:
             f"{self.decode_seconds:.2f}s): {self.tokens_per_second:.1f} tok/s; moved {moved}; "
             f"peak {peak}"
         )
-
-
-def human_bytes(nbytes: float) -> str:
-    """Format a byte count for people: ``1.5GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(nbytes) < 1024 or unit == "GiB":
-            return f"{nbytes:.0f}{unit}" if unit == "B" else f"{nbytes:.1f}{unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f}GiB"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .disk_file import DiskFile, direct_io_supported
-from .stats import Counters
+from .counters import Counters
 from .transfer import PinnedHost, host_empty
 
 INDEX_FILE = "index.json"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import StreamedRows
-from .stats import Counters
+from .counters import Counters
 from .storage import TierStore
 from .transfer import (
     PinnedHost,

@@ -21,7 +21,7 @@ import torch
 from .compression import QuantizedTensor, TiledInt4, dequantize, from_bytes
 from .int4_tiled import KernelOperand
 from .placement import Segment, TensorSpec
-from .stats import Counters
+from .counters import Counters
 from .storage import TierStore
 from .streamed import ChunkBuffers, StreamedMatrix, chunk_rows
 from .transfer import PAGE, StagingRing, at_phase, host_empty, shares_host_memory
