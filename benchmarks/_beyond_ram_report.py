@@ -10,8 +10,8 @@ import torch
 from _common import describe_policy, dtype_sentence, tokens_bar_chart
 
 from hf_flexoffload.architectures.opt import OPTShape
-from hf_flexoffload.hardware import HardwareProfile
-from hf_flexoffload.counters import human_bytes
+from hf_flexoffload.config.counters import human_bytes
+from hf_flexoffload.planning.hardware import HardwareProfile
 
 
 def _mem_total() -> int:

@@ -118,8 +118,8 @@ def probe(spec: dict) -> dict:
     import _device
     from checkpoints import opt_config
 
-    from hf_flexoffload.budget import parse_size
-    from hf_flexoffload.hardware import HardwareProfile
+    from hf_flexoffload.planning.budget import parse_size
+    from hf_flexoffload.planning.hardware import HardwareProfile
 
     device = _device.resolve(spec["device"])
     cap = parse_size(spec["cap"]) if spec["cap"] else None

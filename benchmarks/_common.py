@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 
 from hf_flexoffload import HardwareProfile, Policy
-from hf_flexoffload.dtype_choice import candidate_dtypes
-from hf_flexoffload.planning import native_bf16
-from hf_flexoffload.storage import dtype_name
+from hf_flexoffload.planning.dtype_choice import candidate_dtypes
+from hf_flexoffload.planning.load_plan import native_bf16
+from hf_flexoffload.storage.tier_store import dtype_name
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 

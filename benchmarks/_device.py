@@ -17,8 +17,8 @@ import time
 import torch
 from transformers import LogitsProcessor
 
-from hf_flexoffload.budget import parse_size
-from hf_flexoffload.counters import human_bytes
+from hf_flexoffload.config.counters import human_bytes
+from hf_flexoffload.planning.budget import parse_size
 
 NA = "n/a"
 # The keys of a peaks dict (None where this device or this torch has no such counter).

@@ -16,9 +16,9 @@ from _common import fastest_dtype
 
 from hf_flexoffload import Policy, Split, Workload
 from hf_flexoffload.architectures.opt import OPTShape
-from hf_flexoffload.cost_model import estimate
-from hf_flexoffload.hardware import HardwareProfile
-from hf_flexoffload.weight_layout import storage_dtype
+from hf_flexoffload.planning.cost_model import estimate
+from hf_flexoffload.planning.hardware import HardwareProfile
+from hf_flexoffload.storage.weight_layout import storage_dtype
 
 # -- what runs -----------------------------------------------------------------------------------
 

@@ -61,10 +61,10 @@ from transformers import LogitsProcessorList, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split, Workload
 from hf_flexoffload.architectures.opt import OPTShape
-from hf_flexoffload.budget import parse_size
-from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
-from hf_flexoffload.counters import human_bytes
-from hf_flexoffload.storage import dtype_name
+from hf_flexoffload.config.counters import human_bytes
+from hf_flexoffload.planning.budget import parse_size
+from hf_flexoffload.planning.hardware import HardwareProfile, default_cache_dir
+from hf_flexoffload.storage.tier_store import dtype_name
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 START, END = "<!-- benchmark:beyond-ram:start -->", "<!-- benchmark:beyond-ram:end -->"
@@ -186,7 +186,7 @@ def cold_read_rate(files: list[str], nbytes: int, chunk: int = 64 << 20, depth: 
     ``nbytes`` of ``files`` after dropping the page cache: the disk's cold rate at its best."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from hf_flexoffload.transfer import PAGE, aligned_empty
+    from hf_flexoffload.storage.transfer import PAGE, aligned_empty
 
     drop_page_cache()
     largest = max(os.path.getsize(p) for p in files)
@@ -219,7 +219,7 @@ def matmul_rates(shape: OPTShape, dtype: torch.dtype, rows: set[int]) -> dict[in
     profile skips row counts whose timing would take too long: the roofline needs them)."""
     import torch.nn.functional as F
 
-    from hf_flexoffload.probe_timing import timed
+    from hf_flexoffload.planning.probe_timing import timed
 
     h, f = shape.hidden, shape.ffn
     layer = [(torch.randn(o, i) * 0.02).to(dtype) for o, i in [(h, h)] * 4 + [(f, h), (h, f)]]

@@ -37,8 +37,8 @@ import time
 
 import torch
 
-from hf_flexoffload.hardware import default_cache_dir
-from hf_flexoffload.probes import cpu_name
+from hf_flexoffload.planning.hardware import default_cache_dir
+from hf_flexoffload.planning.probes import cpu_name
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _device
@@ -90,8 +90,8 @@ def read_rates(path: str, nbytes: int = 128 << 20, chunk: int = 4 << 20, repeats
     The cases alternate, each cold read on a region of its own (the virtual disk's host may
     cache what was read), all from an offset that is not block-aligned, as checkpoint tensors
     are not."""
-    from hf_flexoffload.disk_file import DiskFile
-    from hf_flexoffload.transfer import PAGE, aligned_empty, at_phase
+    from hf_flexoffload.storage.disk_file import DiskFile
+    from hf_flexoffload.storage.transfer import PAGE, aligned_empty, at_phase
 
     cases = (
         ("page cache, cold", False, True, True),

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import OPTConfig, OPTForCausalLM
 
-from hf_flexoffload.hardware import default_cache_dir
-from hf_flexoffload.toy import OPT_125M
+from hf_flexoffload.assets.toy import OPT_125M
+from hf_flexoffload.planning.hardware import default_cache_dir
 
 # (hidden, layers, heads, ffn) of the public facebook/opt-* checkpoints.
 _SHAPES = {

@@ -39,11 +39,11 @@ from checkpoints import opt_config, write_random_checkpoint
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures.opt import OPTShape
-from hf_flexoffload.budget import parse_size
-from hf_flexoffload.hardware import default_cache_dir
-from hf_flexoffload.memory_model import footprint
-from hf_flexoffload.probes import cpu_name
-from hf_flexoffload.counters import human_bytes
+from hf_flexoffload.config.counters import human_bytes
+from hf_flexoffload.planning.budget import parse_size
+from hf_flexoffload.planning.hardware import default_cache_dir
+from hf_flexoffload.planning.memory_model import footprint
+from hf_flexoffload.planning.probes import cpu_name
 
 DOCS = [
     os.path.join(os.path.dirname(__file__), "..", "docs", name)

@@ -26,7 +26,7 @@ import torch
 from _common import write_between_markers
 from transformers import OPTConfig, OPTForCausalLM
 
-from hf_flexoffload.probes import cpu_name
+from hf_flexoffload.planning.probes import cpu_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBE = os.path.join(HERE, "..", "tests", "memory_probe.py")

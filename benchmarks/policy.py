@@ -42,11 +42,11 @@ from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures.opt import OPTShape
-from hf_flexoffload.budget import parse_size
-from hf_flexoffload.cost_model import estimate
-from hf_flexoffload.hardware import HardwareProfile, default_cache_dir
-from hf_flexoffload.counters import human_bytes
-from hf_flexoffload.toy import OPT_1_3B, build_random_checkpoint
+from hf_flexoffload.assets.toy import OPT_1_3B, build_random_checkpoint
+from hf_flexoffload.config.counters import human_bytes
+from hf_flexoffload.planning.budget import parse_size
+from hf_flexoffload.planning.cost_model import estimate
+from hf_flexoffload.planning.hardware import HardwareProfile, default_cache_dir
 
 Q4 = QuantConfig()  # the default: 4 bits, groups of 32 input channels
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "policy.md")

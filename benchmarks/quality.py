@@ -45,13 +45,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
 
 import hf_flexoffload
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig
-from hf_flexoffload.cache_keyword import CACHE_KEYWORD, cache_from_output
-from hf_flexoffload.compression import dequantize, quantize
+from hf_flexoffload.assets.smollm2 import PACKAGE, PACKAGE_VERSION, smollm2_checkpoint
+from hf_flexoffload.assets.toy import build_random_checkpoint, char_tokenizer
 from hf_flexoffload.eval import builtin_scenario, evaluate
-from hf_flexoffload.hardware import default_cache_dir
-from hf_flexoffload.probes import device_name
-from hf_flexoffload.smollm2 import PACKAGE, PACKAGE_VERSION, smollm2_checkpoint
-from hf_flexoffload.toy import build_random_checkpoint, char_tokenizer
+from hf_flexoffload.formats.compression import dequantize, quantize
+from hf_flexoffload.modeling.cache_keyword import CACHE_KEYWORD, cache_from_output
+from hf_flexoffload.planning.hardware import default_cache_dir
+from hf_flexoffload.planning.probes import device_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, "data", "devils_dictionary_a-e.txt")
@@ -76,7 +76,7 @@ class Config:
         embeddings: ``Policy.compress_embeddings`` (with ``weights``; False is the default).
         stock: Stock transformers instead of the offloaded model. With ``weights``, every 2-D
             parameter (the embeddings and LM head only with ``embeddings``) is quantized and
-            dequantized in place by ``hf_flexoffload.compression``, as the offloaded model
+            dequantized in place by ``hf_flexoffload.formats.compression``, as the offloaded model
             does: a cross-check of the offloaded numbers that needs no offloaded model.
             ``cache`` must be None.
         extra: Run only when named in ``--only``.

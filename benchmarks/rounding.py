@@ -27,9 +27,9 @@ from _common import write_between_markers
 from safetensors import safe_open
 
 from hf_flexoffload import QuantConfig
-from hf_flexoffload.compression import dequantize, quantize
-from hf_flexoffload.probes import device_name
-from hf_flexoffload.smollm2 import PACKAGE, PACKAGE_VERSION, smollm2_checkpoint
+from hf_flexoffload.assets.smollm2 import PACKAGE, PACKAGE_VERSION, smollm2_checkpoint
+from hf_flexoffload.formats.compression import dequantize, quantize
+from hf_flexoffload.planning.probes import device_name
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "compression.md")
 START, END = "<!-- benchmark:rounding:start -->", "<!-- benchmark:rounding:end -->"

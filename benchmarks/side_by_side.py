@@ -40,8 +40,8 @@ from checkpoints import opt_config, write_random_checkpoint
 from transformers import LogitsProcessorList, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Workload
-from hf_flexoffload.budget import parse_size
-from hf_flexoffload.hardware import default_cache_dir
+from hf_flexoffload.planning.budget import parse_size
+from hf_flexoffload.planning.hardware import default_cache_dir
 
 SYSTEMS = ("stock", "accelerate", "flexgen", "ours-fixed", "ours-auto")
 

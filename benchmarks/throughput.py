@@ -61,10 +61,10 @@ from transformers import LogitsProcessorList, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Workload
 from hf_flexoffload.architectures.opt import OPTShape
-from hf_flexoffload.budget import parse_size
-from hf_flexoffload.hardware import default_cache_dir
-from hf_flexoffload.counters import human_bytes
-from hf_flexoffload.storage import dtype_name
+from hf_flexoffload.config.counters import human_bytes
+from hf_flexoffload.planning.budget import parse_size
+from hf_flexoffload.planning.hardware import default_cache_dir
+from hf_flexoffload.storage.tier_store import dtype_name
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 START, END = "<!-- benchmark:throughput:start -->", "<!-- benchmark:throughput:end -->"

@@ -17,8 +17,8 @@ import torch
 from transformers import AutoTokenizer, OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
+from hf_flexoffload.assets.toy import build_random_checkpoint, char_tokenizer
 from hf_flexoffload.eval import builtin_scenario, evaluate
-from hf_flexoffload.toy import build_random_checkpoint, char_tokenizer
 
 
 def main(path: str | None = None, output: str | None = None) -> dict:

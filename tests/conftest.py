@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from hf_flexoffload.hardware import default_cache_dir
-from hf_flexoffload.smollm2 import INSTALL_HINT, SmolLM2NotInstalledError, smollm2_checkpoint
-from hf_flexoffload.toy import CHAR_SPECIALS, char_tokenizer
+from hf_flexoffload.planning.hardware import default_cache_dir
+from hf_flexoffload.assets.smollm2 import INSTALL_HINT, SmolLM2NotInstalledError, smollm2_checkpoint
+from hf_flexoffload.assets.toy import CHAR_SPECIALS, char_tokenizer
 
 VOCAB = 96
 # Read at import, before ``profile_cache`` points the cache at a temporary directory: the real

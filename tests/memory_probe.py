@@ -70,7 +70,7 @@ def main(args: dict) -> dict:
     import torch
 
     from hf_flexoffload import AutoFlexOffloadModelForCausalLM, Policy, Workload
-    from hf_flexoffload.memory_model import footprint
+    from hf_flexoffload.planning.memory_model import footprint
 
     # Warm up the kernels and allocator paths the run will use, so they count as baseline.
     dtype = getattr(torch, args["dtype"])

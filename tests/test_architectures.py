@@ -12,11 +12,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from hf_flexoffload import Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures import LlamaShape, OPTShape, Rope, architecture_for
-from hf_flexoffload.cost_model import ModelSizes, estimate
-from hf_flexoffload.kv_cache import TokenCodec
-from hf_flexoffload.layers import attention, rms_norm
-from hf_flexoffload.optimizer import optimize
-from hf_flexoffload.weight_layout import layout_for
+from hf_flexoffload.planning.cost_model import ModelSizes, estimate
+from hf_flexoffload.storage.kv_cache import TokenCodec
+from hf_flexoffload.architectures.layers import attention, rms_norm
+from hf_flexoffload.planning.optimizer import optimize
+from hf_flexoffload.storage.weight_layout import layout_for
 
 from .test_hardware import make_profile
 
@@ -243,7 +243,7 @@ def test_cache_quantization_groups_never_straddle_kv_heads(group_size):
 
 def test_cache_split_realizes_over_kv_units_for_gqa(tmp_path):
     from hf_flexoffload import FlexOffloadCache
-    from hf_flexoffload.counters import Counters
+    from hf_flexoffload.config.counters import Counters
 
     cache = FlexOffloadCache(
         num_layers=2,

@@ -13,7 +13,7 @@ from hf_flexoffload import (
     Split,
 )
 from hf_flexoffload.architectures import ARCHITECTURES
-from hf_flexoffload.auto import MODEL_CLASSES
+from hf_flexoffload.modeling.auto import MODEL_CLASSES
 
 
 def test_every_architecture_has_a_model_class():

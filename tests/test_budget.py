@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split, Workload
-from hf_flexoffload.budget import (
+from hf_flexoffload.planning.budget import (
     AllocatorState,
     Capacities,
     InsufficientMemoryError,
@@ -88,7 +88,7 @@ def test_workload_must_be_a_workload(pre_ln_checkpoint):
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_container_memory_limit_caps_available_ram(tmp_path, version):
-    from hf_flexoffload.budget import cgroup_room
+    from hf_flexoffload.planning.budget import cgroup_room
 
     limit, usage, cache = 3 * 2**30, 2 * 2**30, 2**28
     if version == "v1":
@@ -119,7 +119,7 @@ def test_container_memory_limit_caps_available_ram(tmp_path, version):
 
 
 def test_no_cgroup_limit_means_no_room_cap(tmp_path):
-    from hf_flexoffload.budget import cgroup_room
+    from hf_flexoffload.planning.budget import cgroup_room
 
     (tmp_path / "cgroup").write_text("0::/\n")
     assert cgroup_room(str(tmp_path / "cgroup"), str(tmp_path)) is None

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from hf_flexoffload import FlexOffloadCache, FlexOffloadOPTForCausalLM, Policy, Split
-from hf_flexoffload.cache_keyword import (
+from hf_flexoffload.modeling.cache_keyword import (
     CACHE_KEYWORD,
     CACHE_NAMES,
     cache_argument,

@@ -21,7 +21,7 @@ from hf_flexoffload import (
     QuantConfig,
     Split,
 )
-from hf_flexoffload.checkpoint import SafetensorsCheckpoint, TorchCheckpoint, open_checkpoint
+from hf_flexoffload.checkpoints.checkpoint import SafetensorsCheckpoint, TorchCheckpoint, open_checkpoint
 
 from .conftest import (
     batch,
@@ -229,9 +229,9 @@ def test_offload_files_reused_and_interrupted_load_not_trusted(
     assert _disk_files(offload) == first
 
     # A load with another placement is interrupted half way.
-    from hf_flexoffload import storage
+    from hf_flexoffload.storage import tier_store
 
-    real_put, calls = storage.TierStore.put_chunks, []
+    real_put, calls = tier_store.TierStore.put_chunks, []
 
     def flaky_put(self, key, *args):
         calls.append(key)
@@ -239,7 +239,7 @@ def test_offload_files_reused_and_interrupted_load_not_trusted(
             raise KeyboardInterrupt
         return real_put(self, key, *args)
 
-    monkeypatch.setattr(storage.TierStore, "put_chunks", flaky_put)
+    monkeypatch.setattr(tier_store.TierStore, "put_chunks", flaky_put)
     with pytest.raises(KeyboardInterrupt):
         load(offload_policy=Policy(weights=Split(disk=1.0)))
     monkeypatch.undo()
@@ -273,7 +273,7 @@ def test_temporary_offload_dir_removed_on_close(pre_ln_checkpoint):
 
 
 def test_save_compressed_then_load_skips_quantization(pre_ln_checkpoint, tmp_path, monkeypatch):
-    from hf_flexoffload import checkpoint_store
+    from hf_flexoffload.checkpoints import checkpoint_store
 
     path, _ = pre_ln_checkpoint
     policy = Policy(compress_weights=QuantConfig(bits=4, group_size=32), weights=Split(disk=1.0))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
-from hf_flexoffload.disk_file import DiskFile, direct_io_supported
-from hf_flexoffload.storage import CheckpointChangedError
+from hf_flexoffload.storage.disk_file import DiskFile, direct_io_supported
+from hf_flexoffload.storage.tier_store import CheckpointChangedError
 
 from .conftest import batch, build_model, tiny_config
 

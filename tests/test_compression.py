@@ -4,8 +4,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hf_flexoffload import quantized_matrix, rounding
-from hf_flexoffload.compression import (
+from hf_flexoffload.formats import quantized_matrix, rounding
+from hf_flexoffload.formats.compression import (
     QuantConfig,
     QuantFormat,
     dequantize,
@@ -15,7 +15,7 @@ from hf_flexoffload.compression import (
     to_bytes,
     unpack_codes,
 )
-from hf_flexoffload.quantized_matrix import linear, quantize_rows_to_bytes, take_rows
+from hf_flexoffload.formats.quantized_matrix import linear, quantize_rows_to_bytes, take_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ROUNDINGS = ("minmax", "search")

@@ -116,7 +116,7 @@ def test_weight_copies_run_on_a_side_stream(pre_ln_checkpoint, tmp_path):
 def test_hot_path_helpers_do_not_sync():
     """Quantizing, dequantizing, rotary angles and a streamed lookup never wait for the GPU."""
     from hf_flexoffload.architectures import Rope
-    from hf_flexoffload.compression import QuantConfig, dequantize, quantize
+    from hf_flexoffload.formats.compression import QuantConfig, dequantize, quantize
 
     x = torch.randn(64, 256, device=CUDA, dtype=torch.float16)
     rope = Rope(dim=64, theta=1e4)

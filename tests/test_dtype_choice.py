@@ -12,9 +12,9 @@ from transformers import OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures import architecture_for
-from hf_flexoffload.checkpoint import open_checkpoint
-from hf_flexoffload.cost_model import Estimate
-from hf_flexoffload.dtype_choice import (
+from hf_flexoffload.checkpoints.checkpoint import open_checkpoint
+from hf_flexoffload.planning.cost_model import Estimate
+from hf_flexoffload.planning.dtype_choice import (
     CHECKPOINT,
     COMPRESSED,
     MEASURED,
@@ -22,7 +22,7 @@ from hf_flexoffload.dtype_choice import (
     candidate_dtypes,
     choose_dtype,
 )
-from hf_flexoffload.planning import plan_load
+from hf_flexoffload.planning.load_plan import plan_load
 
 from .conftest import batch
 from .test_hardware import seed_profile
@@ -111,7 +111,7 @@ def test_auto_takes_the_dtype_with_more_measured_throughput(
     bf16_checkpoint, profiles, caplog, fast, expected, policy
 ):
     profiles(SLOW if fast == "bf16" else FAST, FAST if fast == "bf16" else SLOW)
-    with caplog.at_level(logging.INFO, logger="hf_flexoffload.planning"):
+    with caplog.at_level(logging.INFO, logger="hf_flexoffload.planning.load_plan"):
         planned = plan(bf16_checkpoint, policy, "auto")
     assert planned.dtype == expected and planned.choice.reason == MEASURED
     assert planned.storage == torch.bfloat16, "stored in the checkpoint's dtype either way"

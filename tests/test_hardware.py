@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_flexoffload import HardwareProfile
-from hf_flexoffload.overlap_probe import MAX_OVERLAP_PENALTY
-from hf_flexoffload.storage import direct_io_supported
+from hf_flexoffload.planning.overlap_probe import MAX_OVERLAP_PENALTY
+from hf_flexoffload.storage.disk_file import direct_io_supported
 
 
 def make_profile(**overrides) -> HardwareProfile:
@@ -54,7 +54,7 @@ def seed_profile(
     ``HardwareProfile.measure`` looks them up for ``probe_dir``'s filesystem, so nothing is
     measured (minutes for a large shape, or bf16 on an AVX2 CPU). ``overrides``: e.g. the
     ``matmul_flops`` that make one dtype win."""
-    from hf_flexoffload import hardware
+    from hf_flexoffload.planning import hardware
 
     rates = make_profile(matrix=matrix, dtype=str(dtype).removeprefix("torch."), **overrides)
     rates = rates.to_dict()
@@ -143,7 +143,7 @@ def test_measure_caches_rates_but_reads_capacities_again(tmp_path):
 
 def test_cuda_device_name_uses_torch_cuda(monkeypatch):
     # Runs on CPU: the CUDA branch only asks torch.cuda for the name (issue 19's crash).
-    from hf_flexoffload import probes
+    from hf_flexoffload.planning import probes
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"fake GPU {device}")
     assert probes.device_name(torch.device("cuda", 0)) == "fake GPU cuda:0"

@@ -18,9 +18,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from hf_flexoffload import rounding
+from hf_flexoffload.formats import rounding
 from hf_flexoffload.architectures import architecture_for
-from hf_flexoffload.compression import (
+from hf_flexoffload.formats.compression import (
     QuantConfig,
     QuantizedTensor,
     dequantize,
@@ -28,8 +28,8 @@ from hf_flexoffload.compression import (
     quantize,
     to_bytes,
 )
-from hf_flexoffload.layers import attention, lookup
-from hf_flexoffload.quantized_matrix import linear, take_rows
+from hf_flexoffload.architectures.layers import attention, lookup
+from hf_flexoffload.formats.quantized_matrix import linear, take_rows
 
 from .conftest import tiny_config, tiny_llama_config
 from .test_streamed import streamed

@@ -13,7 +13,7 @@ import huggingface_hub
 import huggingface_hub.constants  # a lazy attribute of the package until imported
 import pytest
 
-from hf_flexoffload.hub import PYTORCH_WEIGHTS, SAFETENSORS_WEIGHTS, resolve_pretrained
+from hf_flexoffload.checkpoints.hub import PYTORCH_WEIGHTS, SAFETENSORS_WEIGHTS, resolve_pretrained
 
 REPO = "org/name"
 MAIN = "a" * 40
@@ -237,7 +237,8 @@ def test_env_offline_subprocess(cache):
     snapshot = make_repo(cache, {**CONFIG, "model.safetensors": b"w"})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     code = (
-        "from hf_flexoffload.hub import resolve_pretrained; print(resolve_pretrained('org/name'))"
+        "from hf_flexoffload.checkpoints.hub import resolve_pretrained; "
+        "print(resolve_pretrained('org/name'))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_flexoffload import FlexOffloadCache, Split
-from hf_flexoffload.cache_keyword import cache_from_output
-from hf_flexoffload.counters import Counters
+from hf_flexoffload.modeling.cache_keyword import cache_from_output
+from hf_flexoffload.config.counters import Counters
 
 
 def make_cache(tmp_path, split):
@@ -35,8 +35,8 @@ def test_units_follow_the_split_and_batch_is_fixed(tmp_path):
 
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
 def test_append_and_attend_match_plain_attention(tmp_path, tier):
-    from hf_flexoffload.layers import attention
-    from hf_flexoffload.transfer import Mover
+    from hf_flexoffload.architectures.layers import attention
+    from hf_flexoffload.storage.transfer import Mover
 
     cache = make_cache(tmp_path, Split(**{tier: 1.0}))
     cache.allocate((3,))
@@ -84,8 +84,8 @@ def test_reports_every_layer_as_full_attention_and_not_croppable(tmp_path):
 def test_token_codec_rounds_min_max_unless_asked(rounding, expected):
     """The cache quantizes every new token at run time: min-max unless the config asks for the
     search, and its records are exactly ``quantize`` with that rounding."""
-    from hf_flexoffload.compression import QuantConfig, quantize, to_bytes
-    from hf_flexoffload.kv_cache import TokenCodec
+    from hf_flexoffload.formats.compression import QuantConfig, quantize, to_bytes
+    from hf_flexoffload.storage.kv_cache import TokenCodec
 
     config = QuantConfig(group_size=8, rounding=rounding)
     codec = TokenCodec((2, 1, 2, 16), torch.float32, config)
@@ -101,9 +101,9 @@ def test_token_codec_rounds_min_max_unless_asked(rounding, expected):
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
 def test_compressed_unit_attends_over_dequantized_history(tmp_path, tier, bits):
-    from hf_flexoffload.compression import QuantConfig, dequantize, quantize
-    from hf_flexoffload.layers import attention
-    from hf_flexoffload.transfer import Mover
+    from hf_flexoffload.formats.compression import QuantConfig, dequantize, quantize
+    from hf_flexoffload.architectures.layers import attention
+    from hf_flexoffload.storage.transfer import Mover
 
     config = QuantConfig(bits=bits, group_size=4)
     cache = make_cache(tmp_path, Split(**{tier: 1.0}))
@@ -216,7 +216,7 @@ def test_compressed_cache_moves_compressed_bytes(pre_ln_checkpoint):
 def test_host_attention_widens_history_into_reused_buffers():
     """fp16 history attended on the host is widened to fp32 in two reused buffers (keys,
     values), not a fresh copy per layer and micro-batch, and counted as host memory."""
-    from hf_flexoffload.kv_cache import HistoryBuffers
+    from hf_flexoffload.storage.kv_cache import HistoryBuffers
 
     counters = Counters()
     scratch = HistoryBuffers(torch.device("cpu"), counters)

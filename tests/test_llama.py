@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from hf_flexoffload import FlexOffloadLlamaForCausalLM, Policy, QuantConfig, Split
-from hf_flexoffload.compression import dequantize, quantize
+from hf_flexoffload.formats.compression import dequantize, quantize
 
 from .conftest import batch, build_llama, tiny_llama_config
 from .test_modeling import PLACEMENTS

@@ -19,10 +19,10 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
-from hf_flexoffload.budget import InsufficientMemoryError
-from hf_flexoffload.hardware import _machine_key, _write_cached, default_cache_dir
-from hf_flexoffload.memory_model import RUNTIME_SLACK
-from hf_flexoffload.storage import dtype_name
+from hf_flexoffload.planning.budget import InsufficientMemoryError
+from hf_flexoffload.planning.hardware import _machine_key, _write_cached, default_cache_dir
+from hf_flexoffload.planning.memory_model import RUNTIME_SLACK
+from hf_flexoffload.storage.tier_store import dtype_name
 
 from .memory_probe import PLACEMENTS
 from .test_hardware import make_profile

@@ -10,8 +10,8 @@ from transformers import OPTConfig
 
 from hf_flexoffload import Policy, Split, Workload
 from hf_flexoffload.architectures import architecture_for
-from hf_flexoffload.cost_model import ModelSizes, estimate, realized_fractions
-from hf_flexoffload.memory_model import (
+from hf_flexoffload.planning.cost_model import ModelSizes, estimate, realized_fractions
+from hf_flexoffload.planning.memory_model import (
     MODEL_ITEMS,
     Footprint,
     footprint,

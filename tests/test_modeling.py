@@ -275,7 +275,7 @@ def test_fp16_checkpoint_computes_in_bf16_on_cpu(pre_ln_checkpoint, tmp_path, ca
 def test_direct_io_without_filesystem_support_warns_and_still_matches(
     pre_ln_checkpoint, monkeypatch, caplog
 ):
-    import hf_flexoffload.storage as storage
+    import hf_flexoffload.storage.tier_store as storage
 
     monkeypatch.setattr(storage, "direct_io_supported", lambda directory: False)
     path, stock = pre_ln_checkpoint

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from hf_flexoffload import Split
-from hf_flexoffload.placement import TensorSpec, assign_units, place_tensors, segment_bytes
+from hf_flexoffload.storage.placement import TensorSpec, assign_units, place_tensors, segment_bytes
 
 # One OPT-1.3B layer (bf16): the case where FlexGen's whole-tensor rule missed badly.
 H, F = 2048, 8192

@@ -1,4 +1,4 @@
-"""planning: the compute dtype per device."""
+"""load_plan: the compute dtype per device."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from hf_flexoffload import planning
-from hf_flexoffload.planning import gpu_dtype, resolve_dtype
+from hf_flexoffload.planning import load_plan
+from hf_flexoffload.planning.load_plan import gpu_dtype, resolve_dtype
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -33,7 +33,7 @@ def test_gpu_dtype(checkpoint, has_bf16, expected):
 )
 def test_bf16_checkpoint_on_cuda_follows_the_capability(monkeypatch, caplog, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    with caplog.at_level(logging.INFO, logger=planning.__name__):
+    with caplog.at_level(logging.INFO, logger=load_plan.__name__):
         assert resolve_dtype(None, torch.bfloat16, GPU) == expected
         assert resolve_dtype("auto", torch.bfloat16, GPU) == expected
     assert ("float16" in caplog.text) == (expected == torch.float16)
@@ -41,7 +41,7 @@ def test_bf16_checkpoint_on_cuda_follows_the_capability(monkeypatch, caplog, cap
 
 def test_explicit_dtype_wins_with_a_warning_when_emulated(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    with caplog.at_level(logging.WARNING, logger=planning.__name__):
+    with caplog.at_level(logging.WARNING, logger=load_plan.__name__):
         assert resolve_dtype(torch.bfloat16, torch.float32, GPU) == torch.bfloat16
     assert "no native bf16" in caplog.text
     assert resolve_dtype("float32", torch.bfloat16, GPU) == torch.float32
@@ -75,7 +75,7 @@ def test_the_capability_is_asked_of_the_compute_device(monkeypatch):
 
 def test_explicit_bf16_on_a_bf16_gpu_does_not_warn(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    with caplog.at_level(logging.INFO, logger=planning.__name__):
+    with caplog.at_level(logging.INFO, logger=load_plan.__name__):
         assert resolve_dtype("bfloat16", torch.float16, GPU) == torch.bfloat16
     assert caplog.text == ""
 
@@ -90,7 +90,7 @@ def test_compressed_checkpoint_computes_in_its_saved_dtype(device, requested, ex
     that dtype (fp16 on a CPU too), whatever the device's preferred half precision."""
     from types import SimpleNamespace
 
-    from hf_flexoffload.planning import checkpoint_compute_dtype
+    from hf_flexoffload.planning.load_plan import checkpoint_compute_dtype
 
     ckpt = SimpleNamespace(
         compression=SimpleNamespace(dtype=torch.float16), dtype=lambda: torch.uint8

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from hf_flexoffload import Policy, QuantConfig, Split, Workload
-from hf_flexoffload.modeling import resolve_policy
+from hf_flexoffload.modeling.causal_lm import resolve_policy
 
 
 def test_split_defaults_and_validation():

@@ -8,15 +8,15 @@ import types
 import pytest
 import torch
 
-from hf_flexoffload import overlap_probe, probe_timing, probes
-from hf_flexoffload.overlap_probe import (
+from hf_flexoffload.planning import overlap_probe, probe_timing, probes
+from hf_flexoffload.planning.overlap_probe import (
     MAX_GEMM_REPS,
     MAX_OVERLAP_PENALTY,
     calibrated_reps,
     overlap_penalty,
     settle_penalty,
 )
-from hf_flexoffload.storage import DiskFile
+from hf_flexoffload.storage.disk_file import DiskFile
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from hf_flexoffload import smollm2
+from hf_flexoffload.assets import smollm2
 
 from .conftest import USER_CACHE_DIR
 

@@ -6,15 +6,11 @@ import shutil
 import pytest
 import torch
 
-from hf_flexoffload.disk_file import check_writable
-from hf_flexoffload.counters import Counters
-from hf_flexoffload.storage import (
-    CheckpointChangedError,
-    DiskFile,
-    TierStore,
-    direct_io_supported,
-)
-from hf_flexoffload.transfer import PAGE, PinnedHost, aligned_empty, at_phase
+from hf_flexoffload.storage.disk_file import check_writable
+from hf_flexoffload.config.counters import Counters
+from hf_flexoffload.storage.disk_file import DiskFile, direct_io_supported
+from hf_flexoffload.storage.tier_store import CheckpointChangedError, TierStore
+from hf_flexoffload.storage.transfer import PAGE, PinnedHost, aligned_empty, at_phase
 
 from .conftest import FakeDriver
 
@@ -184,7 +180,7 @@ def test_borrowed_file_is_read_in_place_never_written_and_checked(tmp_path):
 
 
 def test_no_direct_io_falls_back_to_cached_reads(tmp_path, monkeypatch):
-    import hf_flexoffload.disk_file as disk_file
+    import hf_flexoffload.storage.disk_file as disk_file
 
     monkeypatch.setattr(disk_file, "_open_direct", lambda path: -1)  # e.g. a filesystem without it
     assert not direct_io_supported(str(tmp_path))

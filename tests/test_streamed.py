@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_flexoffload.counters import Counters
-from hf_flexoffload.storage import TierStore
-from hf_flexoffload.streamed import ChunkBuffers, StreamedMatrix, _runs, chunk_rows
-from hf_flexoffload.transfer import PinnedHost
+from hf_flexoffload.config.counters import Counters
+from hf_flexoffload.storage.tier_store import TierStore
+from hf_flexoffload.storage.streamed import ChunkBuffers, StreamedMatrix, _runs, chunk_rows
+from hf_flexoffload.storage.transfer import PinnedHost
 
 CPU = torch.device("cpu")
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from hf_flexoffload.transfer import PAGE, Mover, PinnedHost, StagingRing, host_empty
+from hf_flexoffload.storage.transfer import PAGE, Mover, PinnedHost, StagingRing, host_empty
 
 from .conftest import FakeDriver
 

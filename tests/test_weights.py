@@ -10,8 +10,8 @@ from transformers import OPTConfig
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
 from hf_flexoffload.architectures.opt import OPTShape
-from hf_flexoffload.compression import dequantize, quantize
-from hf_flexoffload.weight_layout import layout_for, placement_report
+from hf_flexoffload.formats.compression import dequantize, quantize
+from hf_flexoffload.storage.weight_layout import layout_for, placement_report
 
 from .conftest import batch, build_model, tiny_config
 
@@ -177,6 +177,6 @@ def test_fp16_checkpoint_compressed_on_cpu_uses_bf16(tmp_path):
 def test_group_larger_than_dims_warns(pre_ln_checkpoint, caplog):
     path, _ = pre_ln_checkpoint
     policy = Policy(compress_weights=QuantConfig(group_size=1024))
-    with caplog.at_level("WARNING", logger="hf_flexoffload.engine"):
+    with caplog.at_level("WARNING", logger="hf_flexoffload.runtime.engine"):
         FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy).close()
     assert "Use a smaller group_size" in caplog.text

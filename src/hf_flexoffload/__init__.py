@@ -8,16 +8,16 @@ Example:
     ...     "path/to/model", offload_policy=Policy(weights=Split(host=0.5, disk=0.5)))
 """
 
-from .auto import AutoFlexOffloadModelForCausalLM
-from .budget import InsufficientMemoryError
-from .cost_model import Estimate
-from .hardware import HardwareProfile
-from .modeling import FlexOffloadLlamaForCausalLM, FlexOffloadOPTForCausalLM
-from .offload_cache import FlexOffloadCache
-from .optimizer import InfeasiblePolicyError
-from .placement import PlacementReport
-from .policy import Policy, QuantConfig, Split, Workload
-from .stats import GenerationStats
+from .config.policy import Policy, QuantConfig, Split, Workload
+from .modeling.auto import AutoFlexOffloadModelForCausalLM
+from .modeling.causal_lm import FlexOffloadLlamaForCausalLM, FlexOffloadOPTForCausalLM
+from .planning.budget import InsufficientMemoryError
+from .planning.cost_model import Estimate
+from .planning.hardware import HardwareProfile
+from .planning.optimizer import InfeasiblePolicyError
+from .runtime.stats import GenerationStats
+from .storage.offload_cache import FlexOffloadCache
+from .storage.placement import PlacementReport
 
 __all__ = [
     "AutoFlexOffloadModelForCausalLM",

@@ -20,16 +20,16 @@ from transformers import (
 
 from . import demo
 from .architectures import ARCHITECTURES, architecture_for
-from .budget import parse_size
-from .dtype_choice import MEASURED
-from .hardware import HardwareProfile, default_cache_dir
-from .hub import resolve_pretrained
-from .optimizer import InfeasiblePolicyError
-from .planning import plan_policy
-from .policy import TIERS, Workload
-from .counters import human_bytes
-from .storage import dtype_name
-from .transfer import resolve_device
+from .checkpoints.hub import resolve_pretrained
+from .config.counters import human_bytes
+from .config.policy import TIERS, Workload
+from .planning.budget import parse_size
+from .planning.dtype_choice import MEASURED
+from .planning.hardware import HardwareProfile, default_cache_dir
+from .planning.load_plan import plan_policy
+from .planning.optimizer import InfeasiblePolicyError
+from .storage.tier_store import dtype_name
+from .storage.transfer import resolve_device
 
 EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE = 1, 2, 3
 

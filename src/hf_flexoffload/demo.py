@@ -25,11 +25,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from .auto import AutoFlexOffloadModelForCausalLM
-from .policy import Policy, Split
-from .smollm2 import INSTALL_HINT, gguf_path, smollm2_checkpoint
-from .counters import human_bytes
-from .toy import OPT_125M, build_random_checkpoint, char_tokenizer
+from .assets.smollm2 import INSTALL_HINT, gguf_path, smollm2_checkpoint
+from .assets.toy import OPT_125M, build_random_checkpoint, char_tokenizer
+from .config.counters import human_bytes
+from .config.policy import Policy, Split
+from .modeling.auto import AutoFlexOffloadModelForCausalLM
 
 EXIT_MISMATCH = 1
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
+from hf_flexoffload.assets.toy import char_tokenizer
 from hf_flexoffload.eval import builtin_scenario
-from hf_flexoffload.toy import char_tokenizer
 from tests.conftest import build_model, tiny_config
 
 # Two blocks of 4 and one of 2; prompts of about 300 characters (one shot).

@@ -2,7 +2,8 @@
 
 Adding one is a module here with an ``Architecture`` subclass (sizes, weight names, stage math;
 see ``base.py``) and an entry in ``ARCHITECTURES``; the schedule, placement, storage, KV cache,
-compression and cost model need no change.
+compression and cost model need no change. The math they share is in ``layers.py`` (positions
+from the mask, attention, RMS norm, lookups and projections of quantized or streamed matrices).
 """
 
 from __future__ import annotations

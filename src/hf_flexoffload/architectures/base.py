@@ -24,9 +24,9 @@ from typing import ClassVar
 
 import torch
 
-from ..compression import QuantizedTensor, TiledInt4
-from ..int4_tiled import KernelOperand
-from ..layers import StreamedRows
+from ..formats.compression import QuantizedTensor, TiledInt4
+from ..formats.int4_tiled import KernelOperand
+from .layers import StreamedRows
 
 # Embedding and head matrices may stay quantized or be streamed from where they are stored (see
 # Architecture.embeddings): only ``layers.lookup`` and ``layers.project`` read them. Decoder

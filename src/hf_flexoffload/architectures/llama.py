@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..layers import linear, lookup, project, rms_norm
 from .base import Architecture, Attend, TensorList, Weights, linear_specs
+from .layers import linear, lookup, project, rms_norm
 from .rope import Rope, apply_rotary
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}

@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..layers import linear, lookup, project
 from .base import Architecture, Attend, TensorList, Weights, linear_specs
+from .layers import linear, lookup, project
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (a fairseq legacy)

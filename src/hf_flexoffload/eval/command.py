@@ -13,11 +13,11 @@ import os
 import torch
 from transformers import AutoTokenizer
 
-from ..auto import AutoFlexOffloadModelForCausalLM
-from ..budget import available_ram
-from ..hub import resolve_pretrained
-from ..policy import Workload
-from ..transfer import resolve_device
+from ..checkpoints.hub import resolve_pretrained
+from ..config.policy import Workload
+from ..modeling.auto import AutoFlexOffloadModelForCausalLM
+from ..planning.budget import available_ram
+from ..storage.transfer import resolve_device
 from .distributed import Ranks
 from .metrics import ALL_METRICS
 from .runner import evaluate, make_run_spec, run_directory

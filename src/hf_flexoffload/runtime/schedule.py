@@ -1,0 +1,117 @@
+"""The zig-zag block schedule: one token step for a whole block, layer by layer.
+
+For each stage ``j`` (embedding, decoder layers) the stage's weights are fetched once, then
+every micro-batch ``k`` runs through it; the head stage runs once on the whole block's last
+hidden states (b x h: small), so its matrix is read once per step. Visiting (j, k) in that
+order, the schedule keeps one step ahead: while (j, k) computes, the weights of stage j + 1 and
+the inputs (hidden states and KV history) of the next (j, k) in the order are being read, and
+the outputs of (j, k - 1) are being written back. With ``overlap=False`` the same loop runs
+every task inline.
+
+::
+
+    stage:      embed   layer 1   layer 2  ...  head
+    mb 0          1 ──▶   4  ──▶    7            ...
+    mb 1          2   ┘   5    ┘    8
+    mb 2          3   ┘   6    ┘    9            (numbers: compute order)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ..architectures import Architecture
+from ..storage.activations import ActivationStore
+from ..storage.offload_cache import FlexOffloadCache
+from ..storage.transfer import Mover, Pending
+from ..storage.weights import WeightFetcher
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of a forward pass.
+
+    Attributes:
+        input_ids: (b, s) new tokens.
+        position_ids: (b, s) their positions.
+        key_mask: (b, S) padding mask over cached + new positions, or None for no padding.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    key_mask: torch.Tensor | None
+
+
+def run_block(
+    *,
+    arch: Architecture,
+    fetcher: WeightFetcher,
+    cache: FlexOffloadCache,
+    activations: ActivationStore,
+    mover: Mover,
+    micro_batches: list[MicroBatch],
+    logits_to_keep: int,
+) -> torch.Tensor:
+    """One forward pass of the block.
+
+    Returns:
+        (b, s_keep, vocab) logits for the whole block, micro-batches concatenated in order.
+    """
+    num_stages = arch.num_stages
+    head_stage = num_stages - 1
+    order = [(j, k) for j in range(num_stages) for k in range(len(micro_batches))]
+
+    def read_inputs(j: int, k: int):
+        x = activations.get(j - 1, k) if j > 0 else None
+        history = cache.units[j - 1][k].fetch() if 0 < j < head_stage else None
+        return x, history
+
+    def prefetch_inputs(j: int, k: int) -> Pending:
+        # Inputs already where they are computed on need no thread hand-off.
+        idle = (j == 0 or activations.resident(j - 1, k)) and (
+            not 0 < j < head_stage or cache.units[j - 1][k].fetch_idle()
+        )
+        return mover.read(read_inputs, j, k, idle=idle)
+
+    # Rows each layer computes in this pass: the int4 kernel is chosen per step by this count.
+    rows = max(mb.input_ids.numel() for mb in micro_batches)
+
+    def prefetch_weights(j: int) -> Pending:
+        fetch = partial(fetcher.fetch, rows=rows)
+        return mover.read_weights(fetch, j, idle=fetcher.idle(j, rows))
+
+    weights: dict[int, Pending] = {0: prefetch_weights(0)}
+    inputs = prefetch_inputs(*order[0])
+    logits = []
+    for i, (j, k) in enumerate(order):
+        if k == 0:
+            w = weights.pop(j).wait()
+            if j + 1 < num_stages:
+                weights[j + 1] = prefetch_weights(j + 1)
+        x, history = inputs.wait()
+        following = order[i + 1] if i + 1 < len(order) else None
+        # Prefetch the next inputs now, unless they are this step's output (one micro-batch).
+        early = following is not None and following != (j + 1, k)
+        if early:
+            inputs = prefetch_inputs(*following)
+        mb = micro_batches[k]
+        if j == 0:
+            out = arch.embed(w, mb.input_ids, mb.position_ids)
+        elif j < head_stage:
+            unit = cache.units[j - 1][k]
+            attend = partial(unit.attend, history, key_mask=mb.key_mask, mover=mover)
+            out = arch.decoder_layer(w, x, mb.position_ids, attend)
+        else:
+            # The head runs once over the whole block, after its last micro-batch: a streamed LM
+            # head then reads its rows once per step, not once per micro-batch.
+            logits.append(x if logits_to_keep == 0 else x[:, -logits_to_keep:])
+            if k == len(micro_batches) - 1:
+                return arch.head(w, torch.cat(logits) if len(logits) > 1 else logits[0])
+            continue
+        activations.put(j, k, out)
+        if following is not None and not early:
+            inputs = prefetch_inputs(*following)
+    raise AssertionError("the order ends with the head stage")

@@ -1,0 +1,65 @@
+"""The per-generate summary, built from the run's counters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config.counters import human_bytes
+from ..config.policy import Policy
+from ..planning.memory_model import Footprint
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationStats:
+    """What one ``generate`` call did.
+
+    Attributes:
+        prefill_seconds: Time of the first forward (the prompt).
+        decode_seconds: Time of all later forwards.
+        generated_tokens: New tokens produced, summed over sequences (padding after EOS included,
+            as FlexGen counts them: every row of the block runs every step).
+        batch_size: Sequences in the block.
+        forwards: Number of forward passes (token steps).
+        bytes_moved: Bytes per link: disk_to_host, host_to_device, device_to_host, host_to_disk.
+        peak_bytes: Peak bytes held per tier by the model's own buffers (weights, KV cache,
+            activations, staging).
+        policy: The policy the call ran under (re-optimized for the batch with ``"auto"``).
+        memory: Where the memory model said the call's bytes would go, item by item, as
+            checked against the capacities before the call started.
+    """
+
+    prefill_seconds: float
+    decode_seconds: float
+    generated_tokens: int
+    batch_size: int
+    forwards: int
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+    policy: Policy | None = None
+    memory: Footprint | None = None
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        """FlexGen's generation throughput: generated tokens / (prefill + decode time)."""
+        return self.generated_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tokens_per_second"] = self.tokens_per_second
+        data["memory"] = self.memory.to_dict() if self.memory is not None else None
+        return data
+
+    def __str__(self) -> str:
+        moved = ", ".join(f"{k}={human_bytes(v)}" for k, v in self.bytes_moved.items())
+        peak = ", ".join(f"{k}={human_bytes(v)}" for k, v in self.peak_bytes.items())
+        return (
+            f"{self.generated_tokens} tokens for {self.batch_size} sequences in "
+            f"{self.total_seconds:.2f}s (prefill {self.prefill_seconds:.2f}s, decode "
+            f"{self.decode_seconds:.2f}s): {self.tokens_per_second:.1f} tok/s; moved {moved}; "
+            f"peak {peak}"
+        )
