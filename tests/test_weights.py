@@ -177,6 +177,6 @@ def test_fp16_checkpoint_compressed_on_cpu_uses_bf16(tmp_path):
 def test_group_larger_than_dims_warns(pre_ln_checkpoint, caplog):
     path, _ = pre_ln_checkpoint
     policy = Policy(compress_weights=QuantConfig(group_size=1024))
-    with caplog.at_level("WARNING", logger="hf_flexoffload.runtime.engine"):
+    with caplog.at_level("WARNING", logger="hf_flexoffload.storage.weight_layout"):
         FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy).close()
     assert "Use a smaller group_size" in caplog.text

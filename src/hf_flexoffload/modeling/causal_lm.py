@@ -22,17 +22,18 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from transformers.models.opt.modeling_opt import OPTPreTrainedModel
 
-from .cache_keyword import CACHE_KEYWORD, cache_argument, output_with_cache
+from ..architectures.layers import positions_from_mask
+from ..checkpoints.hub import resolve_pretrained
+from ..config.policy import Policy, Workload
 from ..planning.cost_model import Estimate
 from ..runtime.engine import OffloadEngine
-from .generation_options import check_generate_options
-from ..checkpoints.hub import resolve_pretrained
-from ..architectures.layers import positions_from_mask
+from ..runtime.loading import load_engine
+from ..runtime.stats import GenerationStats
 from ..storage.offload_cache import FlexOffloadCache
 from ..storage.placement import PlacementReport
-from ..config.policy import Policy, Workload
-from ..runtime.stats import GenerationStats
 from ..storage.transfer import resolve_device
+from .cache_keyword import CACHE_KEYWORD, cache_argument, output_with_cache
+from .generation_options import check_generate_options
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class FlexOffloadCausalLMMixin:
                 f"model_type {cls.supported_model_type!r}. AutoFlexOffloadModelForCausalLM picks "
                 "the class from the checkpoint's config."
             )
-        engine = OffloadEngine.load(
+        engine = load_engine(
             path,
             config=config,
             policy=resolve_policy(offload_policy),
