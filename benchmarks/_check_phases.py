@@ -45,7 +45,8 @@ REQUIRED = (
     "highspy",
     "tqdm",
 )
-# Golden placements (tests/test_modeling.py's): device, host, disk, mixed, micro-batches, all.
+# Golden placements (tests/modeling/test_causal_lm.py's): device, host, disk, mixed,
+# micro-batches, all.
 GOLDEN = (
     "all_device",
     "weights_host",
@@ -142,12 +143,12 @@ def probe(spec: dict) -> dict:
 
 
 def golden(spec: dict) -> dict:
-    """Ours against stock on the device, tests/test_modeling.py's tiny models and placements:
-    greedy tokens equal, logits within ``TOLERANCE``."""
+    """Ours against stock on the device, tests/modeling/test_causal_lm.py's tiny models and
+    placements: greedy tokens equal, logits within ``TOLERANCE``."""
     sys.path.insert(0, ROOT)
     import _device
     from tests.conftest import batch, build_model, tiny_config
-    from tests.test_modeling import PLACEMENTS
+    from tests.modeling.test_causal_lm import PLACEMENTS
 
     from hf_flexoffload import FlexOffloadOPTForCausalLM
 
@@ -155,7 +156,7 @@ def golden(spec: dict) -> dict:
     if device.type == "cuda":  # and fp16, with the cache on the host, attended there
         cases = [(v, p, "float32") for v in ("pre_ln", "post_ln") for p in GOLDEN]
         cases.append(("pre_ln", "cache_host_host_attention", "float16"))
-    else:  # tests/test_modeling.py checks every placement on the CPU: three run the phase
+    else:  # tests/modeling/test_causal_lm.py checks every placement on the CPU; three run here
         cases = [
             ("pre_ln", "all_device", "float32"),
             ("post_ln", "weights_mixed", "float32"),

@@ -8,8 +8,9 @@ as it ends:
   or a module hf_flexoffload imports missing (pulp: see docs/gpu.md), the run stops here.
 * ``probe``: our ``HardwareProfile`` of the device (cached: ``ours-auto`` reuses it).
 * ``golden``: ours against stock transformers on the device, greedy tokens equal and logits
-  within tolerance, for tests/test_modeling.py's tiny OPTs: 7 placements x 2 variants and fp16
-  on CUDA; 3 cases on the CPU, where tests/test_modeling.py checks them all.
+  within tolerance, for tests/modeling/test_causal_lm.py's tiny OPTs: 7 placements x 2
+  variants and fp16 on CUDA; 3 cases on the CPU, where tests/modeling/test_causal_lm.py checks
+  them all.
 * ``overlap``: CUDA only. A profiler trace of one generate with host-tier weights: how much of
   the host-to-device copy time ran on a side stream while the GPU computed; and the same
   generate timed with and without ``overlap``.

@@ -91,7 +91,7 @@ def test_plan_with_dtype_auto_shows_the_measured_candidates(
 
     import torch
 
-    from .test_hardware import seed_profile
+    from .planning.test_hardware import seed_profile
 
     monkeypatch.setenv("HF_FLEXOFFLOAD_CACHE", str(tmp_path))
     slow = {1: 1e9, 16: 5e9, 256: 10e9}

@@ -15,7 +15,7 @@ import torch
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
 
 from .conftest import batch
-from .test_modeling import PLACEMENTS
+from .modeling.test_causal_lm import PLACEMENTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

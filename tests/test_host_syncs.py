@@ -18,8 +18,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from hf_flexoffload.formats import rounding
 from hf_flexoffload.architectures import architecture_for
+from hf_flexoffload.architectures.layers import attention, lookup
+from hf_flexoffload.formats import rounding
 from hf_flexoffload.formats.compression import (
     QuantConfig,
     QuantizedTensor,
@@ -28,11 +29,10 @@ from hf_flexoffload.formats.compression import (
     quantize,
     to_bytes,
 )
-from hf_flexoffload.architectures.layers import attention, lookup
 from hf_flexoffload.formats.quantized_matrix import linear, take_rows
 
 from .conftest import tiny_config, tiny_llama_config
-from .test_streamed import streamed
+from .storage.test_streamed import streamed
 
 # Ops that need a tensor's values on the host: on a GPU each is a device-to-host copy and a wait.
 READS = frozenset(

@@ -25,7 +25,7 @@ from hf_flexoffload.planning.memory_model import RUNTIME_SLACK
 from hf_flexoffload.storage.tier_store import dtype_name
 
 from .memory_probe import PLACEMENTS
-from .test_hardware import make_profile
+from .planning.test_hardware import make_profile
 
 PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
 MiB = 2**20

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ..test_hardware import seed_profile
+from ..planning.test_hardware import seed_profile
 
 __all__ = ["seed_profile"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..test_hardware import make_profile
+from ..planning.test_hardware import make_profile
 from .conftest import seed_profile
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"

@@ -21,7 +21,7 @@ from hf_flexoffload.planning.memory_model import (
 
 from .test_hardware import make_profile
 
-DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "concepts.md")
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "concepts.md")
 OPT_483M = architecture_for(
     OPTConfig(
         vocab_size=50272,

@@ -7,7 +7,7 @@ import torch
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
 
-from .conftest import batch
+from ..conftest import batch
 
 
 @pytest.mark.parametrize("micro_batch_size", [6, 2, 1], ids=["1_mb", "3_mbs", "6_mbs"])

@@ -13,7 +13,7 @@ from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
 from hf_flexoffload.storage.disk_file import DiskFile, direct_io_supported
 from hf_flexoffload.storage.tier_store import CheckpointChangedError
 
-from .conftest import batch, build_model, tiny_config
+from ..conftest import batch, build_model, tiny_config
 
 PLACEMENTS = {
     "weights_disk": Policy(weights=Split(disk=1.0)),

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig, Split
-from hf_flexoffload.formats import int4_tiled
 from hf_flexoffload.architectures import architecture_for
+from hf_flexoffload.formats import int4_tiled
 from hf_flexoffload.formats.compression import (
     QuantFormat,
     QuantizedTensor,
@@ -17,11 +17,11 @@ from hf_flexoffload.formats.compression import (
     quantize,
     to_bytes,
 )
-from hf_flexoffload.planning.int4_kernel_choice import KERNEL_PROBE_ROWS, crossover, kernel_rows
 from hf_flexoffload.formats.quantized_matrix import linear, quantize_rows_to_bytes, take_rows
+from hf_flexoffload.planning.int4_kernel_choice import KERNEL_PROBE_ROWS, crossover, kernel_rows
 from hf_flexoffload.storage.weight_layout import layout_for
 
-from .conftest import batch, tiny_config
+from ..conftest import batch, tiny_config
 
 CPU = torch.device("cpu")
 needs_kernel = pytest.mark.skipif(

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_flexoffload import FlexOffloadCache, Split
-from hf_flexoffload.modeling.cache_keyword import cache_from_output
 from hf_flexoffload.config.counters import Counters
+from hf_flexoffload.modeling.cache_keyword import cache_from_output
 
 
 def make_cache(tmp_path, split):
@@ -101,8 +101,8 @@ def test_token_codec_rounds_min_max_unless_asked(rounding, expected):
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
 def test_compressed_unit_attends_over_dequantized_history(tmp_path, tier, bits):
-    from hf_flexoffload.formats.compression import QuantConfig, dequantize, quantize
     from hf_flexoffload.architectures.layers import attention
+    from hf_flexoffload.formats.compression import QuantConfig, dequantize, quantize
     from hf_flexoffload.storage.transfer import Mover
 
     config = QuantConfig(bits=bits, group_size=4)
@@ -172,7 +172,7 @@ KV_TOLERANCE = {4: 0.15, 8: 0.01}
 def test_compressed_cache_logits_close_for_every_placement(checkpoint, bits):
     from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, QuantConfig
 
-    from .conftest import batch
+    from ..conftest import batch
 
     path, stock = checkpoint
     ids, mask = batch()

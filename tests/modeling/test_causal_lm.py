@@ -12,7 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
 
-from .conftest import batch
+from ..conftest import batch
 
 # Golden tests: `make test-compat` runs them against every supported transformers.
 pytestmark = pytest.mark.compat

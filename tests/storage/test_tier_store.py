@@ -6,13 +6,12 @@ import shutil
 import pytest
 import torch
 
-from hf_flexoffload.storage.disk_file import check_writable
 from hf_flexoffload.config.counters import Counters
-from hf_flexoffload.storage.disk_file import DiskFile, direct_io_supported
+from hf_flexoffload.storage.disk_file import DiskFile, check_writable, direct_io_supported
 from hf_flexoffload.storage.tier_store import CheckpointChangedError, TierStore
 from hf_flexoffload.storage.transfer import PAGE, PinnedHost, aligned_empty, at_phase
 
-from .conftest import FakeDriver
+from ..conftest import FakeDriver
 
 
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])

@@ -6,9 +6,9 @@ from transformers import OPTConfig
 
 from hf_flexoffload import InfeasiblePolicyError, Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures.opt import OPTShape
+from hf_flexoffload.assets.toy import OPT_125M
 from hf_flexoffload.planning.cost_model import estimate
 from hf_flexoffload.planning.optimizer import optimize
-from hf_flexoffload.assets.toy import OPT_125M
 
 from .test_hardware import make_profile
 

@@ -24,7 +24,7 @@ from hf_flexoffload.planning.dtype_choice import (
 )
 from hf_flexoffload.planning.load_plan import plan_load
 
-from .conftest import batch
+from ..conftest import batch
 from .test_hardware import seed_profile
 
 CPU = torch.device("cpu")

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 from hf_flexoffload.assets import smollm2
 
-from .conftest import USER_CACHE_DIR
+from ..conftest import USER_CACHE_DIR
 
 real_weights = pytest.mark.real_weights
 

@@ -21,9 +21,13 @@ from hf_flexoffload import (
     QuantConfig,
     Split,
 )
-from hf_flexoffload.checkpoints.checkpoint import SafetensorsCheckpoint, TorchCheckpoint, open_checkpoint
+from hf_flexoffload.checkpoints.checkpoint import (
+    SafetensorsCheckpoint,
+    TorchCheckpoint,
+    open_checkpoint,
+)
 
-from .conftest import (
+from ..conftest import (
     batch,
     build_llama,
     build_model,

@@ -12,8 +12,8 @@ import transformers
 from hf_flexoffload import FlexOffloadLlamaForCausalLM, Policy, QuantConfig, Split
 from hf_flexoffload.formats.compression import dequantize, quantize
 
-from .conftest import batch, build_llama, tiny_llama_config
-from .test_modeling import PLACEMENTS
+from ..conftest import batch, build_llama, tiny_llama_config
+from ..modeling.test_causal_lm import PLACEMENTS
 
 # Golden tests: `make test-compat` runs them against every supported transformers.
 pytestmark = pytest.mark.compat
@@ -156,7 +156,7 @@ def test_unsupported_rope_type_fails_before_loading(tmp_path):
     "policy",
     [
         # The dequantizing path: exact against stock (the int4 kernel's bf16 rounding is
-        # tested in tests/test_int4_tiled.py and tests/test_weights.py).
+        # tested in tests/formats/test_int4_tiled.py and tests/storage/test_weights.py).
         Policy(compress_weights=QuantConfig(bits=4, group_size=32), int4_kernel_rows=0),
         Policy(
             micro_batch_size=2,

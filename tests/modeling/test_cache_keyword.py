@@ -24,8 +24,8 @@ from hf_flexoffload.modeling.cache_keyword import (
     detect_cache_keyword,
 )
 
-from .conftest import batch
-from .test_modeling import load
+from ..conftest import batch
+from .test_causal_lm import load
 
 pytestmark = pytest.mark.compat
 

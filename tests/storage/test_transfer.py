@@ -9,7 +9,7 @@ import torch
 
 from hf_flexoffload.storage.transfer import PAGE, Mover, PinnedHost, StagingRing, host_empty
 
-from .conftest import FakeDriver
+from ..conftest import FakeDriver
 
 CPU = torch.device("cpu")
 

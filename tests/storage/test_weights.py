@@ -13,7 +13,7 @@ from hf_flexoffload.architectures.opt import OPTShape
 from hf_flexoffload.formats.compression import dequantize, quantize
 from hf_flexoffload.storage.weight_layout import layout_for, placement_report
 
-from .conftest import batch, build_model, tiny_config
+from ..conftest import batch, build_model, tiny_config
 
 Q4 = QuantConfig(bits=4, group_size=64)
 Q8_SMALL = QuantConfig(bits=8, group_size=16)

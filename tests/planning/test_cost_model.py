@@ -8,8 +8,13 @@ from transformers import OPTConfig
 
 from hf_flexoffload import Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures.opt import OPTShape
-from hf_flexoffload.planning.cost_model import ModelSizes, estimate, fractions_of, realized_fractions
 from hf_flexoffload.assets.toy import OPT_125M
+from hf_flexoffload.planning.cost_model import (
+    ModelSizes,
+    estimate,
+    fractions_of,
+    realized_fractions,
+)
 from hf_flexoffload.storage.weight_layout import layout_for, placement_report
 
 from .test_hardware import make_profile

@@ -212,7 +212,7 @@ def test_chunked_linear_equals_linear_on_the_dequantized_weight(
 def test_dequantize_rounds_once_from_fp32(dtype, dim):
     """Whichever addcmul path the layout takes (dim 1 spreads the minimums first), the values
     are fp32 ``min + code * scale`` rounded once to the dtype. (80 rows: not the int4 kernel's
-    layout, which needs multiples of 32; tests/test_int4_tiled.py covers that one.)"""
+    layout, which needs multiples of 32; tests/formats/test_int4_tiled.py covers that one.)"""
     rows = 80 if dim == 1 else 96  # whole groups either way
     q = quantize(torch.randn(rows, 64).to(dtype), QuantConfig(group_size=32, dim=dim))
     codes = unpack_codes(q.codes, 4, dim=3).float()

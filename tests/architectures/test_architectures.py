@@ -12,13 +12,13 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from hf_flexoffload import Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures import LlamaShape, OPTShape, Rope, architecture_for
-from hf_flexoffload.planning.cost_model import ModelSizes, estimate
-from hf_flexoffload.storage.kv_cache import TokenCodec
 from hf_flexoffload.architectures.layers import attention, rms_norm
+from hf_flexoffload.planning.cost_model import ModelSizes, estimate
 from hf_flexoffload.planning.optimizer import optimize
+from hf_flexoffload.storage.kv_cache import TokenCodec
 from hf_flexoffload.storage.weight_layout import layout_for
 
-from .test_hardware import make_profile
+from ..planning.test_hardware import make_profile
 
 # SmolLM2-135M-Instruct's config.
 SMOLLM2 = LlamaConfig(

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_flexoffload.config.counters import Counters
-from hf_flexoffload.storage.tier_store import TierStore
 from hf_flexoffload.storage.streamed import ChunkBuffers, StreamedMatrix, _runs, chunk_rows
+from hf_flexoffload.storage.tier_store import TierStore
 from hf_flexoffload.storage.transfer import PinnedHost
 
 CPU = torch.device("cpu")
@@ -82,7 +82,7 @@ def test_runs_and_chunk_rows():
 def test_chunk_staging_is_reused_counted_and_released():
     """Disk chunks bound for a CUDA device pass through a two-buffer pinned ring: no allocation
     per chunk, counted as host memory while held, released with the buffers."""
-    from .conftest import FakeDriver
+    from ..conftest import FakeDriver
 
     driver = FakeDriver()
     counters = Counters()

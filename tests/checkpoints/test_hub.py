@@ -261,7 +261,7 @@ def test_hub_id_generates_stock_tokens(tmp_path, cache, monkeypatch, form):
 
     from hf_flexoffload import AutoFlexOffloadModelForCausalLM, Policy, Split
 
-    from .conftest import batch, build_model, save_torch_bin, tiny_config
+    from ..conftest import batch, build_model, save_torch_bin, tiny_config
 
     stock = build_model(tiny_config("pre_ln"), dtype=torch.bfloat16)
     saved = tmp_path / "saved"
