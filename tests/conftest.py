@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from hf_flexoffload.planning.hardware import default_cache_dir
 from hf_flexoffload.assets.smollm2 import INSTALL_HINT, SmolLM2NotInstalledError, smollm2_checkpoint
 from hf_flexoffload.assets.toy import CHAR_SPECIALS, char_tokenizer
+from hf_flexoffload.planning.hardware import default_cache_dir
 
 VOCAB = 96
 # Read at import, before ``profile_cache`` points the cache at a temporary directory: the real
@@ -179,6 +179,29 @@ def llama_checkpoint(request, tmp_path_factory):
     kv_heads, tied = LLAMA_VARIANTS[request.param]
     model = build_llama(tiny_llama_config(kv_heads, tied))
     path = tmp_path_factory.mktemp(f"llama-{request.param}")
+    model.save_pretrained(path)
+    return str(path), model
+
+
+# Tiny checkpoints of every architecture by id, "<model_type>-<variant>", for the tests written
+# once for all of them: parametrize ``model_checkpoint`` with these ids, ``indirect=True``.
+OPT_MODELS = [f"opt-{variant}" for variant in VARIANTS]
+LLAMA_MODELS = [f"llama-{variant}" for variant in LLAMA_VARIANTS]
+
+
+def build_by_id(name: str) -> OPTForCausalLM | LlamaForCausalLM:
+    """The stock model of a checkpoint id (the same model the per-architecture fixtures build)."""
+    model_type, variant = name.split("-", 1)
+    if model_type == "opt":
+        return build_model(tiny_config(variant))
+    return build_llama(tiny_llama_config(*LLAMA_VARIANTS[variant]))
+
+
+@pytest.fixture(scope="session")
+def model_checkpoint(request, tmp_path_factory):
+    """(path, stock model) of the checkpoint id ``request.param``, saved as safetensors."""
+    model = build_by_id(request.param)
+    path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     return str(path), model
 

@@ -1,4 +1,9 @@
-"""Golden tests: token-for-token equality with stock transformers for every placement."""
+"""Golden tests: token-for-token equality with stock transformers for every placement.
+
+The tests that hold for any architecture run on OPT and Llama checkpoints alike
+(``model_checkpoint``, by id); the rest run on OPT, and ``tests/architectures/test_llama.py`` has
+what only Llama has.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ import torch
 import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
+from hf_flexoffload import FlexOffloadLlamaForCausalLM, FlexOffloadOPTForCausalLM, Policy, Split
 
-from ..conftest import batch
+from ..conftest import LLAMA_MODELS, OPT_MODELS, batch
 
 # Golden tests: `make test-compat` runs them against every supported transformers.
 pytestmark = pytest.mark.compat
@@ -53,9 +58,22 @@ def load(path: str, policy: Policy, **kw) -> FlexOffloadOPTForCausalLM:
     return FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy, **kw)
 
 
+MODEL_CLASSES = {"opt": FlexOffloadOPTForCausalLM, "llama": FlexOffloadLlamaForCausalLM}
+# The 125m-style OPT and SmolLM2's layout (grouped queries, tied embeddings), where a test needs
+# one checkpoint per architecture.
+ONE_PER_ARCHITECTURE = ["opt-pre_ln", "llama-gqa_tied"]
+
+
+def load_as(stock, path: str, policy: Policy, **kw):
+    """The offloaded model class of ``stock``'s architecture, loaded from ``path``."""
+    cls = MODEL_CLASSES[stock.config.model_type]
+    return cls.from_pretrained(path, offload_policy=policy, **kw)
+
+
 @pytest.mark.parametrize("policy", list(PLACEMENTS.values()), ids=list(PLACEMENTS))
-def test_greedy_tokens_and_logits_match_stock(checkpoint, policy):
-    path, stock = checkpoint
+@pytest.mark.parametrize("model_checkpoint", OPT_MODELS + LLAMA_MODELS, indirect=True)
+def test_greedy_tokens_and_logits_match_stock(model_checkpoint, policy):
+    path, stock = model_checkpoint
     ids, mask = batch()
     expected = stock.generate(
         ids,
@@ -65,7 +83,7 @@ def test_greedy_tokens_and_logits_match_stock(checkpoint, policy):
         return_dict_in_generate=True,
         output_scores=True,
     )
-    with load(path, policy) as model:
+    with load_as(stock, path, policy) as model:
         got = model.generate(
             ids,
             attention_mask=mask,
@@ -79,10 +97,12 @@ def test_greedy_tokens_and_logits_match_stock(checkpoint, policy):
         torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-4)
 
 
-def test_forward_logits_match_stock(checkpoint):
-    path, stock = checkpoint
+@pytest.mark.parametrize("model_checkpoint", [*OPT_MODELS, "llama-gqa_tied"], indirect=True)
+def test_forward_logits_and_loss_match_stock(model_checkpoint):
+    path, stock = model_checkpoint
     ids, mask = batch(seed=3)
-    with load(path, Policy(micro_batch_size=2, weights=Split(host=0.5, disk=0.5))) as model:
+    policy = Policy(micro_batch_size=2, weights=Split(host=0.5, disk=0.5))
+    with load_as(stock, path, policy) as model:
         ours = model(input_ids=ids, attention_mask=mask).logits
         # Unpadded rows for the loss: logits at padding positions are not defined.
         loss = model(input_ids=ids[:, 3:], labels=ids[:, 3:], use_cache=False).loss
@@ -93,33 +113,67 @@ def test_forward_logits_match_stock(checkpoint):
     torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
 
 
-def test_attention_mask_none_and_unpadded_batch(pre_ln_checkpoint):
-    path, stock = pre_ln_checkpoint
+@pytest.mark.parametrize(
+    "model_checkpoint, policy",
+    [
+        ("opt-pre_ln", Policy(micro_batch_size=2, weights=Split(disk=1.0))),
+        ("llama-gqa_tied", Policy(micro_batch_size=2, cache=Split(host=1.0))),
+    ],
+    ids=ONE_PER_ARCHITECTURE,
+    indirect=["model_checkpoint"],
+)
+def test_attention_mask_none_and_unpadded_batch(model_checkpoint, policy):
+    path, stock = model_checkpoint
     ids, _ = batch(pad=False)
     expected = stock.generate(ids, max_new_tokens=6, do_sample=False)
-    with load(path, Policy(micro_batch_size=2, weights=Split(disk=1.0))) as model:
+    with load_as(stock, path, policy) as model:
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
 
 
+# Each architecture's: offloaded weights, and micro-batches with an offloaded cache.
+BF16_POLICIES = {
+    "opt": {
+        "weights_offloaded": Policy(weights=Split(host=0.5, disk=0.5)),
+        "micro_batched_disk_cache": Policy(micro_batch_size=2, cache=Split(disk=1.0)),
+    },
+    "llama": {
+        "weights_offloaded": Policy(weights=Split(host=0.5, disk=0.5)),
+        "micro_batched_offloaded_cache": Policy(
+            micro_batch_size=2, cache=Split(host=0.5, disk=0.5), host_attention=True
+        ),
+    },
+}
+
+
 @pytest.mark.parametrize(
-    "policy",
-    [Policy(weights=Split(host=0.5, disk=0.5)), Policy(micro_batch_size=2, cache=Split(disk=1.0))],
-    ids=["weights_offloaded", "micro_batched_disk_cache"],
+    "model_checkpoint, policy",
+    [
+        pytest.param(model, policy, id=f"{model}-{name}")
+        for model in [*OPT_MODELS, "llama-gqa_tied"]
+        for name, policy in BF16_POLICIES[model.split("-")[0]].items()
+    ],
+    indirect=["model_checkpoint"],
 )
-def test_bf16_matches_stock_bf16(checkpoint, tmp_path, policy):
-    _, stock = checkpoint
+def test_bf16_matches_stock_bf16(model_checkpoint, tmp_path, policy):
+    _, stock = model_checkpoint
     stock16 = copy.deepcopy(stock).to(torch.bfloat16)
     stock16.save_pretrained(tmp_path)
     ids, mask = batch()
     expected = stock16.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    with load(str(tmp_path), policy) as model:
+    with load_as(stock16, str(tmp_path), policy) as model:
         assert model.dtype == torch.bfloat16
         got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, expected)
 
 
-def test_seeded_sampling_with_num_return_sequences(pre_ln_checkpoint):
-    path, stock = pre_ln_checkpoint
+@pytest.mark.parametrize(
+    "model_checkpoint, extra",
+    [("opt-pre_ln", dict(top_p=0.9)), ("llama-gqa_tied", {})],
+    ids=ONE_PER_ARCHITECTURE,
+    indirect=["model_checkpoint"],
+)
+def test_seeded_sampling_with_num_return_sequences(model_checkpoint, extra):
+    path, stock = model_checkpoint
     ids, mask = batch(rows=3)
     kw = dict(
         attention_mask=mask,
@@ -127,13 +181,14 @@ def test_seeded_sampling_with_num_return_sequences(pre_ln_checkpoint):
         do_sample=True,
         temperature=0.9,
         top_k=20,
-        top_p=0.9,
+        **extra,
         repetition_penalty=1.3,
         num_return_sequences=2,
     )
     torch.manual_seed(1234)
     expected = stock.generate(ids, **kw)
-    with load(path, Policy(micro_batch_size=4, cache=Split(host=0.5, disk=0.5))) as model:
+    policy = Policy(micro_batch_size=4, cache=Split(host=0.5, disk=0.5))
+    with load_as(stock, path, policy) as model:
         torch.manual_seed(1234)
         got = model.generate(ids, **kw)
         assert model.generation_stats.batch_size == 6
@@ -198,13 +253,15 @@ def test_stop_strings_and_streamer(pre_ln_checkpoint, tokenizer):
     assert streamer.chunks[-1] is None and len(streamer.chunks) == 1 + stops_after + 1
 
 
-def test_pipeline_matches_stock_pipeline(pre_ln_checkpoint, tokenizer):
-    path, stock = pre_ln_checkpoint
+@pytest.mark.parametrize("model_checkpoint", ONE_PER_ARCHITECTURE, indirect=True)
+def test_pipeline_matches_stock_pipeline(model_checkpoint, tokenizer):
+    path, stock = model_checkpoint
     prompts = ["Hello there", "offload", "The zig-zag schedule", "a"]
     kw = dict(max_new_tokens=5, do_sample=False, batch_size=3)
     stock_pipe = transformers.pipeline("text-generation", model=stock, tokenizer=tokenizer)
     expected = stock_pipe(prompts, **kw)
-    with load(path, Policy(micro_batch_size=2, weights=Split(host=0.3, disk=0.7))) as model:
+    policy = Policy(micro_batch_size=2, weights=Split(host=0.3, disk=0.7))
+    with load_as(stock, path, policy) as model:
         pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
         got = pipe(prompts, **kw)
     assert got == expected
