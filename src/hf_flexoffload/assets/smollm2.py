@@ -14,7 +14,7 @@ The checkpoint is float32 by default: those are exactly the dequantized GGUF val
 would round them a second time), and float32 is what a CPU computes in here anyway.
 
 Example:
-    >>> from hf_flexoffload.smollm2 import smollm2_checkpoint
+    >>> from hf_flexoffload.assets.smollm2 import smollm2_checkpoint
     >>> path = smollm2_checkpoint()  # the first call converts (~30 s), later calls reuse it
 
 Command line: ``python -m hf_flexoffload.assets.smollm2`` converts and prints the directory.

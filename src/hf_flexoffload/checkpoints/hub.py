@@ -7,7 +7,7 @@ into the Hub cache, so only the files a model needs are downloaded and everythin
 is reused offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
 
 Example:
-    >>> from hf_flexoffload.hub import resolve_pretrained
+    >>> from hf_flexoffload.checkpoints.hub import resolve_pretrained
     >>> path = resolve_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", tokenizer=True)
     >>> sorted(os.listdir(path))  # doctest: +SKIP
     ['config.json', 'generation_config.json', 'merges.txt', 'model.safetensors', ...]

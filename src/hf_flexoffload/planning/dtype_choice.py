@@ -3,7 +3,7 @@ device, and which wins from the cost model's estimates.
 
 The fast compute dtype depends on the machine, not on the checkpoint: on an AVX2-only CPU bf16
 matmuls run about 6x slower than fp32, on a CPU with AMX they run 4-6x faster. The planner
-(planning.py) measures a hardware profile per candidate, prices the workload in each and hands
+(load_plan.py) measures a hardware profile per candidate, prices the workload in each and hands
 the estimates here; this module only compares them.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cost_model import Estimate
 from ..storage.tier_store import dtype_name
+from .cost_model import Estimate
 
 # How the compute dtype was decided, as ``DtypeChoice.reason`` says it.
 MEASURED = "measured"
