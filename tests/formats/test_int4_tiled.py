@@ -74,11 +74,24 @@ def test_bytes_are_the_kernel_operands_and_round_trip():
     back = from_bytes(data, q.format)
     assert back.codes.data_ptr() - data.data_ptr() == 4 * 96 * 128 // 32  # views, no copy
     assert torch.equal(dequantize(back), dequantize(q))
-    # The codes are exactly what torch's own packing of the same codes gives.
+
+
+@pytest.mark.parametrize("rows", [128, 96], ids=["fills_every_tile", "rows_of_32_only"])
+def test_kernel_codes_are_torchs_own_packing_on_this_cpu(rows):
+    """The stored 32-row tiles are re-tiled where this CPU's kernel takes 64-row ones (its
+    AVX-512 code): what the kernel reads is exactly torch's own packing of the same codes."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        pytest.skip("this torch has no CPU int4 kernel")
+    _, q = tiled(rows=rows)
     codes = int4_tiled.unpack_codes(q.codes).to(torch.int32)
-    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        assert torch.equal(theirs, q.codes.view(96, 64))
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    ours = int4_tiled.kernel_codes(q)
+    if rows % int4_tiled.kernel_block():
+        assert ours is None  # matmul takes the dequantizing path instead
+    else:
+        assert torch.equal(theirs, ours)
+    if int4_tiled.kernel_block() == int4_tiled.BLOCK:
+        assert ours.data_ptr() == q.codes.data_ptr(), "the stored bytes, as they are"
 
 
 def test_blockwise_quantization_gives_the_same_bytes():
@@ -103,12 +116,13 @@ def test_chunked_linear_equals_linear_on_the_dequantized_weight(chunk_rows):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [128, 96], ids=["fills_every_tile", "rows_of_32_only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_matches_the_dequantizing_path_to_bf16_precision(dtype):
-    _, q = tiled(dtype=dtype)
+def test_kernel_matches_the_dequantizing_path_to_bf16_precision(dtype, rows):
+    _, q = tiled(rows=rows, dtype=dtype)
     x = torch.randn(2, 7, 128).to(dtype)
     got = int4_tiled.matmul(x, q)
-    assert got.dtype == dtype and got.shape == (2, 7, 96)
+    assert got.dtype == dtype and got.shape == (2, 7, rows)
     # The kernel's inputs are x in bf16: against that, only its bf16 output rounding remains.
     expected = F.linear(x.bfloat16().float(), dequantize(q).float())
     # bf16 keeps 8 significant bits: a few units in the last place of the largest output.

@@ -17,10 +17,17 @@ the quantizer optimized for.
 
 The layout applies where the kernel can run it (``tileable``): a 2-D weight grouped along its
 input features, ``N`` a multiple of 32, ``g`` one of the kernel's group sizes dividing ``K``.
+
+The stored layout is the same on every machine (blocks of 32 rows), but torch's kernel takes
+blocks of 64 rows (byte ``i``: rows ``i`` and ``i + 32``) where it runs its AVX-512 code
+(``kernel_block`` probes which): there ``matmul`` re-tiles the codes on the way in (a pass over
+the packed bytes, still no dequantized copy), and multiplies a weight whose rows are not a
+multiple of 64 by the dequantizing path, so the answer is right on every CPU.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -167,6 +174,33 @@ def from_bytes(data: torch.Tensor, fmt: QuantFormat) -> TiledInt4:
     return TiledInt4(codes=codes, scale_zero=scale_zero, format=fmt)
 
 
+@functools.cache
+def kernel_block() -> int:
+    """Output rows per tile of this CPU's int4 kernel layout: 32 (AVX2 and others) or 64
+    (AVX-512), found by packing a known weight whose rows' codes tell them apart (a fact of
+    the machine and the torch build, so probed once)."""
+    codes = (torch.arange(64, dtype=torch.int32) // 16)[:, None].expand(64, 64).contiguous()
+    first = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(-1)[0])
+    # Byte 0 holds row 0 (code 0) and, above it, row 16 (code 1) or row 32 (code 2).
+    return {0x10: 32, 0x20: 64}[first]
+
+
+def kernel_codes(q: TiledInt4) -> torch.Tensor | None:
+    """``q``'s codes as the kernel on this CPU takes them, (N, K / 2) uint8: the stored bytes
+    themselves where its tiles are 32 rows, re-tiled where they are 64; None where the rows do
+    not fill its tiles."""
+    rows, cols = q.shape
+    block = kernel_block()
+    if block == BLOCK:
+        return q.codes.view(rows, cols // 2)
+    if rows % block:
+        return None
+    tiles = unpack_codes(q.codes).view(rows // block, block, cols).transpose(1, 2)
+    half = block // 2
+    packed = tiles[..., :half] | (tiles[..., half:] << 4)  # (N / 64, K, 32)
+    return packed.contiguous().view(rows, cols // 2)
+
+
 def kernel_available(device: torch.device) -> bool:
     """Whether ``matmul`` runs on ``device``: the CPU kernel exists in this torch."""
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -187,11 +221,14 @@ def matmul(x: torch.Tensor, q: TiledInt4) -> torch.Tensor:
         (..., N) in ``x``'s dtype.
     """
     rows, cols = q.shape
+    codes = kernel_codes(q)
+    if codes is None:  # rows this CPU's kernel cannot tile: the dequantizing path
+        return chunked_linear(x, q)
     act = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     flat = x.reshape(-1, cols).to(act).contiguous()
     scale_zero = q.scale_zero if act == SCALE_DTYPE else q.scale_zero.to(act)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        flat, q.codes.view(rows, cols // 2), q.format.config.group_size, scale_zero
+        flat, codes, q.format.config.group_size, scale_zero
     )
     return out.to(x.dtype).reshape(*x.shape[:-1], rows)
 
