@@ -8,7 +8,14 @@ import string
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 from hf_flexoffload.assets.smollm2 import INSTALL_HINT, SmolLM2NotInstalledError, smollm2_checkpoint
 from hf_flexoffload.assets.toy import CHAR_SPECIALS, char_tokenizer
@@ -183,14 +190,115 @@ def llama_checkpoint(request, tmp_path_factory):
     return str(path), model
 
 
+# -- tiny checkpoints of the other rotary decoder families ------------------------------------
+
+# A sliding window shorter than the tests' prompts (7) plus generation (8), so windows matter.
+WINDOW = 4
+_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=2,
+)
+# "<model_type>-<variant>" -> config overrides: each variant exercises the blocks its family
+# adds (windows, soft-capping, q/k norms, fused projections, partial and scaled rotary, ...).
+FAMILY_VARIANTS: dict[str, dict] = {
+    "qwen2-window": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3-head_dim": dict(head_dim=32, tie_word_embeddings=True),
+    "mistral-window": dict(sliding_window=WINDOW + 1, head_dim=16),
+    "gemma2-softcap": dict(
+        sliding_window=WINDOW,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=8.0,
+    ),
+    "gemma3_text-local_global": dict(
+        sliding_window=WINDOW,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+        },
+    ),
+    "phi3-longrope_partial": dict(
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+        original_max_position_embeddings=10,  # prompt + generation crosses it: both factors
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.1, 1.3, 1.7],
+            "long_factor": [1.0, 2.0, 4.0, 8.0],
+            "original_max_position_embeddings": 10,
+        },
+    ),
+    "phi3-window": dict(sliding_window=WINDOW),
+    "olmo2-post_norm": dict(),
+    "gpt_neox-parallel": dict(hidden_act="gelu", attention_bias=True),
+    "gpt_neox-sequential": dict(use_parallel_residual=False, tie_word_embeddings=False),
+    "llama-yarn": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+    ),
+    "llama-dynamic": dict(
+        max_position_embeddings=10,  # shorter than prompt + generation: the base grows
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    ),
+}
+FAMILY_MODELS = list(FAMILY_VARIANTS)
+# Gemma scales its embeddings by sqrt(hidden): smaller weights keep its greedy tokens varied.
+FAMILY_SCALES = {"gemma2-softcap": 2.0, "gemma3_text-local_global": 2.0}
+
+
+def family_config(name: str, **overrides):
+    """The transformers config of a family checkpoint id (``FAMILY_VARIANTS``)."""
+    model_type = name.split("-", 1)[0]
+    kw = {**_SIZES, **FAMILY_VARIANTS[name], **overrides}
+    if model_type == "gpt_neox":  # GPT-NeoX has no separate key/value heads
+        kw.pop("num_key_value_heads")
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def build_family(config, seed: int = 0, dtype=torch.float32, scale: float = 32):
+    """A random stock model of any family: 2-D weights scaled up (greedy top-1/top-2 gaps are
+    large), norm weights and biases random too (so a wrong norm or bias form shows)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+            else:  # norm weights around their identity (1, or 0 for Gemma's 1 + w)
+                p.add_(torch.empty_like(p).uniform_(-0.3, 0.3))
+    return model.to(dtype)
+
+
 # Tiny checkpoints of every architecture by id, "<model_type>-<variant>", for the tests written
 # once for all of them: parametrize ``model_checkpoint`` with these ids, ``indirect=True``.
 OPT_MODELS = [f"opt-{variant}" for variant in VARIANTS]
 LLAMA_MODELS = [f"llama-{variant}" for variant in LLAMA_VARIANTS]
 
 
-def build_by_id(name: str) -> OPTForCausalLM | LlamaForCausalLM:
+def build_by_id(name: str):
     """The stock model of a checkpoint id (the same model the per-architecture fixtures build)."""
+    if name in FAMILY_VARIANTS:
+        return build_family(family_config(name), scale=FAMILY_SCALES.get(name, 32))
     model_type, variant = name.split("-", 1)
     if model_type == "opt":
         return build_model(tiny_config(variant))

@@ -1,6 +1,7 @@
 """hf_flexoffload: FlexGen-style high-throughput offloaded inference for transformers.
 
-Supported architectures: OPT and Llama (``config.model_type`` "opt" and "llama").
+Supported architectures (``config.model_type``): "opt", "llama", "qwen2", "qwen3", "mistral",
+"gemma2", "gemma3_text", "phi3", "olmo2" and "gpt_neox".
 
 Example:
     >>> from hf_flexoffload import AutoFlexOffloadModelForCausalLM, Policy, Split
@@ -11,6 +12,16 @@ Example:
 from .config.policy import Policy, QuantConfig, Split, Workload
 from .modeling.auto import AutoFlexOffloadModelForCausalLM
 from .modeling.causal_lm import FlexOffloadLlamaForCausalLM, FlexOffloadOPTForCausalLM
+from .modeling.families import (
+    FlexOffloadGemma2ForCausalLM,
+    FlexOffloadGemma3ForCausalLM,
+    FlexOffloadGPTNeoXForCausalLM,
+    FlexOffloadMistralForCausalLM,
+    FlexOffloadOlmo2ForCausalLM,
+    FlexOffloadPhi3ForCausalLM,
+    FlexOffloadQwen2ForCausalLM,
+    FlexOffloadQwen3ForCausalLM,
+)
 from .planning.budget import InsufficientMemoryError
 from .planning.cost_model import Estimate
 from .planning.hardware import HardwareProfile
@@ -23,8 +34,16 @@ __all__ = [
     "AutoFlexOffloadModelForCausalLM",
     "Estimate",
     "FlexOffloadCache",
+    "FlexOffloadGPTNeoXForCausalLM",
+    "FlexOffloadGemma2ForCausalLM",
+    "FlexOffloadGemma3ForCausalLM",
     "FlexOffloadLlamaForCausalLM",
+    "FlexOffloadMistralForCausalLM",
     "FlexOffloadOPTForCausalLM",
+    "FlexOffloadOlmo2ForCausalLM",
+    "FlexOffloadPhi3ForCausalLM",
+    "FlexOffloadQwen2ForCausalLM",
+    "FlexOffloadQwen3ForCausalLM",
     "GenerationStats",
     "HardwareProfile",
     "InfeasiblePolicyError",

@@ -12,10 +12,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from hf_flexoffload import Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures import LlamaShape, OPTShape, Rope, architecture_for
-from hf_flexoffload.architectures.layers import attention, rms_norm
+from hf_flexoffload.architectures.layers import attention
+from hf_flexoffload.architectures.norms import rms_norm
 from hf_flexoffload.planning.cost_model import ModelSizes, estimate
 from hf_flexoffload.planning.optimizer import optimize
-from hf_flexoffload.storage.kv_cache import TokenCodec
+from hf_flexoffload.storage.kv_codec import TokenCodec
 from hf_flexoffload.storage.weight_layout import layout_for
 
 from ..planning.test_hardware import make_profile
@@ -128,6 +129,7 @@ def test_rotary_frequencies_are_built_once_per_device():
     rope = Rope(dim=16, theta=1e4)
     first = rope.inv_freq(torch.device("cpu"))
     assert rope.inv_freq(torch.device("cpu")) is first
+    assert rope.inv_freq(torch.device("cpu"), span=10**6) is first, "default rope: one length"
     assert rope == Rope(dim=16, theta=1e4), "the cache is not part of the value"
     assert torch.equal(first, 1.0 / (1e4 ** (torch.arange(0, 16, 2).float() / 16)))
 
@@ -137,7 +139,9 @@ def test_rotary_angles_build_the_frequencies_once_per_device(monkeypatch):
     in for a second one) and get the same angles as the first call."""
     builds = []
     build = Rope._build_inv_freq
-    monkeypatch.setattr(Rope, "_build_inv_freq", lambda self, d: builds.append(d) or build(self, d))
+    monkeypatch.setattr(
+        Rope, "_build_inv_freq", lambda self, d, v: builds.append(d) or build(self, d, v)
+    )
     config = LlamaConfig(
         hidden_size=128,
         num_attention_heads=2,
@@ -176,9 +180,10 @@ def test_rotary_on_cuda_matches_transformers_without_syncing(rope):
 
 
 def test_unsupported_rope_types_are_refused():
-    yarn = LlamaConfig(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0))
-    with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
-        architecture_for(yarn)
+    config = LlamaConfig(rope_parameters=dict(rope_type="default", rope_theta=1e4))
+    config.rope_parameters["rope_type"] = "mrope"  # a type transformers has, we do not
+    with pytest.raises(ValueError, match="rope_type='mrope' is not supported"):
+        architecture_for(config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

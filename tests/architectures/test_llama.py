@@ -7,6 +7,7 @@ multi-query variants in ``tests/modeling/test_causal_lm.py``."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -64,9 +65,11 @@ def test_llama3_rope_scaling_matches_stock(tmp_path):
 
 
 def test_unsupported_rope_type_fails_before_loading(tmp_path):
-    rope = dict(rope_type="yarn", rope_theta=10000.0, factor=2.0)
-    build_llama(tiny_llama_config(rope_parameters=rope)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"rope_type='yarn' is not supported.*'default', 'llama3'"):
+    build_llama(tiny_llama_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = dict(rope_type="mrope", rope_theta=10000.0)  # not ours
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"rope_type='mrope' is not supported.*'default', 'line"):
         load(str(tmp_path), Policy())
 
 

@@ -85,7 +85,7 @@ def test_token_codec_rounds_min_max_unless_asked(rounding, expected):
     """The cache quantizes every new token at run time: min-max unless the config asks for the
     search, and its records are exactly ``quantize`` with that rounding."""
     from hf_flexoffload.formats.compression import QuantConfig, quantize, to_bytes
-    from hf_flexoffload.storage.kv_cache import TokenCodec
+    from hf_flexoffload.storage.kv_codec import TokenCodec
 
     config = QuantConfig(group_size=8, rounding=rounding)
     codec = TokenCodec((2, 1, 2, 16), torch.float32, config)
@@ -216,7 +216,7 @@ def test_compressed_cache_moves_compressed_bytes(pre_ln_checkpoint):
 def test_host_attention_widens_history_into_reused_buffers():
     """fp16 history attended on the host is widened to fp32 in two reused buffers (keys,
     values), not a fresh copy per layer and micro-batch, and counted as host memory."""
-    from hf_flexoffload.storage.kv_cache import HistoryBuffers
+    from hf_flexoffload.storage.kv_codec import HistoryBuffers
 
     counters = Counters()
     scratch = HistoryBuffers(torch.device("cpu"), counters)

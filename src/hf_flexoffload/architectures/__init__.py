@@ -1,9 +1,12 @@
 """The architectures hf_flexoffload runs, keyed by ``config.model_type``.
 
-Adding one is a module here with an ``Architecture`` subclass (sizes, weight names, stage math;
-see ``base.py``) and an entry in ``ARCHITECTURES``; the schedule, placement, storage, KV cache,
-compression and cost model need no change. The math they share is in ``layers.py`` (positions
-from the mask, attention, RMS norm, lookups and projections of quantized or streamed matrices).
+Every family but OPT is a variant of one rotary decoder (``decoder.py``): its module reads the
+config into the decoder's fields (which norm, which attention and MLP form, biases, windows,
+rotary type) and names the checkpoint's tensors; adding one is such a module, its entry in
+``ARCHITECTURES`` and its model class in ``modeling/families.py``. The schedule, placement,
+storage, KV cache, compression and cost model need no change. The math they share is in
+``layers.py`` (positions from the mask, attention with windows and soft-capping, lookups and
+projections of quantized or streamed matrices), ``norms.py`` and ``rope.py``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,32 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from .base import Architecture, Attend, TensorList, Weights
-from .llama import LlamaShape
+from .decoder import Decoder, Names
+from .gemma import Gemma2Shape, Gemma3TextShape
+from .gpt_neox import GPTNeoXShape
+from .llama import LlamaShape, MistralShape
+from .olmo2 import Olmo2Shape
 from .opt import OPTShape
+from .phi3 import Phi3Shape
+from .qwen import Qwen2Shape, Qwen3Shape
 from .rope import Rope
 
 ARCHITECTURES: MappingProxyType[str, type[Architecture]] = MappingProxyType(
-    {cls.model_type: cls for cls in (OPTShape, LlamaShape)}
+    {
+        cls.model_type: cls
+        for cls in (
+            OPTShape,
+            LlamaShape,
+            Qwen2Shape,
+            Qwen3Shape,
+            MistralShape,
+            Gemma2Shape,
+            Gemma3TextShape,
+            Phi3Shape,
+            Olmo2Shape,
+            GPTNeoXShape,
+        )
+    }
 )
 
 
@@ -46,8 +69,18 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "Attend",
+    "Decoder",
+    "GPTNeoXShape",
+    "Gemma2Shape",
+    "Gemma3TextShape",
     "LlamaShape",
+    "MistralShape",
+    "Names",
     "OPTShape",
+    "Olmo2Shape",
+    "Phi3Shape",
+    "Qwen2Shape",
+    "Qwen3Shape",
     "Rope",
     "TensorList",
     "Weights",

@@ -6,8 +6,8 @@ storage, the KV cache, compression and the cost model only ever see an ``Archite
 sizes, the (local name, shape) of every stage's tensors with their checkpoint names, which head
 weights are borrowed from another stage (tied embeddings), a few counts for the cost model, and
 three functions of plain tensors (embed, decoder layer, head). An architecture module implements
-this for one ``config.model_type`` (see ``opt.py``, ``llama.py``) and registers itself in
-``architectures/__init__.py``.
+this for one ``config.model_type`` (``opt.py``; the rotary decoder families are ``Decoder``
+variants, see ``decoder.py``) and registers itself in ``architectures/__init__.py``.
 
 Stage math receives a stage's weights as a dict of plain tensors keyed by local name
 (``"self_attn.q_proj.weight"``) and never knows where they came from. Attention goes through an
@@ -33,8 +33,9 @@ from .layers import StreamedRows
 # weights are plain tensors, or a ``KernelOperand`` in steps where the int4 kernel multiplies
 # them: only ``layers.linear`` reads those.
 Weights = dict[str, torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedRows]
-# attend(q, k_new, v_new, scale) -> attention output (b, s, H, d). q is (b, s, H, d); the new
-# keys and values are (b, s, H_kv, d) with H a multiple of H_kv (grouped-query attention).
+# attend(q, k_new, v_new, scale, softcap=None) -> attention output (b, s, H, d). q is
+# (b, s, H, d); the new keys and values are (b, s, H_kv, d) with H a multiple of H_kv
+# (grouped-query attention). The unit applies its layer's sliding window.
 Attend = Callable[..., torch.Tensor]
 # (local name, shape) of one stored tensor.
 TensorList = list[tuple[str, tuple[int, ...]]]
@@ -88,6 +89,21 @@ class Architecture(ABC):
         return max(math.prod(dims) for _, dims in self.stage_tensors()[1])
 
     @property
+    def kv_windows(self) -> tuple[int | None, ...]:
+        """Per decoder layer: the sliding window its attention sees (its KV cache keeps only
+        that many positions), or None for full attention."""
+        return (None,) * self.layers
+
+    def kv_positions(self, total: float) -> float:
+        """Positions the KV cache stores over all layers for one sequence of ``total``."""
+        return sum(total if w is None else min(w, total) for w in self.kv_windows)
+
+    @property
+    def needs_span(self) -> bool:
+        """Whether ``decoder_layer`` needs the forward's ``span`` (length-dependent rotary)."""
+        return False
+
+    @property
     def workspace_width(self) -> int:
         """Elements per token of a decoder layer's intermediates alive at once (q, k, v,
         attention output, MLP inputs and outputs), for the cost model's workspace."""
@@ -105,6 +121,11 @@ class Architecture(ABC):
     def checkpoint_name(self, stage: int, local: str) -> str:
         """The tensor's name in a transformers checkpoint, with a leading ``model.`` dropped."""
 
+    def renamed_tensors(self) -> dict[str, str]:
+        """Checkpoint names other transformers releases save a tensor under -> the name
+        ``checkpoint_name`` gives it (read by either)."""
+        return {}
+
     def head_aliases(self) -> dict[str, tuple[int, str]]:
         """Head weights stored by another stage: local name -> (stage, local name there)."""
         return {"lm_head.weight": (0, "embed_tokens.weight")} if self.tied_head else {}
@@ -119,9 +140,17 @@ class Architecture(ABC):
 
     @abstractmethod
     def decoder_layer(
-        self, w: Weights, x: torch.Tensor, position_ids: torch.Tensor, attend: Attend
+        self,
+        w: Weights,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        attend: Attend,
+        *,
+        layer: int = 0,
+        span: int | None = None,
     ) -> torch.Tensor:
-        """One decoder layer on (b, s, h) hidden states; ``attend`` owns the KV cache."""
+        """Decoder layer ``layer`` (0-based) on (b, s, h) hidden states; ``attend`` owns the KV
+        cache. ``span``: the whole block's length (largest position + 1) where ``needs_span``."""
 
     @abstractmethod
     def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor:

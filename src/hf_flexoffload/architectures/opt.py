@@ -148,7 +148,14 @@ class OPTShape(Architecture):
         return x + pos.to(x.dtype)
 
     def decoder_layer(
-        self, w: Weights, x: torch.Tensor, position_ids: torch.Tensor, attend: Attend
+        self,
+        w: Weights,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        attend: Attend,
+        *,
+        layer: int = 0,
+        span: int | None = None,
     ) -> torch.Tensor:
         """One OPT decoder layer on (b, s, h) hidden states (positions are in the embedding)."""
         b, s, _ = x.shape

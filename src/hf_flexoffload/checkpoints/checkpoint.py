@@ -95,6 +95,17 @@ class Checkpoint:
             os.path.basename(p): [os.path.getsize(p), os.stat(p).st_mtime_ns] for p in self.files
         }
 
+    def rename(self, renamed: dict[str, str]) -> None:
+        """Read tensors stored under another release's name by the name the architecture asks
+        for (``Architecture.renamed_tensors``: stored name -> name), where only the other is
+        present."""
+        for old, new in renamed.items():
+            if old in self.tensors and new not in self.tensors:
+                self.tensors[new] = self.tensors.pop(old)
+                keys = getattr(self, "_keys", None)
+                if keys is not None:
+                    keys[new] = keys.pop(old)
+
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point tensors (the most common one)."""
         counts: dict[torch.dtype, int] = {}

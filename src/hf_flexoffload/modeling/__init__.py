@@ -2,5 +2,6 @@
 
 ``cache_keyword`` (the name this transformers release gives the KV cache), ``generation_options``
 (what ``generate`` accepts), ``causal_lm`` (``FlexOffloadOPTForCausalLM``,
-``FlexOffloadLlamaForCausalLM``) and ``auto`` (the class by ``config.model_type``).
+``FlexOffloadLlamaForCausalLM`` and the mixin), ``families`` (the other rotary decoder families'
+classes) and ``auto`` (the class by ``config.model_type``).
 """

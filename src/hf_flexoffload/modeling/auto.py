@@ -16,11 +16,12 @@ from .causal_lm import (
     FlexOffloadLlamaForCausalLM,
     FlexOffloadOPTForCausalLM,
 )
+from .families import FAMILY_CLASSES
 
 MODEL_CLASSES: MappingProxyType[str, type[FlexOffloadCausalLMMixin]] = MappingProxyType(
     {
         cls.supported_model_type: cls
-        for cls in (FlexOffloadOPTForCausalLM, FlexOffloadLlamaForCausalLM)
+        for cls in (FlexOffloadOPTForCausalLM, FlexOffloadLlamaForCausalLM, *FAMILY_CLASSES)
     }
 )
 assert set(MODEL_CLASSES) == set(ARCHITECTURES), "every architecture needs its model class"
@@ -57,7 +58,8 @@ class AutoFlexOffloadModelForCausalLM:
                 arguments ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ...).
 
         Returns:
-            A ``FlexOffloadOPTForCausalLM`` or ``FlexOffloadLlamaForCausalLM``.
+            The model class of ``config.model_type`` (``MODEL_CLASSES``), e.g.
+            ``FlexOffloadLlamaForCausalLM`` or ``FlexOffloadQwen2ForCausalLM``.
 
         Raises:
             ValueError: The model type is not supported (checked before any weight is read).

@@ -124,6 +124,8 @@ def layer_terms(
     compute += k * OPS_PER_LAYER * profile.op_seconds
     if context == 0:  # prefill: scores and weighted sum over the prompt (materialized mask)
         compute += 4 * b * tokens * tokens * sizes.attention_dim / profile.matmul_rate(rows)
+    # A layer's mean history: windowed layers attend over (and store) at most their window.
+    context = sizes.kv_positions(context) / sizes.layers
     history_plain = b * context * sizes.kv_token_plain  # bytes attended over
     history = b * context * sizes.kv_token  # bytes as stored
     host_attends = not cuda or policy.host_attention
@@ -274,7 +276,7 @@ def estimate_from_sizes(
         sizes, profile.shared, policy, workload, is_offloaded(profile.shared, values)
     )
     footprint = Footprint.of(items, values, profile.shared)
-    kv_total = sizes.layers * b * (s + n) * sizes.kv_token
+    kv_total = b * sizes.kv_positions(s + n) * sizes.kv_token
     rates = Rates.of(sizes, profile, kv_total, policy.direct_io)
     prefill_layer, prefill_rest = step_terms(
         sizes, profile, rates, policy, tokens=s, context=0, first=True

@@ -128,6 +128,7 @@ def plan_policy(
     checkpoint at ``path``, without loading it (only its config and tensor headers are read)."""
     arch = architecture_for(config)
     ckpt = open_checkpoint(path, use_safetensors)
+    ckpt.rename(arch.renamed_tensors())
     workload = workload or default_workload(arch)
     return plan_load(arch, ckpt, "auto", dtype, device, offload_dir, max_memory, workload)
 

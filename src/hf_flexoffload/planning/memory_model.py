@@ -61,7 +61,7 @@ def memory_items(
     m, k = policy.micro_batch_size, policy.num_micro_batches
     b, e = m * k, sizes.itemsize
     s, total = workload.prompt_len, workload.prompt_len + workload.gen_len
-    kv = sizes.layers * b * total * sizes.kv_token
+    kv = b * sizes.kv_positions(total) * sizes.kv_token
     hidden = (k + 1) * m * s * sizes.hidden * e
     items: dict[str, dict[str, Affine]] = {
         "weights": {t: sizes.weights_stored * frac("weights", t) for t in TIERS},

@@ -14,7 +14,7 @@ import torch
 
 from ..architectures import Architecture
 from ..config.policy import TIERS, Policy, Split
-from ..storage.kv_cache import TokenCodec
+from ..storage.kv_codec import TokenCodec
 from ..storage.placement import assign_units
 from ..storage.streamed import chunk_rows
 from ..storage.weight_layout import layout_for, placement_report
@@ -101,6 +101,15 @@ class ModelSizes:
     compressed_head: bool
     # Every decoder matrix is stored in the int4 kernel's layout (int4_tiled).
     tiled_weights: bool = False
+    # Per decoder layer, the sliding window its KV cache keeps (None: every position).
+    kv_windows: tuple[int | None, ...] = ()
+
+    def kv_positions(self, total: float) -> float:
+        """Positions the KV cache holds over all layers for one sequence of ``total``: a
+        windowed layer holds at most its window."""
+        if not self.kv_windows:
+            return self.layers * total
+        return sum(total if w is None else min(w, total) for w in self.kv_windows)
 
     @classmethod
     def of(
@@ -177,6 +186,7 @@ class ModelSizes:
             compressed_head=policy.compress_weights is not None and policy.compress_embeddings,
             tiled_weights=bool(layouts[1].formats)
             and all(f.tiled for f in layouts[1].formats.values()),
+            kv_windows=tuple(arch.kv_windows) if any(arch.kv_windows) else (),
         )
 
     @property

@@ -251,7 +251,7 @@ def _lp(
     offloaded: bool,
 ) -> dict[str, float] | None:
     s, n = workload.prompt_len, workload.gen_len
-    kv_total = sizes.layers * policy.block_size * (s + n) * sizes.kv_token
+    kv_total = policy.block_size * sizes.kv_positions(s + n) * sizes.kv_token
     rates = Rates.of(sizes, profile, kv_total, policy.direct_io)
     prob = pulp.LpProblem("flexoffload_policy", pulp.LpMinimize)
     x = {v: prob.add_variable(v.replace(".", "_"), 0, 1) for v in VARIABLES}

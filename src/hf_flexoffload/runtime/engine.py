@@ -130,6 +130,7 @@ class OffloadEngine(RunPlanning):
         policy = policy or self._run.policy
         return FlexOffloadCache(
             num_layers=self.arch.layers,
+            windows=self.arch.kv_windows,
             split=policy.cache,
             host_attention=policy.host_attention,
             heads=self.arch.kv_heads,
@@ -210,11 +211,14 @@ class OffloadEngine(RunPlanning):
             self.check_fits(b, s, 0, policy, logits_to_keep or s)
         bounds = [(i, min(i + m, b)) for i in range(0, b, m)]
         cache.allocate(tuple(e - s for s, e in bounds))
+        # The rotary types that depend on the length see the whole block's, as stock does.
+        span = int(position_ids.max()) + 1 if self.arch.needs_span else None
         micro_batches = [
             MicroBatch(
                 upload(input_ids[s:e], self.device),  # host inputs: no wait for the device
                 upload(position_ids[s:e], self.device),
                 None if key_mask is None else upload(key_mask[s:e], self.device),
+                span,
             )
             for s, e in bounds
         ]

@@ -58,6 +58,7 @@ def load_engine(
     """
     arch = architecture_for(config)
     ckpt = open_checkpoint(path, use_safetensors)
+    ckpt.rename(arch.renamed_tensors())
     saved = ckpt.compression
     if saved is not None and checkpoint_compute_dtype(dtype, ckpt, device) != saved.dtype:
         raise ValueError(

@@ -21,7 +21,7 @@ from ..planning.cost_model import Estimate, estimate
 from ..planning.hardware import HardwareProfile
 from ..planning.memory_model import Footprint, footprint
 from ..planning.optimizer import optimize
-from ..storage.kv_cache import TokenCodec
+from ..storage.kv_codec import TokenCodec
 from ..storage.tier_store import TierStore
 from ..storage.transfer import shares_host_memory
 
@@ -99,7 +99,7 @@ class RunPlanning:
         """KV-cache bytes of a block of ``batch`` sequences of ``length`` tokens, as stored."""
         token_shape = (2, batch, self.arch.kv_heads, self.arch.head_dim)
         token = TokenCodec(token_shape, self.dtype, (policy or self.policy).compress_cache)
-        return self.arch.layers * length * token.record_bytes
+        return int(self.arch.kv_positions(length)) * token.record_bytes
 
     def capacities(self) -> Capacities:
         """What the model may hold per tier: free now plus what it holds already (weights,

@@ -38,11 +38,14 @@ class MicroBatch:
         input_ids: (b, s) new tokens.
         position_ids: (b, s) their positions.
         key_mask: (b, S) padding mask over cached + new positions, or None for no padding.
+        span: The whole block's length (largest position + 1) where the architecture's rotary
+            embedding depends on it (``Architecture.needs_span``), else None.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     key_mask: torch.Tensor | None
+    span: int | None = None
 
 
 def run_block(
@@ -103,7 +106,7 @@ def run_block(
         elif j < head_stage:
             unit = cache.units[j - 1][k]
             attend = partial(unit.attend, history, key_mask=mb.key_mask, mover=mover)
-            out = arch.decoder_layer(w, x, mb.position_ids, attend)
+            out = arch.decoder_layer(w, x, mb.position_ids, attend, layer=j - 1, span=mb.span)
         else:
             # The head runs once over the whole block, after its last micro-batch: a streamed LM
             # head then reads its rows once per step, not once per micro-batch.

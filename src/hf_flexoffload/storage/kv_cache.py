@@ -22,22 +22,15 @@ new tokens themselves attend at full precision.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
 from ..architectures.layers import attention
 from ..config.counters import Counters
-from ..formats.compression import (
-    QuantConfig,
-    QuantFormat,
-    dequantize,
-    from_bytes,
-    quantize,
-    to_bytes,
-)
+from ..formats.compression import QuantConfig
 from .disk_file import DiskFile
+from .kv_codec import HistoryBuffers, TokenCodec
 from .transfer import (
     Mover,
     Pending,
@@ -52,104 +45,16 @@ from .transfer import (
 CPU = torch.device("cpu")
 
 
-class TokenCodec:
-    """How one token of a unit is stored: (2, b, H_kv, d) in the compute dtype, or its quantized
-    bytes (one record per token). Quantization groups run along ``d`` only, so every group lies
-    within one KV head (a head narrower than the group size is padded, never joined to the next).
-
-    Args:
-        token_shape: (2, b, H_kv, d).
-        dtype: The compute dtype.
-        config: ``Policy.compress_cache`` (None = store as is; rounding None = min-max).
-    """
-
-    def __init__(
-        self, token_shape: tuple[int, ...], dtype: torch.dtype, config: QuantConfig | None
-    ) -> None:
-        self.token_shape = token_shape
-        self.dtype = dtype
-        # Every new token is quantized at run time: min-max unless the config asks for the
-        # search (a dozen passes over the token where min-max makes three).
-        self.config = None if config is None else config.resolved("minmax")
-        if config is None:
-            self.record_shape, self.storage_dtype = token_shape, dtype
-        else:
-            fmt = QuantFormat.of((1, *token_shape), dtype, config)
-            self.record_shape, self.storage_dtype = (fmt.record_bytes(1),), torch.uint8
-
-    @property
-    def record_bytes(self) -> int:
-        return math.prod(self.record_shape) * self.storage_dtype.itemsize
-
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(s, 2, b, H_kv, d) -> (s, *record_shape), on the tokens' device."""
-        if self.config is None:
-            return tokens
-        return to_bytes(quantize(tokens, self.config, lead_dims=1))
-
-    def decode(self, records: torch.Tensor) -> torch.Tensor:
-        """(S, *record_shape) -> (S, 2, b, H_kv, d) in the compute dtype, on the records' device."""
-        if self.config is None:
-            return records
-        fmt = QuantFormat.of((records.shape[0], *self.token_shape), self.dtype, self.config)
-        return dequantize(from_bytes(records, fmt))
-
-
-class HistoryBuffers:
-    """Two host buffers that disk units read their history into, in turn: one is attended over
-    while the next unit's history is prefetched into the other. Each has room for the new token,
-    so attention needs no concatenated copy either. (Fresh buffers of tens of MB would be
-    page-faulted in on every layer of every step, at a fraction of memory bandwidth.)
-    """
-
-    def __init__(self, device: torch.device, counters: Counters) -> None:
-        self.device = device
-        self.counters = counters
-        self._buffers: list[torch.Tensor | None] = [None, None]
-        self._wide: list[torch.Tensor | None] = [None, None]  # host attention's fp32 keys, values
-        self._turn = 0
-
-    def take(self, tokens: int, record_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The next buffer as (tokens, *record_shape); called by fetches, in order."""
-        i, self._turn = self._turn, 1 - self._turn
-        need = tokens * math.prod(record_shape) * dtype.itemsize
-        buf = self._buffers[i]
-        if buf is None or buf.numel() < need:
-            if buf is not None:
-                self.counters.free("host", buf.numel())
-            buf = host_empty((need,), torch.uint8, self.device)
-            self.counters.alloc("host", need)
-            self._buffers[i] = buf
-        return buf[:need].view(dtype).view(tokens, *record_shape)
-
-    def widen(
-        self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, H_kv, S, d) keys and values converted to ``dtype`` in two reused host buffers
-        (valid until the next call)."""
-        out = []
-        for i, t in enumerate((keys, values)):
-            need = t.numel() * dtype.itemsize
-            buf = self._wide[i]
-            if buf is None or buf.numel() < need:
-                if buf is not None:
-                    self.counters.free("host", buf.numel())
-                buf = self._wide[i] = host_empty((need,), torch.uint8, self.device)
-                self.counters.alloc("host", need)
-            out.append(buf[:need].view(dtype).view(t.shape).copy_(t))
-        return out[0], out[1]
-
-    def close(self) -> None:
-        for buf in (*self._buffers, *self._wide):
-            if buf is not None:
-                self.counters.free("host", buf.numel())
-        self._buffers = [None, None]
-        self._wide = [None, None]
-
-
 class KVUnit:
     """Keys and values of one layer for one micro-batch, stored token-major: (S, 2, b, H_kv, d),
-    or (S, record_bytes) when compressed."""
+    or (S, record_bytes) when compressed.
+
+    A sliding-window layer's unit (``window``) is a ring of ``window`` positions in whatever
+    tier it lives: position ``t`` is stored at row ``t % window``, so it never holds, reads or
+    writes more than its window, however long the sequence grows. Attention then knows each
+    row's position (``key_slots``) and masks by position, so the result is the same as over the
+    whole history in order.
+    """
 
     def __init__(
         self,
@@ -166,16 +71,18 @@ class KVUnit:
         capacity: int,
         compress: QuantConfig | None = None,
         scratch: HistoryBuffers | None = None,
+        window: int | None = None,
     ) -> None:
         self.tier = tier
+        self.window = window
         self.token_shape = (2, batch, heads, head_dim)
         self.codec = TokenCodec(self.token_shape, dtype, compress)
         self.dtype = dtype
         self.device = device
         self.host_attention = host_attention
         self.counters = counters
-        self.length = 0
-        self._capacity_hint = max(1, capacity)
+        self.length = 0  # positions seen (a windowed unit stores only the last ``window``)
+        self._capacity_hint = max(1, capacity if window is None else min(capacity, window))
         self._buffer: torch.Tensor | None = None  # (cap, *record_shape), device or host tier
         self._file = DiskFile(path, create=True) if tier == "disk" else None
         self._path = path
@@ -187,6 +94,34 @@ class KVUnit:
     def token_bytes(self) -> int:
         """Stored bytes per token (compressed when the cache is)."""
         return self.codec.record_bytes
+
+    @property
+    def stored(self) -> int:
+        """Positions held: all of them, or a windowed layer's last ``window``."""
+        return self.length if self.window is None else min(self.length, self.window)
+
+    def _ring_slots(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """(window,) the position each ring row holds after ``length`` positions; None while
+        rows and positions are still ``0..stored-1`` in order."""
+        w = self.window
+        if w is None or length <= w:
+            return None
+        rows = torch.arange(w, device=device)
+        return rows + w * torch.div(length - 1 - rows, w, rounding_mode="floor")
+
+    def _pieces(self, start: int, count: int) -> list[tuple[int, int, int]]:
+        """(row, first, n): where positions ``start .. start + count - 1`` are stored, in runs
+        of consecutive rows (a windowed unit keeps only the last ``window`` of them)."""
+        if self.window is None:
+            return [(start, 0, count)]
+        w, first = self.window, max(0, count - self.window)
+        pieces = []
+        while first < count:
+            row = (start + first) % w
+            n = min(count - first, w - row)
+            pieces.append((row, first, n))
+            first += n
+        return pieces
 
     @property
     def in_compute_memory(self) -> bool:
@@ -201,18 +136,24 @@ class KVUnit:
     def _append_memory(self, start: int, new: torch.Tensor) -> None:
         cap = 0 if self._buffer is None else self._buffer.shape[0]
         needed = start + new.shape[0]
+        held = start
+        if self.window is not None:
+            needed, held = min(needed, self.window), min(start, self.window)
         if needed > cap:
             new_cap = max(needed, 2 * cap, self._capacity_hint)
+            if self.window is not None:
+                new_cap = min(new_cap, self.window)
             shape, dtype = (new_cap, *self.codec.record_shape), self.codec.storage_dtype
             if self.tier == "device":
                 grown = torch.empty(shape, dtype=dtype, device=self.device)
             else:
                 grown = host_empty(shape, dtype, self.device)
             if self._buffer is not None:
-                grown[:start].copy_(self._buffer[:start])
+                grown[:held].copy_(self._buffer[:held])
             self.counters.alloc(self._memory_tier, (new_cap - cap) * self.token_bytes)
             self._buffer = grown
-        self._buffer[start:needed].copy_(new)
+        for row, first, n in self._pieces(start, new.shape[0]):
+            self._buffer[row : row + n].copy_(new[first : first + n])
 
     @property
     def _memory_tier(self) -> str:
@@ -233,10 +174,15 @@ class KVUnit:
         if self.length == 0 or self.in_compute_memory or (self.tier == "host" and on_host):
             return None
         if self.tier == "host":
-            history = self._buffer[: self.length]
+            history = self._buffer[: self.stored]
+            if self.window is not None:
+                # The ring's rows are overwritten by the write-back while the copy to the
+                # device may still read them: copy them out first.
+                history = history.clone()
         else:
-            shape = (self.length, *self.codec.record_shape)
-            if self._scratch is not None and on_host and self.codec.config is None:
+            shape = (self.stored, *self.codec.record_shape)
+            room = self.window is None and self.codec.config is None
+            if self._scratch is not None and on_host and room:
                 # Read into a reused buffer with a row to spare for the new token.
                 room = self._scratch.take(
                     self.length + 1, self.codec.record_shape, self.codec.storage_dtype
@@ -259,8 +205,10 @@ class KVUnit:
         key_mask: torch.Tensor | None,
         mover: Mover,
         scale: float = 1.0,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        """Store the new keys/values and attend over the whole history.
+        """Store the new keys/values and attend over the whole history (a windowed unit's
+        last ``window`` positions).
 
         Args:
             history: What ``fetch`` returned for this step.
@@ -269,6 +217,7 @@ class KVUnit:
             key_mask: (b, S) padding mask over all positions, or None.
             mover: Runs the write-back of the new keys/values.
             scale: Multiplies the attention scores (1.0 for queries scaled beforehand).
+            softcap: Attention-logit soft-capping (``layers.attention``), or None.
 
         Returns:
             (b, s, H, d) attention output on the compute device.
@@ -290,14 +239,24 @@ class KVUnit:
                 "device_to_host", q.numel() * q.element_size() + stored.numel() * stored.itemsize
             )
         in_memory = self.in_compute_memory or (self.tier == "host" and on_host)
-        if in_memory:
+        # A ring's new row may take the place of one the new queries still see (s > 1) or of
+        # a compressed row the history is decoded from: then the keys are gathered first and
+        # the new positions stored after. Otherwise they are stored first and attention reads
+        # the buffer itself.
+        store_first = self.window is None or (s == 1 and self.codec.config is None)
+        if in_memory and store_first:
+            history = self._buffer[:start] if self._buffer is not None else None
             self._append_memory(start, stored.to(where))
-            history = self._buffer[:start]
-        else:
+        elif in_memory:
+            history = self._buffer[: self.stored] if self._buffer is not None else None
+        elif store_first:
             self._pending = mover.write(self._store, start, stored)
         room, self._room = self._room, None
-        if in_memory and self.codec.config is None:
-            full = self._buffer[: start + s]  # attend over the buffer itself: no copy
+        slots = None
+        if in_memory and store_first and self.codec.config is None:
+            end = start + s if self.window is None else min(start + s, self.window)
+            full = self._buffer[:end]  # attend over the buffer itself: no copy
+            slots = self._ring_slots(start + s, where)
         elif history is None or start == 0:
             full = new.to(where)
         elif room is not None and room.shape[0] >= start + s:
@@ -305,6 +264,14 @@ class KVUnit:
             full = room[: start + s]
         else:
             full = torch.cat([self.codec.decode(history), new.to(where)])
+            ring = self._ring_slots(start, where)
+            if ring is not None:
+                slots = torch.cat([ring, torch.arange(start, start + s, device=where)])
+        if not store_first:
+            if in_memory:
+                self._append_memory(start, stored.to(where))
+            else:
+                self._pending = mover.write(self._store, start, stored)
         self.length = start + s
         keys = full[:, 0].permute(1, 2, 0, 3)  # (b, H_kv, S, d)
         values = full[:, 1].permute(1, 2, 0, 3)
@@ -316,7 +283,15 @@ class KVUnit:
             if self._scratch is not None:
                 keys, values = self._scratch.widen(keys, values, dtype)
         out = attention(
-            q.to(where, dtype).transpose(1, 2), keys.to(dtype), values.to(dtype), key_mask, scale
+            q.to(where, dtype).transpose(1, 2),
+            keys.to(dtype),
+            values.to(dtype),
+            key_mask,
+            scale,
+            window=self.window,
+            softcap=softcap,
+            key_slots=slots,
+            length=start + s,
         )
         if on_host and not shares_host_memory(self.device):
             self.counters.add_moved("host_to_device", out.numel() * q.element_size())
@@ -328,11 +303,16 @@ class KVUnit:
             self.counters.add_moved("device_to_host", new.numel() * new.element_size())
         if self.tier == "host":
             self._append_memory(start, new)  # straight into the host buffer: one copy
-        else:
-            # One copy to host memory, which the file write needs; it waits for its own copy.
-            nbytes = self._file.write(start * self.token_bytes, new.to(CPU).contiguous())
+            return
+        # One copy to host memory, which the file write needs; it waits for its own copy.
+        host = new.to(CPU).contiguous()
+        for row, first, n in self._pieces(start, new.shape[0]):
+            nbytes = self._file.write(row * self.token_bytes, host[first : first + n])
             self.counters.add_moved("host_to_disk", nbytes)
-            self.counters.alloc("disk", nbytes)
+        end = start + new.shape[0]
+        if self.window is not None:  # a ring's file grows to its window, no further
+            start, end = min(start, self.window), min(end, self.window)
+        self.counters.alloc("disk", (end - start) * self.token_bytes)
 
     def fetch_idle(self) -> bool:
         """Whether ``fetch`` would move nothing and wait for nothing, so it can run inline."""
@@ -349,7 +329,7 @@ class KVUnit:
             self._buffer = None
         if self._file is not None:
             self._file.close()
-            self.counters.free("disk", self.length * self.token_bytes)
+            self.counters.free("disk", self.stored * self.token_bytes)
             if os.path.exists(self._path):
                 os.remove(self._path)
             self._file = None

@@ -16,7 +16,8 @@ from transformers import Cache
 from ..config.counters import Counters
 from ..config.policy import Split
 from ..formats.compression import QuantConfig
-from .kv_cache import HistoryBuffers, KVUnit
+from .kv_cache import KVUnit
+from .kv_codec import HistoryBuffers
 from .placement import assign_units
 
 
@@ -29,6 +30,8 @@ class FlexOffloadCache(Cache):
 
     Args:
         num_layers: Decoder layers.
+        windows: Per layer, the sliding window its unit keeps (a ring of that many positions)
+            or None; () = none anywhere.
         split: The policy's cache split, realized over (layer, micro-batch) units.
         host_attention: The policy's ``host_attention``.
         heads, head_dim: Heads stored per token (``num_key_value_heads``) and their width.
@@ -44,6 +47,7 @@ class FlexOffloadCache(Cache):
         self,
         *,
         num_layers: int,
+        windows: tuple[int | None, ...] = (),
         split: Split,
         host_attention: bool,
         heads: int,
@@ -58,6 +62,7 @@ class FlexOffloadCache(Cache):
         super().__init__(layers=[])
         self.compress = compress
         self.num_layers = num_layers
+        self.windows = tuple(windows) or (None,) * num_layers
         self.split = split
         self.host_attention = host_attention
         self._shape = (heads, head_dim)
@@ -98,6 +103,7 @@ class FlexOffloadCache(Cache):
                     capacity=self.capacity,
                     compress=self.compress,
                     scratch=self._scratch,
+                    window=self.windows[j],
                 )
                 for m, size in enumerate(micro_batch_sizes)
             ]
@@ -165,10 +171,15 @@ class FlexOffloadCache(Cache):
             for unit in row:
                 unit.wait_pending()
 
-    def close(self) -> None:
-        """Finish pending writes and free every unit's memory and files."""
+    def reset(self) -> None:
+        """Forget every position (free the units' memory and files): the next forward starts
+        over from its first token, as transformers does when it drops a cache."""
         for row in self.units:
             for unit in row:
                 unit.close()
         self.units = []
+
+    def close(self) -> None:
+        """Finish pending writes and free every unit's memory and files."""
+        self.reset()
         self._scratch.close()
