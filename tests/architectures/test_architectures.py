@@ -264,3 +264,125 @@ def test_cache_split_realizes_over_kv_units_for_gqa(tmp_path):
     cache.allocate((2,))
     assert [row[0].token_shape for row in cache.units] == [(2, 2, 1, 8)] * 2
     cache.close()
+
+
+# -- the families' building blocks against transformers -----------------------------------------
+
+
+def _norm_modules():
+    from torch import nn
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    return {
+        "rms": (LlamaRMSNorm(64, eps=1e-5), 1e-5),
+        "rms_fp32": (Olmo2RMSNorm(64, eps=1e-5), 1e-5),
+        "rms_offset": (Gemma2RMSNorm(64, eps=1e-6), 1e-6),
+        "rms_offset_gemma3": (Gemma3RMSNorm(64, eps=1e-6), 1e-6),
+        "layer": (nn.LayerNorm(64, eps=1e-5), 1e-5),
+    }
+
+
+@pytest.mark.parametrize("kind", ["rms", "rms_fp32", "rms_offset", "rms_offset_gemma3", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_norms_match_transformers(kind, dtype):
+    from hf_flexoffload.architectures.norms import norm
+
+    module, eps = _norm_modules()[kind]
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(64))
+    module = module.to(dtype)
+    x = (torch.randn(3, 5, 64) * 10).to(dtype)
+    ours = norm(kind.removesuffix("_gemma3"), x, module.weight, getattr(module, "bias", None), eps)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, module(x))
+
+
+def _windowed_reference(q, k, v, key_mask, scale, window, softcap=None):
+    """Attention over keys in position order, masked by causality, window and padding."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    s, total = q.shape[2], k.shape[2]
+    scores = q @ k.transpose(-1, -2) * scale  # (b, H, s, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    queries = torch.arange(total - s, total)[:, None]
+    keys = torch.arange(total)[None, :]
+    allowed = (keys <= queries) & (keys > queries - window) & key_mask.bool()[:, None, None]
+    scores = scores.masked_fill(~allowed, torch.finfo(q.dtype).min)
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # (b, s, H, d)
+
+
+@pytest.mark.parametrize("new", [1, 5], ids=["decode", "several_new"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_sliding_window_attention_over_a_ring_matches_keys_in_order(new, softcap):
+    """Keys held in a ring (rotated, the oldest overwritten) attend as the same keys in order."""
+    g = torch.Generator().manual_seed(1)
+    length, window = 11, 4
+    q = torch.randn(2, 4, new, 8, generator=g)
+    k, v = (torch.randn(2, 2, length, 8, generator=g) for _ in range(2))
+    key_mask = torch.ones(2, length)
+    key_mask[1, :2] = 0
+    expected = _windowed_reference(q, k, v, key_mask, 8**-0.5, window, softcap)
+    in_order = attention(q, k, v, key_mask, 8**-0.5, window=window, softcap=softcap)
+    torch.testing.assert_close(in_order, expected, atol=1e-5, rtol=1e-5)
+    # The ring: the history's last `window` positions at row t % window, then the new keys.
+    history = length - new
+    kept = [t for t in range(history) if t >= history - window]
+    rows = sorted(kept, key=lambda t: t % window)
+    slots = torch.tensor(rows + list(range(history, length)))
+    ring = attention(
+        q, k[:, :, slots], v[:, :, slots], key_mask, 8**-0.5,
+        window=window, softcap=softcap, key_slots=slots, length=length,
+    )  # fmt: skip
+    torch.testing.assert_close(ring, expected, atol=1e-5, rtol=1e-5)
+
+
+ROPES = {
+    "linear": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+    "yarn": dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=32),
+    "dynamic": dict(rope_type="dynamic", rope_theta=1e4, factor=2.0),
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPES.values()), ids=list(ROPES))
+@pytest.mark.parametrize("length", [20, 200], ids=["within", "beyond_max_positions"])
+def test_scaled_rotary_types_match_transformers(rope, length):
+    config = LlamaConfig(
+        hidden_size=128, num_attention_heads=2, max_position_embeddings=64, rope_parameters=rope
+    )
+    arch = architecture_for(config)
+    positions = torch.arange(length)[None]
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1), positions)  # fresh: no history
+    ours_cos, ours_sin = arch.rope.cos_sin(positions, torch.float32, span=length)
+    assert torch.equal(ours_cos[:, :, 0], cos) and torch.equal(ours_sin[:, :, 0], sin)
+
+
+@pytest.mark.parametrize("length", [8, 30], ids=["short_factors", "long_factors"])
+@pytest.mark.parametrize("partial", [1.0, 0.5], ids=["whole_heads", "partial"])
+def test_longrope_switches_factors_with_the_forwards_length(length, partial):
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    config = Phi3Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        rope_parameters=dict(
+            rope_type="longrope",
+            rope_theta=1e4,
+            short_factor=[1.0, 1.5, 2.0, 3.0, 1.0, 1.0, 1.0, 1.0][: int(8 * partial)],
+            long_factor=[2.0, 4.0, 8.0, 16.0, 2.0, 2.0, 2.0, 2.0][: int(8 * partial)],
+            original_max_position_embeddings=16,
+            partial_rotary_factor=partial,
+        ),
+    )
+    arch = architecture_for(config)
+    positions = torch.arange(length)[None]
+    cos, sin = Phi3RotaryEmbedding(config)(torch.zeros(1), positions)
+    ours_cos, ours_sin = arch.rope.cos_sin(positions, torch.float32, span=length)
+    assert arch.rope.dim == 16 * partial
+    assert torch.equal(ours_cos[:, :, 0], cos) and torch.equal(ours_sin[:, :, 0], sin)

@@ -225,3 +225,35 @@ def test_unsupported_options_are_refused_before_loading(name, overrides, message
 
 def test_window_is_shorter_than_the_tests_sequences():
     assert WINDOW < 7 + 8
+
+
+@pytest.mark.parametrize("model_checkpoint", ["mistral-window"], indirect=True)
+@pytest.mark.parametrize("tier", ["device", "host", "disk"])
+def test_forwards_of_several_tokens_through_the_ring_match_one_forward(model_checkpoint, tier):
+    """Steps of several new tokens each wrap the ring mid-step (new keys overwrite rows the
+    step's earlier queries still see): logits equal stock's single forward over it all."""
+    path, stock = model_checkpoint
+    ids = torch.randint(3, 90, (2, 15), generator=torch.Generator().manual_seed(7))
+    theirs = stock(input_ids=ids).logits
+    policy = Policy(cache=Split(**{tier: 1.0}), host_attention=tier != "device")
+    with load(path, policy) as model:
+        cache = model.engine.new_cache()
+        ours = []
+        for start, stop in ((0, 6), (6, 11), (11, 12), (12, 15)):
+            ours.append(model(input_ids=ids[:, start:stop], cache=cache).logits)
+        cache.close()
+    torch.testing.assert_close(torch.cat(ours, dim=1), theirs, atol=1e-3, rtol=1e-4)
+
+
+def test_memory_and_cost_models_count_only_the_windows():
+    from hf_flexoffload.planning.model_sizes import ModelSizes
+
+    arch = architecture_for(family_config("gemma3_text-local_global"))
+    sizes = ModelSizes.of(arch, torch.float32, Policy())
+    assert arch.kv_windows == (WINDOW, WINDOW, None)
+    assert sizes.kv_positions(100) == arch.kv_positions(100) == 2 * WINDOW + 100
+    assert sizes.kv_positions(3) == 3 * 3  # shorter than the window: every position
+    dense = ModelSizes.of(
+        architecture_for(family_config("olmo2-post_norm")), torch.float32, Policy()
+    )
+    assert dense.kv_positions(100) == 3 * 100

@@ -1,8 +1,9 @@
 """Golden tests: token-for-token equality with stock transformers for every placement.
 
 The tests that hold for any architecture run on OPT and Llama checkpoints alike
-(``model_checkpoint``, by id); the rest run on OPT, and ``tests/architectures/test_llama.py`` has
-what only Llama has.
+(``model_checkpoint``, by id), the model-level ones (forward, sampling, pipeline) on some of the
+other families too; the rest run on OPT. ``tests/architectures/test_llama.py`` has what only
+Llama has, ``tests/architectures/test_families.py`` the other families' placements.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from hf_flexoffload import FlexOffloadLlamaForCausalLM, FlexOffloadOPTForCausalLM, Policy, Split
+from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
+from hf_flexoffload.modeling.auto import MODEL_CLASSES
 
 from ..conftest import LLAMA_MODELS, OPT_MODELS, batch
 
@@ -58,7 +60,6 @@ def load(path: str, policy: Policy, **kw) -> FlexOffloadOPTForCausalLM:
     return FlexOffloadOPTForCausalLM.from_pretrained(path, offload_policy=policy, **kw)
 
 
-MODEL_CLASSES = {"opt": FlexOffloadOPTForCausalLM, "llama": FlexOffloadLlamaForCausalLM}
 # The 125m-style OPT and SmolLM2's layout (grouped queries, tied embeddings), where a test needs
 # one checkpoint per architecture.
 ONE_PER_ARCHITECTURE = ["opt-pre_ln", "llama-gqa_tied"]
@@ -67,6 +68,7 @@ ONE_PER_ARCHITECTURE = ["opt-pre_ln", "llama-gqa_tied"]
 def load_as(stock, path: str, policy: Policy, **kw):
     """The offloaded model class of ``stock``'s architecture, loaded from ``path``."""
     cls = MODEL_CLASSES[stock.config.model_type]
+    assert cls.config_class is None or isinstance(stock.config, cls.config_class)
     return cls.from_pretrained(path, offload_policy=policy, **kw)
 
 
@@ -97,7 +99,11 @@ def test_greedy_tokens_and_logits_match_stock(model_checkpoint, policy):
         torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_checkpoint", [*OPT_MODELS, "llama-gqa_tied"], indirect=True)
+@pytest.mark.parametrize(
+    "model_checkpoint",
+    [*OPT_MODELS, "llama-gqa_tied", "olmo2-post_norm", "mistral-window", "gpt_neox-sequential"],
+    indirect=True,
+)
 def test_forward_logits_and_loss_match_stock(model_checkpoint):
     path, stock = model_checkpoint
     ids, mask = batch(seed=3)
@@ -168,8 +174,15 @@ def test_bf16_matches_stock_bf16(model_checkpoint, tmp_path, policy):
 
 @pytest.mark.parametrize(
     "model_checkpoint, extra",
-    [("opt-pre_ln", dict(top_p=0.9)), ("llama-gqa_tied", {})],
-    ids=ONE_PER_ARCHITECTURE,
+    [
+        ("opt-pre_ln", dict(top_p=0.9)),
+        ("llama-gqa_tied", {}),
+        ("gemma2-softcap", {}),
+        # Crosses LongRoPE's switch: the cache is dropped and recomputed, as stock Phi-3 does.
+        ("phi3-longrope_partial", dict(top_p=0.9)),
+        ("qwen2-window", {}),
+    ],
+    ids=[*ONE_PER_ARCHITECTURE, "gemma2-softcap", "phi3-longrope_partial", "qwen2-window"],
     indirect=["model_checkpoint"],
 )
 def test_seeded_sampling_with_num_return_sequences(model_checkpoint, extra):
@@ -253,7 +266,11 @@ def test_stop_strings_and_streamer(pre_ln_checkpoint, tokenizer):
     assert streamer.chunks[-1] is None and len(streamer.chunks) == 1 + stops_after + 1
 
 
-@pytest.mark.parametrize("model_checkpoint", ONE_PER_ARCHITECTURE, indirect=True)
+@pytest.mark.parametrize(
+    "model_checkpoint",
+    [*ONE_PER_ARCHITECTURE, "gemma3_text-local_global", "gpt_neox-parallel", "qwen3-head_dim"],
+    indirect=True,
+)
 def test_pipeline_matches_stock_pipeline(model_checkpoint, tokenizer):
     path, stock = model_checkpoint
     prompts = ["Hello there", "offload", "The zig-zag schedule", "a"]

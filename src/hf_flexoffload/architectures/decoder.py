@@ -69,6 +69,8 @@ class Decoder(Architecture):
 
     embeddings: ClassVar[frozenset[str]] = frozenset({"embed_tokens.weight", "lm_head.weight"})
     names: ClassVar[Names] = Names()
+    # The family honours ``partial_rotary_factor`` (rotates only part of each head).
+    partial_rotary: ClassVar[bool] = False
 
     hidden: int
     heads: int
@@ -313,7 +315,7 @@ def layer_types(config) -> tuple[str, ...]:
     return tuple(types)
 
 
-def common_fields(config, *, head_dim: int | None = None, per_type_rope: bool = False) -> dict:
+def common_fields(config, *, partial_rotary: bool = False, per_type_rope: bool = False) -> dict:
     """The fields every family reads the same way from its config: sizes, the tied head, the
     rotary embedding of each layer and the sliding window of each sliding layer. Refuses what
     none of the families runs (bidirectional attention, tensor-parallel pretraining splits)."""
@@ -328,10 +330,11 @@ def common_fields(config, *, head_dim: int | None = None, per_type_rope: bool = 
             "too); set it to 1."
         )
     heads = config.num_attention_heads
-    head_dim = head_dim or getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     types = layer_types(config)
     ropes = {
-        t: Rope.from_config(config, head_dim, t if per_type_rope else None) for t in set(types)
+        t: Rope.from_config(config, head_dim, t if per_type_rope else None, partial_rotary)
+        for t in set(types)
     }
     window = getattr(config, "sliding_window", None)
     windows = tuple(window if t == "sliding_attention" else None for t in types)

@@ -40,7 +40,7 @@ class GPTNeoXShape(Decoder):
     def from_config(cls, config) -> GPTNeoXShape:
         bias = bool(getattr(config, "attention_bias", True))
         return cls(
-            **common_fields(config),
+            **common_fields(config, partial_rotary=True),
             norm="layer",
             norm_eps=config.layer_norm_eps,
             parallel_residual=bool(config.use_parallel_residual),

@@ -23,7 +23,7 @@ class Phi3Shape(Decoder):
     @classmethod
     def from_config(cls, config) -> Phi3Shape:
         return cls(
-            **common_fields(config),
+            **common_fields(config, partial_rotary=True),
             norm_eps=config.rms_norm_eps,
             qkv="concat",
             mlp="gated_fused",

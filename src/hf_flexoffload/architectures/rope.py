@@ -74,9 +74,13 @@ class Rope:
             raise ValueError(f"rope_type={self.rope_type!r} needs the model's config.")
 
     @classmethod
-    def from_config(cls, config, head_dim: int, layer_type: str | None = None) -> Rope:
+    def from_config(
+        cls, config, head_dim: int, layer_type: str | None = None, partial: bool = False
+    ) -> Rope:
         """The rope of ``config`` (of ``layer_type``'s layers when given), refused clearly when
-        transformers would compute something this class does not."""
+        transformers would compute something this class does not. ``partial``: the family
+        rotates only ``partial_rotary_factor`` of each head (GPT-NeoX, Phi-3); the others'
+        transformers code ignores the factor, and so does this."""
         params = dict(getattr(config, "rope_parameters", None) or {})
         if layer_type is not None:
             params = dict(params[layer_type])
@@ -89,8 +93,8 @@ class Rope:
         if theta is None:
             raise ValueError("The config has no rope_theta (in config.rope_parameters).")
         rope_type = params.get("rope_type", params.get("type", "default"))
-        partial = float(params.get("partial_rotary_factor", 1.0))
-        dim = int(head_dim * partial)
+        factor = float(params.get("partial_rotary_factor", 1.0)) if partial else 1.0
+        dim = int(head_dim * factor)
         switch = 0
         if rope_type == "longrope":
             switch = int(
