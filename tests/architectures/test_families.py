@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 
 import pytest
 import torch
 
-from hf_flexoffload import AutoFlexOffloadModelForCausalLM, Policy, QuantConfig, Split
+from hf_flexoffload import AutoFlexOffloadModelForCausalLM, Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures import architecture_for
 from hf_flexoffload.formats.compression import dequantize, quantize
 
@@ -257,3 +258,25 @@ def test_memory_and_cost_models_count_only_the_windows():
         architecture_for(family_config("olmo2-post_norm")), torch.float32, Policy()
     )
     assert dense.kv_positions(100) == 3 * 100
+
+
+@pytest.mark.parametrize("model_checkpoint", ["gemma3_text-local_global"], indirect=True)
+def test_auto_policy_and_dtype_plan_a_family(model_checkpoint, tmp_path, monkeypatch):
+    """``offload_policy="auto"`` and ``dtype="auto"`` price a windowed family from (seeded)
+    profiles, and the chosen policy generates stock's tokens."""
+    from ..planning.test_hardware import seed_profile
+
+    path, stock = model_checkpoint
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_FLEXOFFLOAD_CACHE", str(cache))
+    for dtype, rate in ((torch.float32, 100e9), (torch.bfloat16, 10e9)):  # fp32 is faster here
+        rates = {"1": rate / 10, "16": rate / 2, "256": rate}
+        seed_profile(cache, tempfile.gettempdir(), (64, 128), dtype, matmul_flops=rates)
+    ids, mask = batch()
+    expected = stock.generate(ids, attention_mask=mask, **GREEDY)
+    workload = Workload(prompt_len=7, gen_len=8, batch_size=5)
+    with load(path, "auto", dtype="auto", workload=workload) as model:
+        assert model.dtype == torch.float32
+        assert model.policy_estimate.tokens_per_second > 0
+        got = model.generate(ids, attention_mask=mask, **GREEDY)
+    assert_same_generation(got, expected)
