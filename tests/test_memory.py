@@ -96,8 +96,10 @@ def test_fixed_policy_stays_within_its_footprint(checkpoints, model, placement, 
     check_budget(result)
     if placement is TEN and dtype == "bfloat16":
         # Nothing resident the policy did not ask for: 10% of the weights plus staging,
-        # cache and workspace, well under half of what holding the embedding whole took.
-        assert result["peak"] < 0.35 * result["weights_bytes"], result
+        # cache and workspace (the memory model says 0.35 of the weights, and the measured
+        # peak lands within a MiB of it on either side), well under the ~0.6 that holding the
+        # embedding (half the model) whole took.
+        assert result["peak"] < 0.40 * result["weights_bytes"], result
 
 
 def test_reused_offload_files_stay_within_footprint(checkpoints, tmp_path):

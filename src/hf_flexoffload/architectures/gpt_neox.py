@@ -22,6 +22,7 @@ class GPTNeoXShape(Decoder):
     """The parts of a ``GPTNeoXConfig`` the math needs."""
 
     model_type: ClassVar[str] = "gpt_neox"
+    partial_rotary: ClassVar[bool] = True
     names: ClassVar[Names] = Names(
         prefix="gpt_neox.",
         embed="embed_in.weight",
@@ -40,7 +41,7 @@ class GPTNeoXShape(Decoder):
     def from_config(cls, config) -> GPTNeoXShape:
         bias = bool(getattr(config, "attention_bias", True))
         return cls(
-            **common_fields(config, partial_rotary=True),
+            **common_fields(config, partial_rotary=cls.partial_rotary),
             norm="layer",
             norm_eps=config.layer_norm_eps,
             parallel_residual=bool(config.use_parallel_residual),

@@ -22,9 +22,11 @@ class LlamaShape(Decoder):
 
     @classmethod
     def from_config(cls, config) -> LlamaShape:
+        """Llama's reading of a config; the families that are Llama plus a difference
+        (Mistral, Qwen, Phi-3, OLMo 2) replace the fields that differ."""
         bias = bool(getattr(config, "attention_bias", False))
         return cls(
-            **common_fields(config),
+            **common_fields(config, partial_rotary=cls.partial_rotary),
             norm_eps=config.rms_norm_eps,
             qkv_bias=(bias, bias, bias),
             o_bias=bias,

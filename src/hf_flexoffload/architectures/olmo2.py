@@ -8,14 +8,15 @@ RMS norm scales in fp32 before casting back (``norms.py``: ``rms_fp32``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from .decoder import Decoder, Names, common_fields
+from .decoder import Names
+from .llama import LlamaShape
 
 
 @dataclass(frozen=True, kw_only=True)
-class Olmo2Shape(Decoder):
+class Olmo2Shape(LlamaShape):
     """The parts of an ``Olmo2Config`` the math needs."""
 
     model_type: ClassVar[str] = "olmo2"
@@ -28,13 +29,4 @@ class Olmo2Shape(Decoder):
 
     @classmethod
     def from_config(cls, config) -> Olmo2Shape:
-        bias = bool(getattr(config, "attention_bias", False))
-        return cls(
-            **common_fields(config),
-            norm="rms_fp32",
-            norm_eps=config.rms_norm_eps,
-            qkv_bias=(bias, bias, bias),
-            o_bias=bias,
-            qk_norm="projection",
-            activation=config.hidden_act,
-        )
+        return replace(super().from_config(config), norm="rms_fp32", qk_norm="projection")

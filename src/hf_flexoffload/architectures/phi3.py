@@ -8,24 +8,19 @@ have a sliding window on every layer (``sliding_window``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from .decoder import Decoder, common_fields
+from .llama import LlamaShape
 
 
 @dataclass(frozen=True, kw_only=True)
-class Phi3Shape(Decoder):
+class Phi3Shape(LlamaShape):
     """The parts of a ``Phi3Config`` the math needs."""
 
     model_type: ClassVar[str] = "phi3"
+    partial_rotary: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config) -> Phi3Shape:
-        return cls(
-            **common_fields(config, partial_rotary=True),
-            norm_eps=config.rms_norm_eps,
-            qkv="concat",
-            mlp="gated_fused",
-            activation=config.hidden_act,
-        )
+        return replace(super().from_config(config), qkv="concat", mlp="gated_fused")

