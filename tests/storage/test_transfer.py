@@ -47,6 +47,22 @@ def test_pinned_host_registers_exact_whole_pages_inside_its_allocation(phase):
     assert driver.live == {} and pinned.pinned_bytes == 0
 
 
+@pytest.mark.parametrize("phase", [0, 8, 1000], ids=["aligned", "phase8", "phase1000"])
+def test_pinned_host_tensor_storage_is_exactly_the_registered_range(phase):
+    """``is_pinned()`` asks the driver about the storage's first byte: the storage must start
+    where the registration does (a page boundary) and cover exactly the registered pages."""
+    driver = FakeDriver()
+    pinned = PinnedHost(CPU, register=driver.register, unregister=driver.unregister)
+    for shape in [(3, 5), (PAGE + 1,), (2 * PAGE // 4,)]:
+        t = pinned.empty(shape, torch.float32, phase)
+        storage = t.untyped_storage()
+        assert storage.data_ptr() % PAGE == 0 and storage.data_ptr() in driver.live
+        assert storage.nbytes() == driver.live[storage.data_ptr()]
+        assert t.data_ptr() - storage.data_ptr() == phase
+    pinned.release()
+    assert driver.live == {}
+
+
 def test_pinned_host_disabled_or_on_cpu_pins_nothing():
     driver = FakeDriver()
     off = PinnedHost(CPU, enabled=False, register=driver.register, unregister=driver.unregister)

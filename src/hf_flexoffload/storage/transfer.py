@@ -18,6 +18,7 @@ rounds every block up to a power of two and keeps freed blocks.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -86,6 +87,14 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return at_phase(raw, nbytes, 0).view(dtype).view(shape)
 
 
+def page_block(nbytes: int) -> torch.Tensor:
+    """A flat uint8 CPU tensor of ``nbytes`` (whole pages) whose storage starts on a page
+    boundary and ends at its last byte: an anonymous mapping, unmapped once no tensor uses it."""
+    if nbytes <= 0 or nbytes % PAGE:
+        raise ValueError(f"page_block needs a positive multiple of {PAGE} bytes, not {nbytes}.")
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+
+
 def at_phase(raw: torch.Tensor, nbytes: int, phase: int) -> torch.Tensor:
     """``nbytes`` of the flat uint8 buffer ``raw`` (at least ``nbytes + PAGE`` long) starting
     ``phase`` bytes past a page boundary: a direct disk read from a file offset with the same
@@ -134,14 +143,15 @@ class PinnedHost:
         nbytes = _nbytes(shape, dtype)
         if not self.active or nbytes == 0:
             return host_empty(shape, dtype, self.device, phase)
-        # Register whole pages inside our own allocation: a page shared with another
-        # allocation could be registered twice, which the driver refuses.
+        # Whole pages of our own, registered whole: a page shared with another allocation could
+        # be registered twice, which the driver refuses. The tensor's storage is exactly the
+        # registered range: ``is_pinned()`` asks the driver about the storage's first byte, so
+        # a storage starting before the registration would look unpinned.
         span = -(-(phase + nbytes) // PAGE) * PAGE
-        raw = torch.empty(span + PAGE, dtype=torch.uint8)
-        start = -raw.data_ptr() % PAGE
-        self._register(raw.data_ptr() + start, span)
-        view = raw[start + phase : start + phase + nbytes].view(dtype).view(shape)
-        self._held[view.data_ptr()] = (raw, raw.data_ptr() + start, span)
+        raw = page_block(span)
+        self._register(raw.data_ptr(), span)
+        view = raw[phase : phase + nbytes].view(dtype).view(shape)
+        self._held[view.data_ptr()] = (raw, raw.data_ptr(), span)
         return view
 
     def release(self, tensor: torch.Tensor | None = None) -> None:
