@@ -311,12 +311,29 @@ def cuda_tests(spec: dict) -> dict:
         f"--junitxml={report}",
     ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    lines = run.stdout.strip().splitlines()
+    return pytest_result(run)
+
+
+def pytest_result(run: subprocess.CompletedProcess) -> dict:
+    """A pytest run as a phase result. Its stderr (a crash's traceback, a fatal CUDA error)
+    is kept: printed to the phase's log whole, and its tail in the error after stdout's."""
+    sys.stdout.write(run.stdout)
+    if run.stderr:
+        print("--- pytest's stderr ---")
+        sys.stdout.write(run.stderr)
+    lines = [line for line in run.stdout.strip().splitlines() if line.strip()]
+    if run.returncode == 0:
+        return {"status": "ok", "summary": lines[-1] if lines else "", "returncode": 0}
+    error = run.stdout[-2000:]
+    if run.stderr.strip():
+        error = f"{error}\n--- stderr ---\n{run.stderr[-2000:]}"
+    if not error.strip():
+        error = f"pytest exited with {run.returncode} and printed nothing"
     return {
-        "status": "ok" if run.returncode == 0 else "failed",
-        "summary": lines[-1] if lines else "",
+        "status": "failed",
+        "summary": lines[-1] if lines else f"exit {run.returncode}",
         "returncode": run.returncode,
-        **({} if run.returncode == 0 else {"error": run.stdout[-3000:]}),
+        "error": error,
     }
 
 

@@ -39,10 +39,19 @@ def size(nbytes: float | None) -> str:
     return f"{nbytes:.0f}B"
 
 
+def last_line(text: str | None) -> str:
+    """The last non-blank line of ``text`` ("" for none: an empty error must not lose the
+    summary)."""
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
 def phase_note(phase: str, r: dict) -> str:
     """What one phase found, in a table cell."""
     if r["status"] != "ok":
-        return (r.get("reason") or r.get("error") or "").strip().splitlines()[-1][:200]
+        return (
+            last_line(r.get("reason") or r.get("error"))[:200] or f"{r['status']}, no reason given"
+        )
     if phase == "env":
         gpu = f", {r['gpu']} ({size(r['gpu_memory'])})" if r.get("gpu") else ""
         return f"torch {r['torch']} (CUDA {r['torch_cuda']}){gpu}, Python {r['python']}"

@@ -48,7 +48,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from _check_report import summary
+from _check_report import last_line, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -244,10 +244,10 @@ def write(out: str, record: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
     os.replace(path + ".tmp", path)
-    note = record.get("reason") or record.get("error") or ""
+    note = last_line(record.get("reason") or record.get("error"))
     print(
         f"{record['phase']:<22} {record['status']:<8} {record.get('wall_s', 0):6.1f} s  "
-        f"{note.splitlines()[-1][:150] if note else ''}",
+        f"{note[:150]}",
         flush=True,
     )
 

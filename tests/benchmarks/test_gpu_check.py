@@ -21,7 +21,14 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def benchmarks(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/gpu_check.py` sees it
     yield
-    for name in ("gpu_check", "_check_report", "_overlap_trace", "_flexgen", "checkpoints"):
+    for name in (
+        "gpu_check",
+        "_check_report",
+        "_check_phases",
+        "_overlap_trace",
+        "_flexgen",
+        "checkpoints",
+    ):
         sys.modules.pop(name, None)
 
 
@@ -116,3 +123,34 @@ def test_flexgen_and_ours_get_the_same_policy(benchmarks):
     assert ours.cache == ours.activations == Split(device=1.0)
     assert ours.overlap and not ours.host_attention and not flex["cpu_cache_compute"]
     assert ours.pin_weights and flex["pin_weight"]
+
+
+def test_a_failed_phase_with_an_empty_error_keeps_the_summary(benchmarks, tmp_path):
+    import gpu_check
+    from _check_report import phase_note, summary
+
+    out = str(tmp_path)
+    spec = gpu_check.spec_for(gpu_check.parse_args(["--device", "cpu", "--shape", "tiny"]))
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    gpu_check.write(out, {"phase": "golden", "status": "failed", "error": "", "wall_s": 3.0})
+    gpu_check.write(out, {"phase": "env", "status": "failed", "error": "\n  \n", "wall_s": 1})
+    assert phase_note("golden", {"status": "failed", "error": ""}) == "failed, no reason given"
+    text = summary(out, gpu_check.PHASES)
+    assert "| golden | failed | 3 | failed, no reason given |" in text
+
+
+def test_cuda_tests_keep_pytests_stderr(benchmarks, tmp_path, monkeypatch, capsys):
+    """A crash (a segfault in a CUDA kernel) prints its traceback on stderr, not stdout."""
+    import subprocess
+
+    import _check_phases
+
+    crash = "Fatal Python error: Segmentation fault\n  File tests/test_cuda.py, line 80"
+
+    def run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, -11, stdout="", stderr=crash)
+
+    monkeypatch.setattr(_check_phases.subprocess, "run", run)
+    result = _check_phases.cuda_tests({"work_dir": str(tmp_path)})
+    assert result["status"] == "failed" and "Segmentation fault" in result["error"]
+    assert crash in capsys.readouterr().out  # the phase's log has it whole
