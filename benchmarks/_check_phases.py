@@ -271,11 +271,13 @@ def _profiled(model, ids: torch.Tensor, work_dir: str, analyze) -> dict:
 
 def checkpoint(spec: dict) -> dict:
     """The random checkpoint the throughput phases load, drawn on the device (once)."""
-    from checkpoints import opt_config, write_random_checkpoint
+    from checkpoints import checkpoint_name, opt_config, write_random_checkpoint
 
     config = opt_config(spec["model"])
     dtype = getattr(torch, spec["checkpoint_dtype"])
-    path = os.path.join(spec["checkpoint_dir"], f"{spec['model']}-{spec['checkpoint_dtype']}")
+    scale = spec["weight_scale"]
+    name = checkpoint_name(spec["model"], spec["checkpoint_dtype"], scale)
+    path = os.path.join(spec["checkpoint_dir"], name)
     with torch.device("meta"):
         from transformers import OPTForCausalLM
 
@@ -287,10 +289,11 @@ def checkpoint(spec: dict) -> dict:
         return {"status": "failed", "error": f"{free} bytes free, the checkpoint needs {need}"}
     start = time.perf_counter()
     draw = "cuda" if torch.cuda.is_available() else "cpu"
-    write_random_checkpoint(path, config, dtype, device=draw)
+    write_random_checkpoint(path, config, dtype, device=draw, scale=scale)
     return {
         "status": "ok",
         "path": path,
+        "weight_scale": scale,
         "bytes": need,
         "reused": exists,
         "seconds": time.perf_counter() - start,
