@@ -130,3 +130,33 @@ def test_hot_path_helpers_do_not_sync():
         rope.cos_sin(positions, torch.float16)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_forwards_do_not_synchronize_the_device(pre_ln_checkpoint, monkeypatch):
+    """Forwards are timed with events: no full device synchronize per forward (the host keeps
+    enqueuing the next step), and the stats still have the times."""
+    path, _ = pre_ln_checkpoint
+    ids, mask = on_cuda()
+    policy = Policy(weights=Split(host=0.5, disk=0.5), micro_batch_size=2, overlap=True)
+    with load(path, policy) as model:
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)  # warm-up
+        calls = []
+        real = torch.cuda.synchronize
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(a) or real(*a))
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        stats = model.generation_stats
+    assert calls == []
+    assert stats.forwards == 8 and stats.prefill_seconds > 0 and stats.decode_seconds > 0
+
+
+def test_host_tier_kv_cache_is_pinned(tmp_path):
+    """History uploads from the host tier are asynchronous: its buffer is page-locked."""
+    from hf_flexoffload.config.counters import Counters
+    from hf_flexoffload.storage.kv_cache import KVUnit
+
+    unit = KVUnit(
+        tier="host", batch=2, heads=4, head_dim=16, dtype=torch.float16, device=CUDA,
+        host_attention=False, path=str(tmp_path / "kv"), counters=Counters(), capacity=8,
+    )  # fmt: skip
+    unit._append_memory(0, torch.randn(3, *unit.codec.record_shape, device=CUDA).half())
+    assert unit._buffer.device.type == "cpu" and unit._buffer.is_pinned()

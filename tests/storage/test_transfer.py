@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
 import torch
 
-from hf_flexoffload.storage.transfer import PAGE, Mover, PinnedHost, StagingRing, host_empty
+from hf_flexoffload.storage.transfer import (
+    PAGE,
+    Mover,
+    PinnedHost,
+    StagingRing,
+    host_empty,
+    pinned_host_empty,
+)
 
 from ..conftest import FakeDriver
 
@@ -93,3 +101,21 @@ def test_host_empty_pins_only_when_asked_on_cuda():
     assert not host_empty((8,), torch.float32, CPU, pin=True).is_pinned()
     big = host_empty((1 << 20,), torch.uint8, CPU)
     assert big.data_ptr() % PAGE == 0  # large host buffers are page-aligned for direct reads
+
+
+def test_pinned_host_empty_registers_its_own_pages_until_the_last_view_is_gone():
+    """The host-tier KV cache: exactly its pages registered (no power-of-two rounding), the
+    storage starting where the registration does, unregistered once nothing uses it."""
+    driver = FakeDriver()
+    t = pinned_host_empty((PAGE // 2 + 1,), torch.float16, CPU, driver.register, driver.unregister)
+    storage = t.untyped_storage()
+    assert driver.live == {storage.data_ptr(): 2 * PAGE} and t.data_ptr() == storage.data_ptr()
+    t.fill_(1.0)
+    view = t[1:].view(torch.int16)
+    del t, storage
+    gc.collect()
+    assert len(driver.live) == 1  # a view still uses it
+    del view
+    gc.collect()
+    assert driver.live == {}
+    assert not pinned_host_empty((8,), torch.float32, CPU).is_pinned()  # CPU: plain memory

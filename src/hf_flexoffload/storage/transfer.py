@@ -17,8 +17,11 @@ rounds every block up to a power of two and keeps freed blocks.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
 import mmap
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -79,20 +82,37 @@ def host_empty(
     )
 
 
+def pinned_host_empty(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    register: Callable[[int, int], None] | None = None,
+    unregister: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """A host tensor page-locked at its size (whole pages, not torch's caching allocator's power
+    of two) while any view of it lives: for large buffers copied asynchronously that no
+    ``PinnedHost`` owns (the host-tier KV cache). Unregistered when the last view is gone,
+    before its pages are unmapped. Off CUDA (and with no test hooks): ``host_empty``."""
+    nbytes = _nbytes(shape, dtype)
+    if nbytes == 0 or (device.type != "cuda" and register is None):
+        return host_empty(shape, dtype, device)
+    register, unregister = register or _cuda_register, unregister or _cuda_unregister
+    span = -(-nbytes // PAGE) * PAGE
+    pages = mmap.mmap(-1, span)
+    block = (ctypes.c_char * span).from_buffer(pages)
+    address = ctypes.addressof(block)
+    register(address, span)
+    # The tensor keeps ``block`` alive, the finalizer ``pages`` mapped until it has run.
+    weakref.finalize(block, lambda pages: unregister(address), pages)
+    return torch.frombuffer(block, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
+
+
 def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor whose data starts on a ``PAGE`` boundary."""
     nbytes = _nbytes(shape, dtype)
     raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
     # The view keeps ``raw``'s storage alive; the padding is at most one page.
     return at_phase(raw, nbytes, 0).view(dtype).view(shape)
-
-
-def page_block(nbytes: int) -> torch.Tensor:
-    """A flat uint8 CPU tensor of ``nbytes`` (whole pages) whose storage starts on a page
-    boundary and ends at its last byte: an anonymous mapping, unmapped once no tensor uses it."""
-    if nbytes <= 0 or nbytes % PAGE:
-        raise ValueError(f"page_block needs a positive multiple of {PAGE} bytes, not {nbytes}.")
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
 def at_phase(raw: torch.Tensor, nbytes: int, phase: int) -> torch.Tensor:
@@ -148,7 +168,7 @@ class PinnedHost:
         # registered range: ``is_pinned()`` asks the driver about the storage's first byte, so
         # a storage starting before the registration would look unpinned.
         span = -(-(phase + nbytes) // PAGE) * PAGE
-        raw = page_block(span)
+        raw = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)  # starts on a page
         self._register(raw.data_ptr(), span)
         view = raw[phase : phase + nbytes].view(dtype).view(shape)
         self._held[view.data_ptr()] = (raw, raw.data_ptr(), span)
@@ -232,10 +252,7 @@ def _cuda_unregister(address: int) -> None:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape) * dtype.itemsize
 
 
 def to_host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
