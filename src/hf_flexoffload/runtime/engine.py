@@ -211,11 +211,15 @@ class OffloadEngine(RunPlanning):
             self.check_fits(b, s, 0, policy, logits_to_keep or s)
         bounds = [(i, min(i + m, b)) for i in range(0, b, m)]
         cache.allocate(tuple(e - s for s, e in bounds))
+        host_ids = None
+        if self.fetcher.streams(0):  # rows chosen on the host: one copy for the whole block
+            host_ids = torch.stack((input_ids, position_ids.to(input_ids.device))).cpu()
         micro_batches = [
             MicroBatch(
                 upload(input_ids[s:e], self.device),  # host inputs: no wait for the device
                 upload(position_ids[s:e], self.device),
                 None if key_mask is None else upload(key_mask[s:e], self.device),
+                None if host_ids is None else host_ids[:, s:e],
             )
             for s, e in bounds
         ]

@@ -126,12 +126,13 @@ class StreamedMatrix(StreamedRows):
         """Rows ``ids`` (any shape) -> (*ids.shape, cols) in the compute dtype, reading only
         those rows.
 
-        The host decides which rows to read, so it needs the ids: where they live on a GPU they
-        are copied to the host once, here, and that copy is the lookup's only wait for the
-        device. Everything about them is worked out on that copy; what goes back to the device
-        (the row order, the rows) goes through pinned memory without blocking.
+        The host decides which rows to read, so it needs the ids: the engine hands them over on
+        the host (one copy per forward for the whole block, ``MicroBatch.host_ids``); ids that
+        live on a GPU are copied here, which waits for the device. Everything about them is
+        worked out on the host; what goes back to the device (the row order, the rows) goes
+        through pinned memory without blocking.
         """
-        host_ids = ids.reshape(-1).cpu()  # the one device-to-host copy (no-op on CPU)
+        host_ids = ids.reshape(-1).cpu()  # no-op for host ids (no copy, no wait)
         wanted, inverse = torch.unique(host_ids, return_inverse=True)  # sorted
         found = []
         for key, start, stop in self.parts:
