@@ -160,3 +160,23 @@ def test_host_tier_kv_cache_is_pinned(tmp_path):
     )  # fmt: skip
     unit._append_memory(0, torch.randn(3, *unit.codec.record_shape, device=CUDA).half())
     assert unit._buffer.device.type == "cpu" and unit._buffer.is_pinned()
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-stored"])
+def test_streamed_head_copies_host_chunks_on_a_side_stream(tmp_path, storage):
+    """Host-tier chunks of the LM head go to the device on ChunkCopies' side stream, two
+    buffers in turn (each refilled only after its use): the projection is still exact."""
+    from .storage.test_streamed import streamed
+
+    torch.manual_seed(0)
+    whole = torch.randn(301, 64)
+    matrix, _ = streamed(tmp_path, whole, storage, rows_per_chunk=16, device=CUDA)
+    x = torch.randn(5, 64, device=CUDA)
+    expected = x @ whole.to(storage).float().to(CUDA).t()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = matrix.linear(x)
+        torch.cuda.synchronize()
+    torch.testing.assert_close(got, expected)
+    assert matrix.buffers.copies._stream is not None
+    copies = [e for e in prof.events() if "Memcpy HtoD" in e.name]
+    assert copies  # the host tier's chunks crossed (on the side stream: gpu_check's overlap)
