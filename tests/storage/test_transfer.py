@@ -119,3 +119,19 @@ def test_pinned_host_empty_registers_its_own_pages_until_the_last_view_is_gone()
     gc.collect()
     assert driver.live == {}
     assert not pinned_host_empty((8,), torch.float32, CPU).is_pinned()  # CPU: plain memory
+
+
+def test_pinned_host_empty_falls_back_to_plain_memory_when_pinning_is_refused(caplog):
+    """A limit on page-locked memory (ulimit -l) slows the KV cache's uploads, never fails."""
+
+    def refuse(address, nbytes):
+        raise RuntimeError("Pinning 8192 bytes of host memory failed (cudaError 2).")
+
+    def unregister(address):
+        raise AssertionError("nothing was registered")
+
+    t = pinned_host_empty((2048,), torch.float32, CPU, refuse, unregister)
+    t.fill_(2.0)
+    assert t.shape == (2048,) and "Left unpinned" in caplog.text
+    del t
+    gc.collect()

@@ -71,21 +71,22 @@ def pinned_host_empty(
     register: Callable[[int, int], None] | None = None,
     unregister: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """A host tensor page-locked at its size (whole pages, not torch's caching allocator's power
-    of two) while any view of it lives: for large buffers copied asynchronously that no
-    ``PinnedHost`` owns (the host-tier KV cache). Unregistered when the last view is gone,
-    before its pages are unmapped. Off CUDA (and with no test hooks): ``host_empty``."""
+    """A host tensor page-locked at its size (whole pages, not the caching allocator's power of
+    two) while any view of it lives, for large buffers copied asynchronously that no
+    ``PinnedHost`` owns (the host-tier KV cache). Off CUDA (and without test hooks): unpinned."""
     nbytes = nbytes_of(shape, dtype)
     if nbytes == 0 or (device.type != "cuda" and register is None):
         return host_empty(shape, dtype, device)
-    register, unregister = register or _cuda_register, unregister or _cuda_unregister
     span = -(-nbytes // PAGE) * PAGE
     pages = mmap.mmap(-1, span)
     block = (ctypes.c_char * span).from_buffer(pages)
     address = ctypes.addressof(block)
-    register(address, span)
-    # The tensor keeps ``block`` alive, the finalizer ``pages`` mapped until it has run.
-    weakref.finalize(block, lambda pages: unregister(address), pages)
+    try:
+        (register or _cuda_register)(address, span)
+        # The tensor keeps ``block`` alive; the finalizer keeps ``pages`` mapped until it ran.
+        weakref.finalize(block, lambda pages: (unregister or _cuda_unregister)(address), pages)
+    except RuntimeError as err:  # page-locked memory is limited (ulimit -l): unpinned, slower
+        logger.warning("%s Left unpinned: its copies to the device are synchronous.", err)
     return torch.frombuffer(block, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
@@ -205,11 +206,9 @@ class StagingRing:
 
 
 class ChunkCopies:
-    """Host-to-device copies of a matrix's chunks into two device buffers in turn: on CUDA on a
-    side stream of their own, so copying chunk i + 1 overlaps the compute stream's use of chunk
-    i (the streamed LM head), and a buffer is refilled only once that use is done. One thread
-    uses it; without CUDA copies run inline.
-    """
+    """Host-to-device copies of a matrix's chunks into two device buffers in turn, on CUDA on a
+    side stream, so copying chunk i + 1 overlaps the compute stream's use of chunk i (the
+    streamed LM head); a buffer is refilled once that use is done. Without CUDA: inline."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
