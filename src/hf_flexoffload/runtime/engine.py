@@ -213,7 +213,7 @@ class OffloadEngine(RunPlanning):
         cache.allocate(tuple(e - s for s, e in bounds))
         host_ids = None
         if self.fetcher.streams(0):  # rows chosen on the host: one copy for the whole block
-            host_ids = torch.stack((input_ids, position_ids.to(input_ids.device))).cpu()
+            host_ids = torch.stack((input_ids, position_ids.to(input_ids))).cpu()
         micro_batches = [
             MicroBatch(
                 upload(input_ids[s:e], self.device),  # host inputs: no wait for the device
