@@ -49,10 +49,13 @@ test: venv
 	$(VENV)/bin/pytest -q
 
 # The golden and contract tests against the lowest and the newest transformers and accelerate
-# that pyproject.toml allows, each in a throwaway environment, with FutureWarnings and
-# DeprecationWarnings as errors (see scripts/test_compat.sh).
+# that pyproject.toml allows, and the GPU machine's (transformers 5.17, accelerate 1.15; on
+# DEVICE_PYTHON, default $(PYTHON): its Python 3.12 where installed), each in a throwaway
+# environment, with FutureWarnings and DeprecationWarnings as errors (scripts/test_compat.sh).
+DEVICE_PYTHON ?= $(PYTHON)
 test-compat: venv
-	UV=$(UV) PYTHON=$(PYTHON) FIND_LINKS="$(FIND_LINKS)" bash scripts/test_compat.sh
+	UV=$(UV) PYTHON=$(PYTHON) DEVICE_PYTHON=$(DEVICE_PYTHON) FIND_LINKS="$(FIND_LINKS)" \
+		bash scripts/test_compat.sh
 
 # Re-resolve the lock from pyproject.toml's ranges (newest releases that fit), then run
 # `make venv test test-compat` before committing it.

@@ -271,11 +271,13 @@ def _profiled(model, ids: torch.Tensor, work_dir: str, analyze) -> dict:
 
 def checkpoint(spec: dict) -> dict:
     """The random checkpoint the throughput phases load, drawn on the device (once)."""
-    from checkpoints import opt_config, write_random_checkpoint
+    from checkpoints import checkpoint_name, opt_config, write_random_checkpoint
 
     config = opt_config(spec["model"])
     dtype = getattr(torch, spec["checkpoint_dtype"])
-    path = os.path.join(spec["checkpoint_dir"], f"{spec['model']}-{spec['checkpoint_dtype']}")
+    scale = spec["weight_scale"]
+    name = checkpoint_name(spec["model"], spec["checkpoint_dtype"], scale)
+    path = os.path.join(spec["checkpoint_dir"], name)
     with torch.device("meta"):
         from transformers import OPTForCausalLM
 
@@ -287,10 +289,11 @@ def checkpoint(spec: dict) -> dict:
         return {"status": "failed", "error": f"{free} bytes free, the checkpoint needs {need}"}
     start = time.perf_counter()
     draw = "cuda" if torch.cuda.is_available() else "cpu"
-    write_random_checkpoint(path, config, dtype, device=draw)
+    write_random_checkpoint(path, config, dtype, device=draw, scale=scale)
     return {
         "status": "ok",
         "path": path,
+        "weight_scale": scale,
         "bytes": need,
         "reused": exists,
         "seconds": time.perf_counter() - start,
@@ -311,12 +314,29 @@ def cuda_tests(spec: dict) -> dict:
         f"--junitxml={report}",
     ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    lines = run.stdout.strip().splitlines()
+    return pytest_result(run)
+
+
+def pytest_result(run: subprocess.CompletedProcess) -> dict:
+    """A pytest run as a phase result. Its stderr (a crash's traceback, a fatal CUDA error)
+    is kept: printed to the phase's log whole, and its tail in the error after stdout's."""
+    sys.stdout.write(run.stdout)
+    if run.stderr:
+        print("--- pytest's stderr ---")
+        sys.stdout.write(run.stderr)
+    lines = [line for line in run.stdout.strip().splitlines() if line.strip()]
+    if run.returncode == 0:
+        return {"status": "ok", "summary": lines[-1] if lines else "", "returncode": 0}
+    error = run.stdout[-2000:]
+    if run.stderr.strip():
+        error = f"{error}\n--- stderr ---\n{run.stderr[-2000:]}"
+    if not error.strip():
+        error = f"pytest exited with {run.returncode} and printed nothing"
     return {
-        "status": "ok" if run.returncode == 0 else "failed",
-        "summary": lines[-1] if lines else "",
+        "status": "failed",
+        "summary": lines[-1] if lines else f"exit {run.returncode}",
         "returncode": run.returncode,
-        **({} if run.returncode == 0 else {"error": run.stdout[-3000:]}),
+        "error": error,
     }
 
 

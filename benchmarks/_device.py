@@ -103,6 +103,26 @@ class FirstToken(LogitsProcessor):
         return scores
 
 
+class Margins(LogitsProcessor):
+    """Records, per step and row, how far the chosen logit is ahead of the next: where two
+    systems' greedy tokens part, small margins on both sides mean a near-tie that kernel
+    differences decide (not a wrong result). Kept on the device until ``rows``: no sync."""
+
+    def __init__(self) -> None:
+        self._steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        top = scores.float().topk(2, dim=-1).values
+        self._steps.append(top[:, 0] - top[:, 1])
+        return scores
+
+    def rows(self) -> list[list[float]]:
+        """[row][step] margins."""
+        if not self._steps:
+            return []
+        return torch.stack(self._steps, dim=1).cpu().tolist()
+
+
 def reset_peaks(device: torch.device) -> None:
     """Start a new peak window for ``peaks``."""
     if not is_cuda(device):

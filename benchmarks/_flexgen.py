@@ -88,15 +88,22 @@ def policy_kwargs(
 
 
 def ours_policy(
-    percent: list[float], gpu_batch_size: int, num_gpu_batches: int, *, overlap: bool
+    percent: list[float],
+    gpu_batch_size: int,
+    num_gpu_batches: int,
+    *,
+    overlap: bool,
+    cpu_cache_compute: bool = False,
 ) -> Policy:
-    """The same policy for ours: FlexGen's percentages, block shape and options."""
+    """The same policy for ours: FlexGen's percentages, block shape and options
+    (``cpu_cache_compute``: attention over the host-tier cache on the CPU, ours'
+    ``host_attention``)."""
     return Policy.from_flexgen(
         percent,
         gpu_batch_size=gpu_batch_size,
         num_gpu_batches=num_gpu_batches,
         overlap=overlap,
-        cpu_cache_compute=False,
+        cpu_cache_compute=cpu_cache_compute,
         pin_weight=True,
     )
 

@@ -59,14 +59,23 @@ def opt_config(name: str) -> OPTConfig:
     return OPTConfig(**kwargs)
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen) -> torch.Tensor:
+def checkpoint_name(model: str, dtype: str, scale: float = 1.0) -> str:
+    """The folder name of a random checkpoint: the shape, the dtype, and the weight scale
+    when it is not OPT's own (so differently drawn checkpoints never share a folder)."""
+    return f"{model}-{dtype}" if scale == 1.0 else f"{model}-{dtype}-x{scale:g}"
+
+
+def _random_tensor(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, gen, scale: float = 1.0
+) -> torch.Tensor:
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype)
     if "layer_norm" in name:  # layer-norm scales
         return torch.ones(shape, dtype=dtype)
     # Drawn where the generator is (a GPU draws opt-6.7b's 6.7e9 numbers in well under a
     # second, one CPU thread in minutes), saved from RAM.
-    return (torch.randn(shape, generator=gen, device=gen.device) * 0.02).to(dtype).cpu()
+    std = 0.02 * scale
+    return (torch.randn(shape, generator=gen, device=gen.device) * std).to(dtype).cpu()
 
 
 def write_random_checkpoint(
@@ -76,11 +85,16 @@ def write_random_checkpoint(
     *,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    scale: float = 1.0,
 ) -> str:
     """Write a random ``config`` checkpoint at ``path`` (sharded safetensors + config) once.
 
     Built under a temporary name and renamed at the end, so an interrupted build is never used.
     ``device`` is where the numbers are drawn (the same seed draws other numbers on a GPU).
+    ``scale`` multiplies the matrices' std (0.02): larger weights give greedy decoding larger
+    top-1/top-2 logit gaps, so a comparison of tokens is not decided by near-ties that kernel
+    differences flip (the golden tests scale their random weights for the same reason); name
+    the folder with ``checkpoint_name``.
 
     Returns:
         ``path``.
@@ -99,7 +113,7 @@ def write_random_checkpoint(
     shard: dict[str, torch.Tensor] = {}
     size = 0
     for name, shape in names.items():
-        tensor = _random_tensor(name, shape, dtype, gen)
+        tensor = _random_tensor(name, shape, dtype, gen, scale)
         nbytes = tensor.numel() * dtype.itemsize
         if shard and size + nbytes > SHARD_BYTES:  # write full shards: one in RAM at a time
             written.append(_save_shard(tmp, len(written), shard))

@@ -1,31 +1,35 @@
 """The prepared GPU check (issue 19): everything the first machine with a GPU should run.
 
-Phases, in this order, each in a fresh process, each writing ``<out>/<phase>.json`` (``status``
-ok, skipped with a ``reason``, or failed with an ``error``) and ``<out>/<phase>.log`` as soon
-as it ends:
+Phases, in this order (by what a short first run must not miss), each in a fresh process,
+each writing ``<out>/<phase>.json`` (``status`` ok, skipped with a ``reason``, or failed with
+an ``error``) and ``<out>/<phase>.log`` as soon as it ends:
 
 * ``env``: torch and its CUDA, the GPU, package versions. With ``--device cuda`` and no CUDA,
   or a module hf_flexoffload imports missing (pulp: see docs/gpu.md), the run stops here.
-* ``probe``: our ``HardwareProfile`` of the device (cached: ``ours-auto`` reuses it).
 * ``golden``: ours against stock transformers on the device, greedy tokens equal and logits
   within tolerance, for tests/modeling/test_causal_lm.py's tiny OPTs: 7 placements x 2
   variants and fp16 on CUDA; 3 cases on the CPU, where tests/modeling/test_causal_lm.py checks
   them all.
+* ``cuda-tests``: tests/test_cuda.py (skipped without a GPU).
 * ``overlap``: CUDA only. A profiler trace of one generate with host-tier weights: how much of
   the host-to-device copy time ran on a side stream while the GPU computed; and the same
   generate timed with and without ``overlap``.
+* ``probe``: our ``HardwareProfile`` of the device (cached: ``ours-auto`` reuses it).
 * ``checkpoint``: the random checkpoint of ``--shape``, drawn on the GPU, written once.
-* ``throughput-stock``, ``-accelerate``, ``-flexgen``, ``-ours-fixed``, ``-ours-auto``:
-  ``side_by_side.py``, one process per system, all on ``--device`` under ``--cap`` (the per-
-  process memory fraction of the GPU; ours also gets ``max_memory={"device": cap}``). FlexGen
-  and ours-fixed run FlexGen's policy of the shape; ours-auto picks its own.
-* ``cuda-tests``: tests/test_cuda.py (skipped without a GPU).
+* ``throughput-stock``, ``-ours-fixed``, ``-flexgen``, ``-ours-offload``, ``-flexgen-offload``,
+  ``-accelerate``, ``-ours-auto``: ``side_by_side.py``, one process per system, all on
+  ``--device`` under ``--cap`` (the per-process memory fraction of the GPU; ours also gets
+  ``max_memory={"device": cap}``). FlexGen and ours-fixed run FlexGen's policy of the shape;
+  the ``-offload`` rows FlexGen's policy for a model that does not fit, under a smaller cap
+  (_check_shapes.py); ours-auto picks its own.
 
 Phases that cannot run here (CUDA-only on the CPU, a package not installed) are skipped with
-the reason, without a process. Each phase has a timeout, and the run a time budget
-(``--budget``, under 8 minutes by default): a phase the budget no longer allows is skipped
-saying so, and ``--missing`` runs again only the phases without an ok result. At the end the
-summary is printed and written to ``<out>/summary.md`` (the section for docs/benchmarks.md).
+the reason, without a process. Each phase has a timeout and an expected duration, and the run
+a time budget (``--budget``, under 9 minutes by default): a phase the budget no longer has
+time for is not started, and one the budget cuts off is killed; both are recorded as skipped,
+saying so (only a phase past its own timeout fails), and ``--missing`` runs again only the
+phases without an ok result. At the end the summary is printed and written to
+``<out>/summary.md`` (the section for docs/benchmarks.md).
 
 Usage::
 
@@ -46,71 +50,77 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-from _check_report import summary
+from _check_report import last_line, summary
+from _check_shapes import SHAPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SYSTEMS = ("stock", "accelerate", "flexgen", "ours-fixed", "ours-auto")
+# The throughput rows, in the order they run: stock (the tokens' reference), FlexGen's policy
+# for the shape (ours-fixed and FlexGen: the 1.5x target), FlexGen's policy for a model that
+# does not fit (the ``-offload`` rows), accelerate (3x), then ours choosing its own policy.
+SYSTEMS = (
+    "stock",
+    "ours-fixed",
+    "flexgen",
+    "ours-offload",
+    "flexgen-offload",
+    "accelerate",
+    "ours-auto",
+)
+# Ordered by what a short first run must not miss: the environment, golden equality, the CUDA
+# tests, the overlap trace; then the probe and checkpoint the throughput rows need, and those.
 PHASES = (
     "env",
-    "probe",
     "golden",
+    "cuda-tests",
     "overlap",
+    "probe",
     "checkpoint",
     *(f"throughput-{s}" for s in SYSTEMS),
-    "cuda-tests",
 )
 # Seconds each phase may take (on an H200 with the OPT-6.7B shape, about twice what it needs).
 TIMEOUTS = {
     "env": 60,
-    "probe": 150,
     "golden": 120,
-    "overlap": 120,
-    "checkpoint": 180,
     "cuda-tests": 240,
+    "overlap": 120,
+    "probe": 150,
+    "checkpoint": 180,
     **{f"throughput-{s}": 150 for s in SYSTEMS},
+    "throughput-ours-offload": 240,
+    "throughput-flexgen-offload": 240,
 }
-MIN_PHASE_SECONDS = 15  # less left in the budget than this: skip, do not start
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the throughput phases compare. FlexGen's policy (``percent``: weights, KV cache and
-    activations on GPU and CPU, in %; gpu batch size x batches) is its own benchmark's for
-    OPT-6.7B at prompt 512 (benchmark/flexgen/bench_suite.py, suite_6b7_1x1, a 16 GB T4). Its
-    suite has no OPT-13B case; ours for it: 40% of the weights on the GPU, 60% pinned on the
-    host, batch 8 (about 10 GiB of weights and 3.5 GiB of KV cache under the 16 GiB cap)."""
-
-    model: str  # an OPT shape of checkpoints.py
-    dtype: str  # compute dtype, and the random checkpoint's
-    prompt_len: int
-    gen_len: int
-    percent: tuple[int, ...]  # FlexGen's --percent
-    gpu_batch_size: int
-    num_gpu_batches: int
-    overlap: bool
-    auto_max_batch: int  # the largest block ours-auto may choose (bounds the phase's time)
-
-
-SHAPES = {
-    "opt-6.7b": Shape("opt-6.7b", "float16", 512, 32, (100, 0, 100, 0, 100, 0), 2, 1, False, 64),
-    "opt-13b": Shape("opt-13b", "float16", 512, 32, (40, 60, 100, 0, 100, 0), 8, 1, True, 64),
-    # Seconds on a CPU: every phase runs end to end, the numbers mean nothing.
-    "tiny": Shape("opt-tiny", "float32", 8, 4, (50, 50, 100, 0, 100, 0), 2, 2, True, 8),
+# Seconds each phase is expected to take there, process start-up (imports, CUDA context: 6-10
+# s) included: a phase is started only while the budget has this much left; otherwise it is
+# skipped, saying so, for a ``--missing`` rerun.
+ESTIMATES = {
+    "env": 10,
+    "golden": 45,
+    "cuda-tests": 90,
+    "overlap": 50,
+    "probe": 45,
+    "checkpoint": 60,
+    **{f"throughput-{s}": 50 for s in SYSTEMS},
+    "throughput-ours-offload": 100,
+    "throughput-flexgen-offload": 100,
+    "throughput-ours-auto": 70,
 }
+MIN_PHASE_SECONDS = 15  # never start a phase with less than this left
 
 
 def spec_for(args: argparse.Namespace) -> dict:
     """What every phase is told: the shape's settings, the device, the cap, the directories."""
     cuda = args.device.startswith("cuda")
+    shape = SHAPES[args.shape]
     return {
-        **asdict(SHAPES[args.shape]),
-        "checkpoint_dtype": SHAPES[args.shape].dtype,  # random weights, stored as computed
+        **asdict(shape),
+        "checkpoint_dtype": shape.dtype,  # random weights, stored as computed
         "shape": args.shape,
         "device": args.device,
         "cap": args.cap if cuda else None,  # the CPU has no device memory of its own
+        "offload": {**asdict(shape.offload), "cap": shape.offload.cap if cuda else None},
         "work_dir": os.path.abspath(args.work_dir),
         "checkpoint_dir": os.path.abspath(args.checkpoint_dir or args.work_dir),
     }
@@ -123,7 +133,7 @@ def parent_skip(phase: str, spec: dict) -> str | None:
         return "CPU: no copy streams to overlap (the probe's overlap_penalty measures the CPU)"
     if cpu and phase == "cuda-tests":
         return "CPU: tests/test_cuda.py skips without a GPU"
-    if phase == "throughput-flexgen":
+    if phase.startswith("throughput-flexgen"):
         if importlib.util.find_spec("flexgen") is None:
             return "flexgen is not installed (make gpu-wheels; docs/gpu.md)"
         if cpu:
@@ -133,38 +143,58 @@ def parent_skip(phase: str, spec: dict) -> str | None:
     return None
 
 
+def budget_skip(phase: str, left: float, args: argparse.Namespace) -> str | None:
+    """Why ``phase`` is not started with ``left`` seconds of the budget (or None): it is
+    expected to need more (``ESTIMATES``, x ``--timeout-scale``)."""
+    need = max(MIN_PHASE_SECONDS, ESTIMATES[phase] * args.timeout_scale)
+    if left >= need:
+        return None
+    return (
+        f"not started: needs about {need:.0f} s, {max(left, 0):.0f} s left of the run's "
+        f"{args.budget:.0f} s budget: rerun with --missing"
+    )
+
+
 def command(phase: str, spec: dict, result: str) -> list[str]:
     """The child process of ``phase``, writing its JSON to ``result``."""
     if not phase.startswith("throughput-"):
         script = os.path.join(HERE, "_check_phases.py")
         return [sys.executable, script, phase, json.dumps(spec), result]
+    system = phase.removeprefix("throughput-")
+    setting = spec
+    if system.endswith("-offload"):  # FlexGen's policy for a model that does not fit
+        system = {"ours-offload": "ours-fixed", "flexgen-offload": "flexgen"}[system]
+        setting = {**spec, **spec["offload"], "overlap": True}
     return [
         sys.executable,
         os.path.join(HERE, "side_by_side.py"),
         "--system",
-        phase.removeprefix("throughput-"),
+        system,
         "--model",
         spec["model"],
         "--dtype",
         spec["dtype"],
         "--checkpoint-dtype",
         spec["checkpoint_dtype"],
+        "--weight-scale",
+        str(spec["weight_scale"]),
         "--prompt-len",
         str(spec["prompt_len"]),
         "--gen-len",
         str(spec["gen_len"]),
         "--percent",
-        *map(str, spec["percent"]),
+        *map(str, setting["percent"]),
         "--gpu-batch-size",
-        str(spec["gpu_batch_size"]),
+        str(setting["gpu_batch_size"]),
         "--num-gpu-batches",
-        str(spec["num_gpu_batches"]),
-        *([] if spec["overlap"] else ["--no-overlap"]),
+        str(setting["num_gpu_batches"]),
+        *([] if setting["overlap"] else ["--no-overlap"]),
+        *(["--cpu-cache-compute"] if setting.get("cpu_cache_compute") else []),
         "--auto-max-batch",
         str(spec["auto_max_batch"]),
         "--device",
         spec["device"],
-        *(["--device-cap", spec["cap"]] if spec["cap"] else []),
+        *(["--device-cap", setting["cap"]] if setting["cap"] else []),
         "--checkpoint-dir",
         spec["checkpoint_dir"],
         "--work-dir",
@@ -174,8 +204,13 @@ def command(phase: str, spec: dict, result: str) -> list[str]:
     ]
 
 
-def run_phase(phase: str, spec: dict, out: str, timeout: float) -> dict:
-    """Run one phase in a fresh process (its own process group, killed whole on timeout)."""
+def run_phase(
+    phase: str, spec: dict, out: str, timeout: float, own_timeout: float | None = None
+) -> dict:
+    """Run one phase in a fresh process (its own process group, killed whole on timeout).
+    ``timeout``: what the run's budget allows, at most ``own_timeout`` (the phase's own): a
+    phase cut off by the budget is skipped, one past its own timeout failed."""
+    own_timeout = timeout if own_timeout is None else own_timeout
     result = os.path.join(out, f"{phase}.result")
     if os.path.exists(result):
         os.remove(result)
@@ -205,6 +240,12 @@ def run_phase(phase: str, spec: dict, out: str, timeout: float) -> dict:
         with open(result) as f:
             data = json.load(f)
         os.remove(result)
+    elif code is None and timeout < own_timeout:  # the run's budget, not the phase, ran out
+        data = {
+            "status": "skipped",
+            "reason": f"cut off by the run's budget after {timeout:.0f} s (its own timeout is "
+            f"{own_timeout:.0f} s): rerun with --missing",
+        }
     elif code is None:
         data = {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
     else:
@@ -221,8 +262,10 @@ def selected(args: argparse.Namespace) -> list[str]:
     """The phases to run: ``--phases`` (``throughput`` means all five), less, with
     ``--missing``, those that already have an ok result in ``--out``."""
     names = args.phases.split(",") if args.phases else list(PHASES)
-    wanted = {p for n in names for p in PHASES if p == n or p.startswith(f"{n}-")}
-    unknown = [n for n in names if not any(p == n or p.startswith(f"{n}-") for p in PHASES)]
+    groups = {n: [p for p in PHASES if p == n or (n not in PHASES and p.startswith(f"{n}-"))]
+              for n in names}  # fmt: skip
+    wanted = {p for found in groups.values() for p in found}
+    unknown = [n for n, found in groups.items() if not found]
     if unknown:
         raise SystemExit(f"unknown phases {unknown}; choose from {', '.join(PHASES)}")
     if args.missing:
@@ -244,10 +287,10 @@ def write(out: str, record: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
     os.replace(path + ".tmp", path)
-    note = record.get("reason") or record.get("error") or ""
+    note = last_line(record.get("reason") or record.get("error"))
     print(
         f"{record['phase']:<22} {record['status']:<8} {record.get('wall_s', 0):6.1f} s  "
-        f"{note.splitlines()[-1][:150] if note else ''}",
+        f"{note[:150]}",
         flush=True,
     )
 
@@ -266,7 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoints, offload files, traces (on disk: 13 GB for 6.7B)",
     )
     parser.add_argument("--checkpoint-dir", default=None, help="default: --work-dir")
-    parser.add_argument("--budget", type=float, default=470, help="seconds for the whole run")
+    parser.add_argument("--budget", type=float, default=520, help="seconds for the whole run")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="x every phase timeout")
     return parser.parse_args(argv)
 
@@ -281,13 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     stopped = None  # why the run stopped early (env failed)
     for phase in selected(args):
         left = deadline - time.perf_counter()
-        reason = stopped or parent_skip(phase, spec)
-        if reason is None and left < MIN_PHASE_SECONDS:
-            reason = f"out of the run's {args.budget:.0f} s budget: rerun with --missing"
+        own = TIMEOUTS[phase] * args.timeout_scale
+        reason = stopped or parent_skip(phase, spec) or budget_skip(phase, left, args)
         if reason:
             write(args.out, {"phase": phase, "status": "skipped", "reason": reason})
             continue
-        record = run_phase(phase, spec, args.out, min(TIMEOUTS[phase] * args.timeout_scale, left))
+        record = run_phase(phase, spec, args.out, min(own, left), own)
         write(args.out, record)
         if phase == "env" and record["status"] != "ok":
             stopped = f"env failed: {record.get('error', '')}"

@@ -36,7 +36,7 @@ import _device
 import _flexgen
 import torch
 from _common import describe_policy, peak_rss, reset_peak_rss
-from checkpoints import opt_config, write_random_checkpoint
+from checkpoints import checkpoint_name, opt_config, write_random_checkpoint
 from transformers import LogitsProcessorList, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Workload
@@ -90,7 +90,11 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, pat
         )
     else:
         policy = _flexgen.ours_policy(
-            args.percent, args.gpu_batch_size, args.num_gpu_batches, overlap=args.overlap
+            args.percent,
+            args.gpu_batch_size,
+            args.num_gpu_batches,
+            overlap=args.overlap,
+            cpu_cache_compute=args.cpu_cache_compute,
         )
         workload = None
     return FlexOffloadOPTForCausalLM.from_pretrained(
@@ -120,13 +124,13 @@ def run_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
             model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
             _device.synchronize(device)
             _device.reset_peaks(device)
-            first = _device.FirstToken(device)
+            first, margins = _device.FirstToken(device), _device.Margins()
             start = time.perf_counter()
             seqs = model.generate(
                 ids,
                 max_new_tokens=args.gen_len,
                 min_new_tokens=args.gen_len,
-                logits_processor=LogitsProcessorList([first]),
+                logits_processor=LogitsProcessorList([first, margins]),
                 **kw,
             )
             _device.synchronize(device)
@@ -137,6 +141,7 @@ def run_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
             decode_s=seconds - (first.at - start),
             batch=batch,
             tokens=seqs[:, args.prompt_len :].tolist(),
+            margins=margins.rows(),
             peaks=_device.peaks(device),
             registered_host_bytes=_device.registered_host_bytes(model),
         )
@@ -154,7 +159,11 @@ def run_flexgen(args: argparse.Namespace, device: torch.device) -> dict:
     if reason:
         raise Skip(reason)
     policy = _flexgen.policy_kwargs(
-        args.percent, args.gpu_batch_size, args.num_gpu_batches, overlap=args.overlap
+        args.percent,
+        args.gpu_batch_size,
+        args.num_gpu_batches,
+        overlap=args.overlap,
+        cpu_cache_compute=args.cpu_cache_compute,
     )
     config = opt_config(args.model)
     ids = synthetic_ids(args.batch, args.prompt_len, config.vocab_size)
@@ -165,10 +174,12 @@ def run_flexgen(args: argparse.Namespace, device: torch.device) -> dict:
 
 def checkpoint(args: argparse.Namespace) -> str:
     """The random checkpoint of ``--model`` in ``--checkpoint-dtype`` (built once)."""
-    path = os.path.join(args.checkpoint_dir, f"{args.model}-{args.checkpoint_dtype}")
+    name = checkpoint_name(args.model, args.checkpoint_dtype, args.weight_scale)
+    path = os.path.join(args.checkpoint_dir, name)
     dtype = getattr(torch, args.checkpoint_dtype)
     draw = "cuda" if torch.cuda.is_available() else "cpu"  # fast; the file is what matters
-    return write_random_checkpoint(path, opt_config(args.model), dtype, device=draw)
+    config = opt_config(args.model)
+    return write_random_checkpoint(path, config, dtype, device=draw, scale=args.weight_scale)
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -222,6 +233,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-batch-size", type=int, default=2)
     parser.add_argument("--num-gpu-batches", type=int, default=1)
     parser.add_argument("--no-overlap", dest="overlap", action="store_false")
+    parser.add_argument(
+        "--cpu-cache-compute",
+        action="store_true",
+        help="FlexGen's --cpu-cache-compute: attention over the host-tier cache on the CPU",
+    )
+    parser.add_argument(
+        "--weight-scale",
+        type=float,
+        default=1.0,
+        help="x the random checkpoint's weights (std 0.02 x this; checkpoints.py)",
+    )
     parser.add_argument(
         "--batch",
         type=int,

@@ -130,3 +130,53 @@ def test_hot_path_helpers_do_not_sync():
         rope.cos_sin(positions, torch.float16)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_forwards_do_not_synchronize_the_device(pre_ln_checkpoint, monkeypatch):
+    """Forwards are timed with events: no full device synchronize per forward (the host keeps
+    enqueuing the next step), and the stats still have the times."""
+    path, _ = pre_ln_checkpoint
+    ids, mask = on_cuda()
+    policy = Policy(weights=Split(host=0.5, disk=0.5), micro_batch_size=2, overlap=True)
+    with load(path, policy) as model:
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)  # warm-up
+        calls = []
+        real = torch.cuda.synchronize
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(a) or real(*a))
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        stats = model.generation_stats
+    assert calls == []
+    assert stats.forwards == 8 and stats.prefill_seconds > 0 and stats.decode_seconds > 0
+
+
+def test_host_tier_kv_cache_is_pinned(tmp_path):
+    """History uploads from the host tier are asynchronous: its buffer is page-locked."""
+    from hf_flexoffload.config.counters import Counters
+    from hf_flexoffload.storage.kv_cache import KVUnit
+
+    unit = KVUnit(
+        tier="host", batch=2, heads=4, head_dim=16, dtype=torch.float16, device=CUDA,
+        host_attention=False, path=str(tmp_path / "kv"), counters=Counters(), capacity=8,
+    )  # fmt: skip
+    unit._append_memory(0, torch.randn(3, *unit.codec.record_shape, device=CUDA).half())
+    assert unit._buffer.device.type == "cpu" and unit._buffer.is_pinned()
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-stored"])
+def test_streamed_head_copies_host_chunks_on_a_side_stream(tmp_path, storage):
+    """Host-tier chunks of the LM head go to the device on ChunkCopies' side stream, two
+    buffers in turn (each refilled only after its use): the projection is still exact."""
+    from .storage.test_streamed import streamed
+
+    torch.manual_seed(0)
+    whole = torch.randn(301, 64)
+    matrix, _ = streamed(tmp_path, whole, storage, rows_per_chunk=16, device=CUDA)
+    x = torch.randn(5, 64, device=CUDA)
+    expected = x @ whole.to(storage).float().to(CUDA).t()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = matrix.linear(x)
+        torch.cuda.synchronize()
+    torch.testing.assert_close(got, expected)
+    assert matrix.buffers.copies._stream is not None
+    copies = [e for e in prof.events() if "Memcpy HtoD" in e.name]
+    assert copies  # the host tier's chunks crossed (on the side stream: gpu_check's overlap)

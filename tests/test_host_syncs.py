@@ -247,3 +247,29 @@ def test_streamed_lookup_copies_the_ids_to_the_host_once(tmp_path):
         rows = lookup(matrix, ids)
     assert mode.reads == ["cpu"]
     assert torch.equal(rows, torch.nn.functional.embedding(ids, whole))
+
+
+def test_a_forward_copies_the_ids_to_the_host_once_for_streamed_embeddings(pre_ln_checkpoint):
+    """Streamed embeddings choose their rows on the host: the engine copies the block's ids and
+    positions there once per forward, not once per lookup per micro-batch (each such copy
+    waits for everything the GPU has queued, the previous micro-batches' work included)."""
+    from transformers import OPTForCausalLM
+
+    from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
+
+    from .conftest import batch
+
+    path, _ = pre_ln_checkpoint
+    stock = OPTForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids, mask = batch(rows=4, pad=False)
+    policy = Policy(weights=Split(disk=1.0), micro_batch_size=2)
+    with FlexOffloadOPTForCausalLM.from_pretrained(
+        path, offload_policy=policy, dtype=torch.float32
+    ) as model:
+        assert model._engine.fetcher.streams(0)  # token and position embeddings, on disk
+        with HostReads(ids, mask) as mode:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    assert mode.reads.count("cpu") == 1
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

@@ -21,7 +21,15 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def benchmarks(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/gpu_check.py` sees it
     yield
-    for name in ("gpu_check", "_check_report", "_overlap_trace", "_flexgen", "checkpoints"):
+    for name in (
+        "gpu_check",
+        "_check_report",
+        "_check_phases",
+        "_check_shapes",
+        "_overlap_trace",
+        "_flexgen",
+        "checkpoints",
+    ):
         sys.modules.pop(name, None)
 
 
@@ -45,11 +53,13 @@ def test_runs_every_phase_on_cpu_and_reruns_only_what_is_missing(benchmarks, tmp
         assert r["status"] in ("ok", "skipped"), (phase, r)
         assert r["status"] == "ok" or r["reason"], (phase, r)
     skipped = {p for p, r in records.items() if r["status"] == "skipped"}
-    assert skipped == {"overlap", "cuda-tests", "throughput-flexgen"}  # CUDA-only
+    # CUDA-only
+    assert skipped == {"overlap", "cuda-tests", "throughput-flexgen", "throughput-flexgen-offload"}
     assert records["golden"]["tokens_equal"] and records["golden"]["cases"]
     assert records["probe"]["profile"]["matmul_flops"] == rates["matmul_flops"]  # not measured
     runs = {p.removeprefix("throughput-"): r for p, r in records.items() if r.get("tokens")}
-    assert set(runs) == {"stock", "accelerate", "ours-fixed", "ours-auto"}
+    assert set(runs) == {"stock", "accelerate", "ours-fixed", "ours-offload", "ours-auto"}
+    assert runs["ours-offload"]["policy"]["host_attention"]  # FlexGen's --cpu-cache-compute
     assert all(r["tokens_per_s"] > 0 and r["device"] == "cpu" for r in runs.values())
     assert runs["ours-fixed"]["tokens"] == runs["stock"]["tokens"]  # same prompts, same rows
     assert runs["ours-auto"]["batch"] <= gpu_check.SHAPES["tiny"].auto_max_batch
@@ -116,3 +126,124 @@ def test_flexgen_and_ours_get_the_same_policy(benchmarks):
     assert ours.cache == ours.activations == Split(device=1.0)
     assert ours.overlap and not ours.host_attention and not flex["cpu_cache_compute"]
     assert ours.pin_weights and flex["pin_weight"]
+    offload = _flexgen.ours_policy(percent, 8, 2, overlap=True, cpu_cache_compute=True)
+    assert offload.host_attention
+    assert _flexgen.policy_kwargs(percent, 8, 2, overlap=True, cpu_cache_compute=True)[
+        "cpu_cache_compute"
+    ]
+
+
+def test_a_failed_phase_with_an_empty_error_keeps_the_summary(benchmarks, tmp_path):
+    import gpu_check
+    from _check_report import phase_note, summary
+
+    out = str(tmp_path)
+    spec = gpu_check.spec_for(gpu_check.parse_args(["--device", "cpu", "--shape", "tiny"]))
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    gpu_check.write(out, {"phase": "golden", "status": "failed", "error": "", "wall_s": 3.0})
+    gpu_check.write(out, {"phase": "env", "status": "failed", "error": "\n  \n", "wall_s": 1})
+    assert phase_note("golden", {"status": "failed", "error": ""}) == "failed, no reason given"
+    text = summary(out, gpu_check.PHASES)
+    assert "| golden | failed | 3 | failed, no reason given |" in text
+
+
+def test_cuda_tests_keep_pytests_stderr(benchmarks, tmp_path, monkeypatch, capsys):
+    """A crash (a segfault in a CUDA kernel) prints its traceback on stderr, not stdout."""
+    import subprocess
+
+    import _check_phases
+
+    crash = "Fatal Python error: Segmentation fault\n  File tests/test_cuda.py, line 80"
+
+    def run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, -11, stdout="", stderr=crash)
+
+    monkeypatch.setattr(_check_phases.subprocess, "run", run)
+    result = _check_phases.cuda_tests({"work_dir": str(tmp_path)})
+    assert result["status"] == "failed" and "Segmentation fault" in result["error"]
+    assert crash in capsys.readouterr().out  # the phase's log has it whole
+
+
+def test_phases_run_by_value_and_the_budget_skips_rather_than_fails(
+    benchmarks, tmp_path, monkeypatch
+):
+    """A phase past its own timeout fails; one the run's budget cuts off, or has no time left
+    for, is skipped saying so (for --missing)."""
+    import gpu_check
+
+    phases = gpu_check.PHASES
+    assert phases[:4] == ("env", "golden", "cuda-tests", "overlap")
+    first_row = min(i for i, p in enumerate(phases) if p.startswith("throughput-"))
+    assert phases.index("probe") < phases.index("checkpoint") < first_row
+    ran = []
+
+    def command(phase, spec, result):
+        ran.append(phase)
+        if phase in ("golden", "cuda-tests"):
+            return [sys.executable, "-c", "import time; time.sleep(60)"]
+        env = {"status": "ok", "torch": "2", "torch_cuda": None, "python": "3"}
+        write = f"import json, sys; json.dump({env!r}, open(sys.argv[1], 'w'))"
+        return [sys.executable, "-c", write, result]
+
+    monkeypatch.setattr(gpu_check, "command", command)
+    monkeypatch.setattr(gpu_check, "parent_skip", lambda phase, spec: None)
+    monkeypatch.setattr(gpu_check, "MIN_PHASE_SECONDS", 0)
+    monkeypatch.setattr(gpu_check, "TIMEOUTS", {p: 600 for p in phases} | {"golden": 1})
+    monkeypatch.setattr(gpu_check, "ESTIMATES", {p: 0 for p in phases} | {"overlap": 1000})
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--shape", "tiny", "--out", str(out), "--budget", "5"]
+    assert gpu_check.main([*argv, "--phases", "probe,overlap,cuda-tests,golden,env"]) == 1
+    assert ran == ["env", "golden", "cuda-tests"]
+    records = {p: json.loads((out / f"{p}.json").read_text()) for p in [*ran, "overlap", "probe"]}
+    assert records["env"]["status"] == "ok"
+    assert records["golden"]["status"] == "failed" and "timed out" in records["golden"]["error"]
+    cut = records["cuda-tests"]
+    assert cut["status"] == "skipped" and "cut off by the run's budget" in cut["reason"]
+    assert "--missing" in cut["reason"]
+    for phase in ("overlap", "probe"):
+        assert records[phase]["status"] == "skipped"
+        assert records[phase]["reason"].startswith("not started: needs about")
+
+
+def test_the_offload_rows_run_flexgens_policy_for_a_model_that_does_not_fit(benchmarks):
+    import gpu_check
+
+    args = gpu_check.parse_args(["--shape", "opt-6.7b"])
+    spec = gpu_check.spec_for(args)
+    ours = gpu_check.command("throughput-ours-offload", spec, "r.json")
+    flex = gpu_check.command("throughput-flexgen-offload", spec, "r.json")
+    fixed = gpu_check.command("throughput-ours-fixed", spec, "r.json")
+
+    def arg(cmd, name, n=1):
+        i = cmd.index(name)
+        return cmd[i + 1 : i + 1 + n]
+
+    assert arg(ours, "--system") == ["ours-fixed"] and arg(flex, "--system") == ["flexgen"]
+    for cmd in (ours, flex):
+        assert arg(cmd, "--percent", 6) == ["20", "80", "0", "100", "0", "100"]
+        assert arg(cmd, "--gpu-batch-size") == ["48"] and arg(cmd, "--num-gpu-batches") == ["3"]
+        assert "--cpu-cache-compute" in cmd and "--no-overlap" not in cmd
+        assert arg(cmd, "--device-cap") == ["6GiB"]  # under the shape's 12.4 GiB of weights
+    assert arg(fixed, "--percent", 6) == ["100", "0", "100", "0", "100", "0"]
+    assert arg(fixed, "--device-cap") == ["16GiB"] and "--cpu-cache-compute" not in fixed
+
+
+def test_tokens_that_part_at_a_near_tie_are_told_from_wrong_ones(benchmarks):
+    from _check_report import same_tokens
+
+    stock = {
+        "system": "stock",
+        "status": "ok",
+        "tokens": [[5, 6, 7], [1, 2, 3], [4, 4, 4]],
+        "margins": [[3.0, 2.0, 2.0], [2.0, 0.01, 1.0], [2.0, 2.0, 2.0]],
+    }
+    ours = {
+        "system": "ours-fixed",
+        "tokens": [[5, 6, 7], [1, 9, 9], [4, 4, 4]],
+        "margins": [[3.0, 2.0, 2.0], [2.0, 0.02, 1.0], [2.0, 2.0, 2.0]],
+    }
+    assert same_tokens(ours, stock, near_tie=0.05).startswith("yes, but 1/3 rows part")
+    ours["tokens"][2] = [4, 8, 8]  # parts where stock's choice was clear: wrong
+    assert same_tokens(ours, stock, near_tie=0.05) == "1/3 rows, 1 more part at a near-tie"
+    ours["tokens"] = stock["tokens"]
+    assert same_tokens(ours, stock) == "yes"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -147,3 +148,38 @@ def test_cuda_device_name_uses_torch_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"fake GPU {device}")
     assert probes.device_name(torch.device("cuda", 0)) == "fake GPU cuda:0"
+
+
+def test_a_profile_planned_before_offload_dir_exists_is_the_one_found_after(tmp_path, monkeypatch):
+    """Planning runs before loading creates ``offload_dir``: the probe measures (and the cache
+    key names) the filesystem the directory will be on, not the temporary directory's."""
+    from hf_flexoffload.planning import hardware
+    from hf_flexoffload.planning.budget import probe_directory
+
+    elsewhere = tmp_path / "tmp"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))  # /tmp on another filesystem
+    later = tmp_path / "offload" / "run-1"
+    assert probe_directory(str(later)) == str(tmp_path)
+    assert probe_directory(str(tmp_path)) == str(tmp_path)
+    assert probe_directory(None) == str(elsewhere)
+
+    class Probed(Exception):
+        pass
+
+    def measure_rates(device, dtype, matrix, probe_dir):
+        raise Probed(probe_dir)
+
+    monkeypatch.setattr(hardware, "measure_rates", measure_rates)
+    kwargs = dict(matrix=(64, 128), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(Probed) as probed:
+        HardwareProfile.measure("cpu", torch.float32, offload_dir=str(later), **kwargs)
+    assert probed.value.args[0] == str(tmp_path)
+    seed_profile(tmp_path, tmp_path, (64, 128))  # what a measurement with the directory cached
+    HardwareProfile.measure(
+        "cpu",
+        torch.float32,
+        offload_dir=str(later),
+        cache_dir=str(tmp_path / "profiles"),
+        matrix=(64, 128),
+    )  # found: nothing measured

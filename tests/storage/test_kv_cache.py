@@ -234,3 +234,31 @@ def test_host_attention_widens_history_into_reused_buffers():
     assert counters.live["host"] == held
     scratch.close()
     assert counters.live["host"] == 0
+
+
+def test_host_tier_buffer_is_allocated_pinned(tmp_path, monkeypatch):
+    """On CUDA a pinned host tier makes history uploads asynchronous (``pinned_host_empty`` pins
+    only on CUDA: here the request is what is checked)."""
+    from hf_flexoffload.storage import kv_cache
+
+    asked = []
+
+    def pinned_host_empty(shape, dtype, device):
+        asked.append(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(kv_cache, "pinned_host_empty", pinned_host_empty)
+    unit = kv_cache.KVUnit(
+        tier="host",
+        batch=2,
+        heads=2,
+        head_dim=4,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        host_attention=False,
+        path=str(tmp_path / "kv"),
+        counters=Counters(),
+        capacity=4,
+    )
+    unit._append_memory(0, torch.randn(3, *unit.codec.record_shape))
+    assert asked == [(4, *unit.codec.record_shape)]

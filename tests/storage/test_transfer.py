@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
 import torch
 
-from hf_flexoffload.storage.transfer import PAGE, Mover, PinnedHost, StagingRing, host_empty
+from hf_flexoffload.storage.transfer import (
+    PAGE,
+    Mover,
+    PinnedHost,
+    StagingRing,
+    host_empty,
+    pinned_host_empty,
+)
 
 from ..conftest import FakeDriver
 
@@ -47,6 +55,22 @@ def test_pinned_host_registers_exact_whole_pages_inside_its_allocation(phase):
     assert driver.live == {} and pinned.pinned_bytes == 0
 
 
+@pytest.mark.parametrize("phase", [0, 8, 1000], ids=["aligned", "phase8", "phase1000"])
+def test_pinned_host_tensor_storage_is_exactly_the_registered_range(phase):
+    """``is_pinned()`` asks the driver about the storage's first byte: the storage must start
+    where the registration does (a page boundary) and cover exactly the registered pages."""
+    driver = FakeDriver()
+    pinned = PinnedHost(CPU, register=driver.register, unregister=driver.unregister)
+    for shape in [(3, 5), (PAGE + 1,), (2 * PAGE // 4,)]:
+        t = pinned.empty(shape, torch.float32, phase)
+        storage = t.untyped_storage()
+        assert storage.data_ptr() % PAGE == 0 and storage.data_ptr() in driver.live
+        assert storage.nbytes() == driver.live[storage.data_ptr()]
+        assert t.data_ptr() - storage.data_ptr() == phase
+    pinned.release()
+    assert driver.live == {}
+
+
 def test_pinned_host_disabled_or_on_cpu_pins_nothing():
     driver = FakeDriver()
     off = PinnedHost(CPU, enabled=False, register=driver.register, unregister=driver.unregister)
@@ -77,3 +101,37 @@ def test_host_empty_pins_only_when_asked_on_cuda():
     assert not host_empty((8,), torch.float32, CPU, pin=True).is_pinned()
     big = host_empty((1 << 20,), torch.uint8, CPU)
     assert big.data_ptr() % PAGE == 0  # large host buffers are page-aligned for direct reads
+
+
+def test_pinned_host_empty_registers_its_own_pages_until_the_last_view_is_gone():
+    """The host-tier KV cache: exactly its pages registered (no power-of-two rounding), the
+    storage starting where the registration does, unregistered once nothing uses it."""
+    driver = FakeDriver()
+    t = pinned_host_empty((PAGE // 2 + 1,), torch.float16, CPU, driver.register, driver.unregister)
+    storage = t.untyped_storage()
+    assert driver.live == {storage.data_ptr(): 2 * PAGE} and t.data_ptr() == storage.data_ptr()
+    t.fill_(1.0)
+    view = t[1:].view(torch.int16)
+    del t, storage
+    gc.collect()
+    assert len(driver.live) == 1  # a view still uses it
+    del view
+    gc.collect()
+    assert driver.live == {}
+    assert not pinned_host_empty((8,), torch.float32, CPU).is_pinned()  # CPU: plain memory
+
+
+def test_pinned_host_empty_falls_back_to_plain_memory_when_pinning_is_refused(caplog):
+    """A limit on page-locked memory (ulimit -l) slows the KV cache's uploads, never fails."""
+
+    def refuse(address, nbytes):
+        raise RuntimeError("Pinning 8192 bytes of host memory failed (cudaError 2).")
+
+    def unregister(address):
+        raise AssertionError("nothing was registered")
+
+    t = pinned_host_empty((2048,), torch.float32, CPU, refuse, unregister)
+    t.fill_(2.0)
+    assert t.shape == (2048,) and "Left unpinned" in caplog.text
+    del t
+    gc.collect()

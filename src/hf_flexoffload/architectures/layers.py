@@ -49,14 +49,15 @@ def positions_from_mask(
 
 def lookup(weight: Matrix, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of an embedding matrix: (b, s) -> (b, s, e); a quantized or streamed matrix
-    reads (and dequantizes) only those rows."""
+    reads (and dequantizes) only those rows. ``ids`` may be on the host (a copy made for a
+    streamed matrix of the same stage): a matrix on the device gets them without a wait."""
     if isinstance(weight, KernelOperand):
         weight = weight.weight
-    if isinstance(weight, QuantizedTensor | TiledInt4):
-        return take_rows(weight, ids)
     if isinstance(weight, StreamedRows):
         return weight.take(ids)
-    return F.embedding(ids, weight)
+    if isinstance(weight, QuantizedTensor | TiledInt4):
+        return take_rows(weight, ids.to(weight.codes.device, non_blocking=True))
+    return F.embedding(ids.to(weight.device, non_blocking=True), weight)
 
 
 def project(x: torch.Tensor, weight: Matrix) -> torch.Tensor:

@@ -27,7 +27,7 @@ class Split:
     Args:
         device: Fraction on the compute device (GPU memory; on a CPU-only machine, RAM).
         host: Fraction in host RAM (weights pinned on CUDA unless ``Policy.pin_weights`` is
-            off; the KV cache is never pinned, as in FlexGen).
+            off; the KV cache is pinned at its size on CUDA, so its uploads are asynchronous).
         disk: Fraction in files under the offload directory.
 
     Fields default to 0 and must sum to 1.

@@ -35,6 +35,27 @@ def parse_size(value: int | float | str, field: str = "max_memory") -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def probe_directory(offload_dir: str | None) -> str:
+    """The directory whose filesystem stands for the disk tier's: ``offload_dir``, or where it
+    will be created (its nearest existing ancestor, when writable: the same filesystem, as
+    nothing can be mounted below a directory that does not exist yet), else the temporary
+    directory. Planning runs before loading creates ``offload_dir``, so the profile it measures
+    (and caches, keyed by this filesystem) is the one a later load with the directory finds."""
+    if not offload_dir:
+        return tempfile.gettempdir()
+    if os.path.isdir(offload_dir):
+        return offload_dir
+    path = os.path.abspath(offload_dir)
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+        return path
+    return tempfile.gettempdir()
+
+
 def available_ram() -> int:
     """Bytes of RAM new allocations can have: the machine's MemAvailable, and no more than the
     container's memory limit leaves (a batch-scheduled or containerized process has only that)."""
@@ -247,8 +268,7 @@ class Capacities:
         check_max_memory(max_memory)
         ram = available_ram()
         dev = device_capacity(AllocatorState.read(device)) if device.type == "cuda" else ram
-        probe = offload_dir if offload_dir and os.path.isdir(offload_dir) else tempfile.gettempdir()
-        free = shutil.disk_usage(probe).free
+        free = shutil.disk_usage(probe_directory(offload_dir)).free
         return cls(device=dev, host=ram, disk=free, shared=device.type != "cuda").capped(max_memory)
 
     def capped(self, max_memory: dict[str, int | str] | None) -> Capacities:

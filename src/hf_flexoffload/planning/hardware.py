@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -28,7 +27,7 @@ import torch
 
 from ..config.policy import TIERS
 from ..storage.tier_store import dtype_name
-from .budget import Capacities
+from .budget import Capacities, probe_directory
 from .overlap_probe import MAX_OVERLAP_PENALTY
 from .probes import cpu_name, device_name, measure_rates
 
@@ -199,8 +198,7 @@ class HardwareProfile:
             >>> profile.matmul_rate(32) / 1e9  # GFLOP/s at 32 rows
         """
         device = torch.device(device)
-        probe_dir = offload_dir if offload_dir and os.path.isdir(offload_dir) else None
-        probe_dir = probe_dir or tempfile.gettempdir()
+        probe_dir = probe_directory(offload_dir)
         caps = Capacities.measure(device, probe_dir, None)
         key = _machine_key(device, dtype, matrix, probe_dir)
         path = os.path.join(cache_dir or os.path.join(default_cache_dir(), "profiles"), key)

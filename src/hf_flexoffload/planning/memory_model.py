@@ -85,6 +85,7 @@ def memory_items(
     outer = Affine()
     if offloaded or sizes.converts or sizes.compressed_head:
         outer += sizes.outer_kept + sizes.stream_buffers
+        outer += 0 if profile_shared else sizes.stream_refill  # ChunkCopies' second buffer
     if sizes.compressed_head:  # ... and per chunk of the quantized head
         outer += sizes.stream_buffers // e * (2 + e)
     workspace = m * s * sizes.workspace_width * e

@@ -91,6 +91,7 @@ class ModelSizes:
     outer_kept: int  # outer stages' tensors gathered once and kept (norms, projections, and
     # embedding matrices stored quantized)
     stream_buffers: int  # chunk buffers of the streamed embedding and head matrices
+    stream_refill: int  # ... and the second stored chunk a GPU refills while one is used
     largest_elements: int  # elements of the model's largest tensor
     largest_layer_elements: int  # ... of a decoder layer's largest tensor
     widest_row: int  # elements of the longest row of any tensor
@@ -179,6 +180,7 @@ class ModelSizes:
             widest_row=max(math.prod(d[1:]) for tensors in stage_tensors for _, d in tensors),
             # A quantized head dequantizes 4096 rows at a time (quantized_matrix.linear).
             stream_buffers=min(arch.vocab, 4096) * arch.embed_dim * e if head_fmt else stream,
+            stream_refill=0 if head_fmt else rows * arch.embed_dim * storage.itemsize,
             kv_token=codec.record_bytes,
             kv_token_plain=2 * kv_width * e,
             compressed_weights=policy.compress_weights is not None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 import weakref
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ from ..storage.weight_layout import StageLayout, placement_report
 from ..storage.weights import WeightFetcher
 from .run_planning import RunPlanning
 from .schedule import MicroBatch, run_block
-from .stats import GenerationStats
+from .stats import ForwardTimes, GenerationStats
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +57,7 @@ class _Run:
     """The policy and timing of the forward passes of one generate call."""
 
     policy: Policy
-    prefill: float = 0.0
-    decode: float = 0.0
+    times: ForwardTimes
     forwards: int = 0
     tokens: int = 0
     memory: Footprint | None = None
@@ -115,7 +113,7 @@ class OffloadEngine(RunPlanning):
         )
         self.mover = Mover(device, policy.overlap)
         self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")
-        self._run = _Run(policy)
+        self._run = _Run(policy, ForwardTimes(device))
         self._cleanup = weakref.finalize(
             self,
             _cleanup,
@@ -173,16 +171,19 @@ class OffloadEngine(RunPlanning):
     def begin_run(self, policy: Policy | None = None, memory: Footprint | None = None) -> None:
         """Start the forward passes of one ``generate`` call (checked by ``check_fits``)."""
         self.counters.reset_run()
-        self._run = _Run(policy or self.policy, memory=memory, generating=True)
+        self._run = _Run(
+            policy or self.policy, ForwardTimes(self.device), memory=memory, generating=True
+        )
         self.store.direct_io = resolve_direct_io(self._run.policy, self.store)
 
     def end_run(self, batch: int) -> GenerationStats:
         run = self._run
-        self._run = _Run(self.policy)
+        self._run = _Run(self.policy, ForwardTimes(self.device))
+        prefill, decode = run.times.totals()
         return GenerationStats(
             policy=run.policy,
-            prefill_seconds=run.prefill,
-            decode_seconds=run.decode,
+            prefill_seconds=prefill,
+            decode_seconds=decode,
             generated_tokens=run.tokens,
             batch_size=batch,
             forwards=run.forwards,
@@ -200,7 +201,7 @@ class OffloadEngine(RunPlanning):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """One token step for the block ``input_ids`` (b, s); returns (b, s_keep, vocab) logits."""
-        start = time.perf_counter()
+        started = self._run.times.start()
         prefill = cache.get_seq_length() == 0
         policy = self._run.policy
         b, m = input_ids.shape[0], policy.micro_batch_size
@@ -213,12 +214,16 @@ class OffloadEngine(RunPlanning):
         cache.allocate(tuple(e - s for s, e in bounds))
         # The rotary types that depend on the length see the whole block's, as stock does.
         span = int(position_ids.max()) + 1 if self.arch.needs_span else None
+        host_ids = None
+        if self.fetcher.streams(0):  # rows chosen on the host: one copy for the whole block
+            host_ids = torch.stack((input_ids, position_ids.to(input_ids))).cpu()
         micro_batches = [
             MicroBatch(
                 upload(input_ids[s:e], self.device),  # host inputs: no wait for the device
                 upload(position_ids[s:e], self.device),
                 None if key_mask is None else upload(key_mask[s:e], self.device),
                 span,
+                None if host_ids is None else host_ids[:, s:e],
             )
             for s, e in bounds
         ]
@@ -244,13 +249,7 @@ class OffloadEngine(RunPlanning):
         finally:
             activations.close()
         cache.drain()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
-        if prefill:
-            self._run.prefill += elapsed
-        else:
-            self._run.decode += elapsed
+        self._run.times.stop(started, prefill)  # no device synchronize: events on CUDA
         self._run.forwards += 1
         self._run.tokens += b
         return logits

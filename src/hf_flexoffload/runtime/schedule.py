@@ -40,12 +40,16 @@ class MicroBatch:
         key_mask: (b, S) padding mask over cached + new positions, or None for no padding.
         span: The whole block's length (largest position + 1) where the architecture's rotary
             embedding depends on it (``Architecture.needs_span``), else None.
+        host_ids: (2, b, s) the token ids and positions on the host, for an embedding streamed
+            from the host or disk (its rows are chosen on the host): copied once per forward
+            for the whole block, so the lookup never waits for the device. None: use the ids.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     key_mask: torch.Tensor | None
     span: int | None = None
+    host_ids: torch.Tensor | None = None
 
 
 def run_block(
@@ -102,7 +106,10 @@ def run_block(
             inputs = prefetch_inputs(*following)
         mb = micro_batches[k]
         if j == 0:
-            out = arch.embed(w, mb.input_ids, mb.position_ids)
+            ids, positions = (
+                mb.host_ids if mb.host_ids is not None else (mb.input_ids, mb.position_ids)
+            )
+            out = arch.embed(w, ids, positions)
         elif j < head_stage:
             unit = cache.units[j - 1][k]
             attend = partial(unit.attend, history, key_mask=mb.key_mask, mover=mover)

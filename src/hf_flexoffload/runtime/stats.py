@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
 
 from ..config.counters import human_bytes
 from ..config.policy import Policy
@@ -63,3 +67,61 @@ class GenerationStats:
             f"{self.decode_seconds:.2f}s): {self.tokens_per_second:.1f} tok/s; moved {moved}; "
             f"peak {peak}"
         )
+
+
+class ForwardTimes:
+    """Seconds of the forwards of one ``generate`` call, prefill and decode apart, without
+    waiting for the device after each forward.
+
+    On the CPU each forward is timed by the wall clock. On CUDA a full device synchronize per
+    forward would stall the host, which otherwise enqueues the next step while the GPU still
+    runs this one; instead two timing events on the compute stream bracket each forward, and
+    their times are read once, when ``totals`` is asked for (at the end of the call, when the
+    device has finished anyway).
+
+    Args:
+        device: The compute device.
+        mark: Records a timing event on the compute stream and returns it (default: a
+            ``torch.cuda.Event(enable_timing=True)`` on ``device``'s current stream; tests pass
+            fakes).
+    """
+
+    def __init__(self, device: torch.device, mark: Callable[[], Any] | None = None) -> None:
+        self.device = device
+        self.events = device.type == "cuda" or mark is not None
+        self._mark = mark or (lambda: _cuda_mark(device))
+        self._spans: list[tuple[bool, Any, Any]] = []  # (prefill, start event, end event)
+        self.prefill = 0.0
+        self.decode = 0.0
+
+    def start(self) -> Any:
+        """Mark the start of a forward; hand the mark to ``stop``."""
+        return self._mark() if self.events else time.perf_counter()
+
+    def stop(self, started: Any, prefill: bool) -> None:
+        """Mark the end of the forward ``started`` marked (everything it enqueued)."""
+        if not self.events:
+            self._add(prefill, time.perf_counter() - started)
+            return
+        self._spans.append((prefill, started, self._mark()))
+
+    def totals(self) -> tuple[float, float]:
+        """(prefill, decode) seconds so far; on CUDA waits for the last forward's end."""
+        if self._spans:
+            self._spans[-1][2].synchronize()
+            for prefill, start, end in self._spans:
+                self._add(prefill, start.elapsed_time(end) / 1000)
+            self._spans.clear()
+        return self.prefill, self.decode
+
+    def _add(self, prefill: bool, seconds: float) -> None:
+        if prefill:
+            self.prefill += seconds
+        else:
+            self.decode += seconds
+
+
+def _cuda_mark(device: torch.device) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event

@@ -36,6 +36,7 @@ from .transfer import (
     Pending,
     host_empty,
     host_ready,
+    pinned_host_empty,
     shares_host_memory,
     to_compute,
     to_host,
@@ -147,7 +148,7 @@ class KVUnit:
             if self.tier == "device":
                 grown = torch.empty(shape, dtype=dtype, device=self.device)
             else:
-                grown = host_empty(shape, dtype, self.device)
+                grown = pinned_host_empty(shape, dtype, self.device)  # async uploads
             if self._buffer is not None:
                 grown[:held].copy_(self._buffer[:held])
             self.counters.alloc(self._memory_tier, (new_cap - cap) * self.token_bytes)

@@ -22,6 +22,7 @@ from ..architectures.layers import StreamedRows
 from ..config.counters import Counters
 from .tier_store import TierStore
 from .transfer import (
+    ChunkCopies,
     PinnedHost,
     StagingRing,
     host_empty,
@@ -54,6 +55,7 @@ class ChunkBuffers:
         self.counters = counters
         self._buffers: dict[str, torch.Tensor] = {}
         self._staging = StagingRing(pinned if pinned is not None else PinnedHost(device))
+        self.copies = ChunkCopies(device)  # host rows to the device, on a side stream
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat buffer of at least ``numel`` elements of ``dtype`` on the compute device."""
@@ -126,12 +128,13 @@ class StreamedMatrix(StreamedRows):
         """Rows ``ids`` (any shape) -> (*ids.shape, cols) in the compute dtype, reading only
         those rows.
 
-        The host decides which rows to read, so it needs the ids: where they live on a GPU they
-        are copied to the host once, here, and that copy is the lookup's only wait for the
-        device. Everything about them is worked out on that copy; what goes back to the device
-        (the row order, the rows) goes through pinned memory without blocking.
+        The host decides which rows to read, so it needs the ids: the engine hands them over on
+        the host (one copy per forward for the whole block, ``MicroBatch.host_ids``); ids that
+        live on a GPU are copied here, which waits for the device. Everything about them is
+        worked out on the host; what goes back to the device (the row order, the rows) goes
+        through pinned memory without blocking.
         """
-        host_ids = ids.reshape(-1).cpu()  # the one device-to-host copy (no-op on CPU)
+        host_ids = ids.reshape(-1).cpu()  # no-op for host ids (no copy, no wait)
         wanted, inverse = torch.unique(host_ids, return_inverse=True)  # sorted
         found = []
         for key, start, stop in self.parts:
@@ -151,32 +154,65 @@ class StreamedMatrix(StreamedRows):
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, rows in the compute dtype on the device) for every chunk, in order; each
-        chunk is valid until the next is produced."""
-        for key, start, stop in self.parts:
-            for a in range(start, stop, self.rows_per_chunk):
-                b = min(stop, a + self.rows_per_chunk)
-                yield a, self._chunk(key, a - start, b - start)
+        chunk is valid until the next is produced.
 
-    def _chunk(self, key: str, a: int, b: int) -> torch.Tensor:
+        On a GPU the next chunk is fetched once the caller has enqueued its use of this one:
+        host rows are copied on a side stream into the other of two buffers (``ChunkCopies``),
+        disk rows read on the host, both while the GPU computes with this chunk.
+        """
+        spans = [
+            (key, a - start, min(stop, a + self.rows_per_chunk) - start, a)
+            for key, start, stop in self.parts
+            for a in range(start, stop, self.rows_per_chunk)
+        ]
+        if shares_host_memory(self.device):
+            for key, a, b, first in spans:
+                yield first, self._chunk(key, a, b)
+            return
+        copies = self.buffers.copies
+        pending = self._fetch(spans[0], 0) if spans else None
+        for i, (_, _, _, first) in enumerate(spans):
+            source, done = pending
+            copies.ready(done)
+            yield first, self._converted(source)
+            copies.used(i % 2)
+            if i + 1 < len(spans):
+                pending = self._fetch(spans[i + 1], (i + 1) % 2)
+
+    def _fetch(self, span: tuple[str, int, int, int], slot: int) -> tuple[torch.Tensor, object]:
+        """Start moving rows [a, b) of segment ``key`` into device buffer ``slot`` (GPU)."""
+        key, a, b, _ = span
         entry = self.store.entry(key)
-        cols, n = self.shape[1], b - a
         if entry.tensor is not None and entry.tensor.device == self.device:
-            source = entry.tensor[a:b]
-        else:
-            source = self.buffers.get("stored", self.rows_per_chunk * cols, entry.dtype)
-            source = source[: n * cols].view(n, cols)
-            if entry.tensor is not None:  # host tier, CUDA device
-                source.copy_(entry.tensor[a:b], non_blocking=entry.tensor.is_pinned())
-            elif shares_host_memory(self.device):
-                self.store.read_rows(key, [(a, b)], source)
-            else:
-                bounce = self.buffers.stage((n, cols), entry.dtype)
-                source.copy_(self.store.read_rows(key, [(a, b)], bounce), non_blocking=True)
-                self.buffers.staged()
+            return entry.tensor[a:b], None
+        cols, n = self.shape[1], b - a
+        source = self.buffers.get(f"stored{slot}", self.rows_per_chunk * cols, entry.dtype)
+        source = source[: n * cols].view(n, cols)
+        if entry.tensor is not None:  # host tier: a side-stream copy
+            return source, self.buffers.copies.copy(slot, source, entry.tensor[a:b])
+        bounce = self.buffers.stage((n, cols), entry.dtype)
+        source.copy_(self.store.read_rows(key, [(a, b)], bounce), non_blocking=True)
+        self.buffers.staged()
+        return source, None
+
+    def _converted(self, source: torch.Tensor) -> torch.Tensor:
         if source.dtype == self.dtype:
             return source
+        n, cols = source.shape
         converted = self.buffers.get("converted", self.rows_per_chunk * cols, self.dtype)
         return converted[: n * cols].view(n, cols).copy_(source)
+
+    def _chunk(self, key: str, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of segment ``key`` where the device is the host: used in place, or read
+        into the one reused buffer."""
+        entry = self.store.entry(key)
+        cols, n = self.shape[1], b - a
+        if entry.tensor is not None:
+            return self._converted(entry.tensor[a:b])
+        source = self.buffers.get("stored", self.rows_per_chunk * cols, entry.dtype)
+        source = source[: n * cols].view(n, cols)
+        self.store.read_rows(key, [(a, b)], source)
+        return self._converted(source)
 
     def _rows_at(self, key: str, local: torch.Tensor) -> torch.Tensor:
         """Rows ``local`` (sorted, on the host) of one segment, on the device in the stored

@@ -17,38 +17,24 @@ rounds every block up to a power of two and keeps freed blocks.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from .host_buffers import _ALIGN_FROM, PAGE, at_phase, nbytes_of
+
+# Re-exported: where the rest of the package looks for them.
+from .host_buffers import aligned_empty as aligned_empty
+from .host_buffers import resolve_device as resolve_device
+from .host_buffers import shares_host_memory as shares_host_memory
+
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The compute device: ``device`` if given, else ``cuda:0`` when available, else CPU."""
-    if device is None:
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} was requested but CUDA is not available; use 'cpu'.")
-    return device
-
-
-def shares_host_memory(device: torch.device) -> bool:
-    """True when the compute device *is* host memory, so host→device moves are free."""
-    return device.type == "cpu"
-
-
-# Direct (page-cache-bypassing) disk reads need buffers aligned to the block size; a page covers
-# every block size Linux filesystems use.
-PAGE = 4096
-# Below this, alignment padding is not worth it: such reads go through a bounce buffer anyway.
-_ALIGN_FROM = 1 << 20
 
 
 def host_empty(
@@ -67,31 +53,41 @@ def host_empty(
     """
     pinned = pin and device.type == "cuda"
     if phase is not None:
-        raw = torch.empty(_nbytes(shape, dtype) + PAGE, dtype=torch.uint8, pin_memory=pinned)
-        return at_phase(raw, _nbytes(shape, dtype), phase).view(dtype).view(shape)
+        raw = torch.empty(nbytes_of(shape, dtype) + PAGE, dtype=torch.uint8, pin_memory=pinned)
+        return at_phase(raw, nbytes_of(shape, dtype), phase).view(dtype).view(shape)
     if pinned:
         return torch.empty(shape, dtype=dtype, pin_memory=True)  # pinned pages are aligned
     return (
         aligned_empty(shape, dtype)
-        if _nbytes(shape, dtype) >= _ALIGN_FROM
+        if nbytes_of(shape, dtype) >= _ALIGN_FROM
         else torch.empty(shape, dtype=dtype)
     )
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized contiguous CPU tensor whose data starts on a ``PAGE`` boundary."""
-    nbytes = _nbytes(shape, dtype)
-    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
-    # The view keeps ``raw``'s storage alive; the padding is at most one page.
-    return at_phase(raw, nbytes, 0).view(dtype).view(shape)
-
-
-def at_phase(raw: torch.Tensor, nbytes: int, phase: int) -> torch.Tensor:
-    """``nbytes`` of the flat uint8 buffer ``raw`` (at least ``nbytes + PAGE`` long) starting
-    ``phase`` bytes past a page boundary: a direct disk read from a file offset with the same
-    phase fills all its whole blocks in place."""
-    skip = (phase - raw.data_ptr()) % PAGE
-    return raw[skip : skip + nbytes]
+def pinned_host_empty(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    register: Callable[[int, int], None] | None = None,
+    unregister: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """A host tensor page-locked at its size (whole pages, not the caching allocator's power of
+    two) while any view of it lives, for large buffers copied asynchronously that no
+    ``PinnedHost`` owns (the host-tier KV cache). Off CUDA (and without test hooks): unpinned."""
+    nbytes = nbytes_of(shape, dtype)
+    if nbytes == 0 or (device.type != "cuda" and register is None):
+        return host_empty(shape, dtype, device)
+    span = -(-nbytes // PAGE) * PAGE
+    pages = mmap.mmap(-1, span)
+    block = (ctypes.c_char * span).from_buffer(pages)
+    address = ctypes.addressof(block)
+    try:
+        (register or _cuda_register)(address, span)
+        # The tensor keeps ``block`` alive; the finalizer keeps ``pages`` mapped until it ran.
+        weakref.finalize(block, lambda pages: (unregister or _cuda_unregister)(address), pages)
+    except RuntimeError as err:  # page-locked memory is limited (ulimit -l): unpinned, slower
+        logger.warning("%s Left unpinned: its copies to the device are synchronous.", err)
+    return torch.frombuffer(block, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
 class PinnedHost:
@@ -131,17 +127,18 @@ class PinnedHost:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, phase: int = 0) -> torch.Tensor:
         """An uninitialized host tensor starting ``phase`` bytes past a page boundary."""
-        nbytes = _nbytes(shape, dtype)
+        nbytes = nbytes_of(shape, dtype)
         if not self.active or nbytes == 0:
             return host_empty(shape, dtype, self.device, phase)
-        # Register whole pages inside our own allocation: a page shared with another
-        # allocation could be registered twice, which the driver refuses.
+        # Whole pages of our own, registered whole: a page shared with another allocation could
+        # be registered twice, which the driver refuses. The tensor's storage is exactly the
+        # registered range: ``is_pinned()`` asks the driver about the storage's first byte, so
+        # a storage starting before the registration would look unpinned.
         span = -(-(phase + nbytes) // PAGE) * PAGE
-        raw = torch.empty(span + PAGE, dtype=torch.uint8)
-        start = -raw.data_ptr() % PAGE
-        self._register(raw.data_ptr() + start, span)
-        view = raw[start + phase : start + phase + nbytes].view(dtype).view(shape)
-        self._held[view.data_ptr()] = (raw, raw.data_ptr() + start, span)
+        raw = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)  # starts on a page
+        self._register(raw.data_ptr(), span)
+        view = raw[phase : phase + nbytes].view(dtype).view(shape)
+        self._held[view.data_ptr()] = (raw, raw.data_ptr(), span)
         return view
 
     def release(self, tensor: torch.Tensor | None = None) -> None:
@@ -182,7 +179,7 @@ class StagingRing:
         if self._events[i] is not None:
             self._events[i].synchronize()
             self._events[i] = None
-        nbytes = _nbytes(shape, dtype)
+        nbytes = nbytes_of(shape, dtype)
         buf = self._slots[i]
         if buf is None or buf.numel() < nbytes + PAGE:
             if buf is not None:
@@ -208,6 +205,42 @@ class StagingRing:
         self._events = [None] * len(self._slots)
 
 
+class ChunkCopies:
+    """Host-to-device copies of a matrix's chunks into two device buffers in turn, on CUDA on a
+    side stream, so copying chunk i + 1 overlaps the compute stream's use of chunk i (the
+    streamed LM head); a buffer is refilled once that use is done. Without CUDA: inline."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._used: list[Any] = [None, None]  # per buffer: the compute stream's last use
+
+    def copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> Any:
+        """Enqueue ``dst.copy_(src)`` into buffer ``slot`` (0 or 1); returns what ``ready``
+        waits for."""
+        if self._stream is None:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(self._stream):
+            if self._used[slot] is not None:
+                self._stream.wait_event(self._used[slot])
+            dst.record_stream(self._stream)
+            dst.copy_(src, non_blocking=src.is_pinned())
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return done
+
+    def ready(self, done: Any) -> None:
+        """Order the compute stream after the copy that returned ``done``."""
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+
+    def used(self, slot: int) -> None:
+        """The compute stream's use of buffer ``slot`` is enqueued: its refill waits for it."""
+        if self._stream is not None:
+            self._used[slot] = torch.cuda.current_stream(self.device).record_event()
+
+
 def _cuda_register(address: int, nbytes: int) -> None:
     err = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
     if err != 0:
@@ -219,13 +252,6 @@ def _cuda_register(address: int, nbytes: int) -> None:
 
 def _cuda_unregister(address: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(address)
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
 
 
 def to_host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

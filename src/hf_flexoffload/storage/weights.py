@@ -186,6 +186,11 @@ class WeightFetcher:
         self.counters.count_stage_load(stage)
         return out
 
+    def streams(self, stage: int) -> bool:
+        """Whether ``stage`` has a matrix used where it is stored (``StreamedMatrix``), whose
+        lookups choose rows on the host."""
+        return any(name in self._streamed for name in self.layouts[stage].local)
+
     def idle(self, stage: int, rows: int = 0) -> bool:
         """Whether fetching ``stage`` moves and converts nothing (every tensor used where it is
         stored, streamed, or kept from an earlier fetch), so it can run inline."""
