@@ -111,8 +111,9 @@ def test_bf16_tokens_match_simulated_reference(pre_ln_checkpoint):
     path, stock = pre_ln_checkpoint
     # The dequantizing path (the int4 kernel's bf16 rounding differs: test_int4_tiled.py).
     policy = Policy(compress_weights=Q4, weights=Split(host=0.5, disk=0.5), int4_kernel_rows=0)
-    reference = simulated(stock.to(torch.bfloat16), Q4, policy.compress_embeddings)
-    stock.float()
+    # A copy: converting the session's stock in place and back would round its weights to
+    # bf16 for every later test that compares with it.
+    reference = simulated(copy.deepcopy(stock).to(torch.bfloat16), Q4, policy.compress_embeddings)
     ids, mask = batch()
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     with FlexOffloadOPTForCausalLM.from_pretrained(
