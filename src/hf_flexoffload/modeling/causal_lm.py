@@ -95,9 +95,10 @@ class FlexOffloadCausalLMMixin:
                 config, generation config and weights) or a local directory, holding
                 ``config.json`` and safetensors or PyTorch ``.bin`` weights, single or sharded.
             offload_policy: A ``Policy``, its dict, a path to its JSON, or ``"auto"``.
-            offload_dir: Directory for the disk tier. Files there are reused by a later load of
-                the same checkpoint and policy. Default: a temporary directory removed on
-                ``close()`` or exit.
+            offload_dir: Directory for the disk tier, shareable by models and processes (each
+                model's files go to a directory of their own). Files there are reused by a
+                later load of the same checkpoint and policy. Default: a temporary directory
+                removed on ``close()`` or exit.
             device: Compute device; default ``cuda:0`` when available, else CPU.
             dtype: Compute dtype, a ``torch.dtype`` or its name. ``None`` (default): the
                 checkpoint's (fp16 becomes bf16 on CPU). ``"auto"`` *measures* this machine:
