@@ -61,9 +61,11 @@ def test_builtin_scenario_and_resume(eval_checkpoint, policy_file, tmp_path, cap
         (["--scenario", "synthetic_reasoning:x"], "built in"),
         (["--dataset", "{data}", "--metrics", "bleu"], "ScenarioSpec.metrics"),
         (["--dataset", "{empty}"], "empty"),
+        (["--dataset", "{holes}"], "row 2: 'reference' (reference) is missing or null"),
+        (["--dataset", "{holes}"], "row 3: 'input' (prompt) is missing or null"),
     ],
     ids=["template-field", "missing-column", "missing-file", "unknown-scenario", "bad-metric",
-         "empty-dataset"],
+         "empty-dataset", "missing-reference", "null-prompt"],
 )  # fmt: skip
 def test_bad_input_exits_2_before_loading(eval_checkpoint, tmp_path, capsys, monkeypatch,
                                           extra, message):  # fmt: skip
@@ -72,6 +74,9 @@ def test_bad_input_exits_2_before_loading(eval_checkpoint, tmp_path, capsys, mon
     (tmp_path / "e.jsonl").write_text("")
     files = {"data": tmp_path / "d.jsonl", "missing": tmp_path / "no.jsonl"}
     files["empty"] = tmp_path / "e.jsonl"
+    files["holes"] = tmp_path / "h.jsonl"
+    files["holes"].write_text('{"input": "x", "reference": "y"}\n{"input": "z"}\n'
+                              '{"input": null, "reference": "y"}\n')  # fmt: skip
     extra = [str(files.get(a.strip("{}"), a)) for a in extra]
     monkeypatch.setattr(
         AutoFlexOffloadModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded")
@@ -87,3 +92,15 @@ def test_other_run_in_output_exits_2(eval_checkpoint, tmp_path, capsys):
     (run / "run_spec.json").write_text(json.dumps({"scenario": {}, "model": "other"}))
     assert _eval(path, tmp_path / "runs", "--scenario", "synthetic_reasoning:induction") == 2
     assert "different run" in capsys.readouterr().err
+
+
+def test_skip_invalid_skips_and_counts_rows(eval_checkpoint, policy_file, tmp_path, capsys):
+    path, _, _ = eval_checkpoint
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"input": "2+2", "reference": "4"}\n{"input": "3+3"}\n'
+                    '{"input": "1+1", "reference": "2"}\n')  # fmt: skip
+    args = ["--dataset", str(data), "--max-new-tokens", "2", "--offload-policy", policy_file]
+    assert _eval(path, tmp_path / "runs", *args, "--skip-invalid") == 0
+    assert "2 instances (1 rows skipped for missing data)" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "runs" / "qa" / "stats.json").read_text())
+    assert stats["num_instances"] == 2 and stats["skipped_invalid_rows"] == 1

@@ -67,6 +67,13 @@ def add_parser(sub, machine_options, parse_max_memory) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--metrics", default=None, help=f"comma-separated, of {','.join(ALL_METRICS)}")
     p.add_argument("--max-instances", type=int, default=None)
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        default=None,
+        help="skip rows with a missing or null prompt field, reference, choice or answer "
+        "(default: refuse them, naming the rows); counted in stats.json",
+    )
     p.add_argument("--run-name", default=None, help="directory name under --output")
     p.add_argument("--output", default="runs", help="runs are written to OUTPUT/RUN_NAME/")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -105,6 +112,7 @@ def scenario_from_args(args: argparse.Namespace) -> ScenarioSpec:
         "temperature": args.temperature,
         "metrics": tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None,
         "max_instances": args.max_instances,
+        "skip_invalid": args.skip_invalid,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     if args.scenario:
@@ -175,6 +183,8 @@ def _workload(spec: ScenarioSpec, instances: list[Instance], tokenizer) -> Workl
 def summary(stats: dict, run_dir: str | None) -> str:
     """A few lines of what ``stats.json`` holds."""
     lines = [f"{stats['scenario']}: {stats['num_instances']} instances"]
+    if stats.get("skipped_invalid_rows"):
+        lines[0] += f" ({stats['skipped_invalid_rows']} rows skipped for missing data)"
     lines += [f"  {name:<20} {value:.4f}" for name, value in stats["metrics"].items()]
     lines.append(
         f"  {stats['generated_tokens']} tokens generated in {stats['model_seconds']:.1f}s of "

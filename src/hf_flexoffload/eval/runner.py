@@ -94,7 +94,11 @@ def evaluate(
     start = time.perf_counter()
     spec = scenario if isinstance(scenario, ScenarioSpec) else builtin_scenario(scenario)
     ranks = ranks or Ranks.from_env()
-    instances = build_instances(spec)
+    skipped: list[int] = []
+    instances = build_instances(spec, skipped=skipped)
+    if skipped:
+        logger.warning("%s: skipped %d row(s) with missing data: %s", spec.name, len(skipped),
+                       skipped[:20])  # fmt: skip
     block = block_size or _policy_block_size(model) or DEFAULT_BLOCK_SIZE
     if block < 1:
         raise ValueError(f"block_size must be >= 1, got {block}.")
@@ -123,6 +127,7 @@ def evaluate(
     ranks.barrier()  # the merge is done before any rank reads
     records = _in_order(fresh if run is None else run.records(), order)
     stats = _stats(spec, records, model, time.perf_counter() - start, ranks)
+    stats["skipped_invalid_rows"] = len(skipped)
     if run is not None and ranks.is_main:
         run.write_stats(stats)
     return EvalResult(
