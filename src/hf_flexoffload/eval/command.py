@@ -11,7 +11,7 @@ import json
 import os
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ..checkpoints.hub import resolve_pretrained
 from ..config.policy import Workload
@@ -19,8 +19,9 @@ from ..modeling.auto import AutoFlexOffloadModelForCausalLM
 from ..planning.budget import available_ram
 from ..storage.transfer import resolve_device
 from .distributed import Ranks
+from .identity import make_run_spec
 from .metrics import ALL_METRICS
-from .runner import evaluate, make_run_spec, run_directory
+from .runner import evaluate, run_directory
 from .scenario import (
     BUILTIN_PREFIX,
     Instance,
@@ -127,10 +128,25 @@ def run(args: argparse.Namespace) -> int:
     instances = build_instances(spec)  # bad data fails here, before the model is loaded
     ranks = Ranks.from_env()
     run_dir = run_directory(args.output, spec)
-    run_dir.check(make_run_spec(spec, args.model), args.resume)
+    run_dir.check(make_run_spec(spec, args.model, instances=instances), args.resume)
     # A hub id is fetched once (weights and tokenizer files) and read from the cache after.
     path = resolve_pretrained(args.model, revision=args.revision, tokenizer=not args.tokenizer)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or path)
+    config = AutoConfig.from_pretrained(path)
+    # The model and tokenizer are checked too, before the model loads (options after).
+    identity = make_run_spec(spec, args.model, instances=instances, config=config,
+                             model_path=path, tokenizer=tokenizer)  # fmt: skip
+    run_dir.check(identity, args.resume)
+    if ranks.is_main:
+        run_dir.lock()
+    try:
+        return _load_and_evaluate(args, spec, instances, ranks, path, tokenizer)
+    finally:
+        if ranks.is_main:
+            run_dir.unlock()
+
+
+def _load_and_evaluate(args, spec, instances, ranks, path, tokenizer) -> int:
     workload = _workload(spec, instances, tokenizer)
     max_memory = args.parse_max_memory(args.max_memory) or None
     device = resolve_device(args.device)
