@@ -1,9 +1,12 @@
 """Command line: ``hf-flexoffload demo | profile | plan | eval``. Printing happens here and in
 the evaluation's command and progress bar, nowhere else.
 
-Exit codes: 0 success; 1 the demo's tokens differ from transformers'; 2 bad arguments (a missing
-model, an unparsable size, bad evaluation data or output directory); 3 no policy fits the memory
-given to ``plan`` or ``eval``.
+Exit codes: 0 success; 1 the demo's tokens differ from transformers'; 2 bad input (a missing
+model, an unparsable size, an unknown dtype, a prompt longer than the model's positions, bad
+evaluation data, an output directory holding another run or in use by one); 3 the model, a
+policy or a block does not fit the memory (``plan``, ``eval``, ``demo``); 130 interrupted
+(Ctrl-C: ``eval`` continues with the same command and ``--resume``). User errors print one
+``error:`` line, never a traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .architectures import ARCHITECTURES, architecture_for
 from .checkpoints.hub import resolve_pretrained
 from .config.counters import human_bytes
 from .config.policy import TIERS, Workload
-from .planning.budget import parse_size
+from .planning.budget import InsufficientMemoryError, check_max_memory, parse_size
 from .planning.dtype_choice import MEASURED
 from .planning.hardware import HardwareProfile, default_cache_dir
 from .planning.load_plan import plan_policy
@@ -31,7 +34,8 @@ from .planning.optimizer import InfeasiblePolicyError
 from .storage.tier_store import dtype_name
 from .storage.transfer import resolve_device
 
-EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE = 1, 2, 3
+EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+INTERRUPTED = "interrupted: rerun the same command with --resume"
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -64,6 +68,13 @@ def plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         allow_compression=args.allow_compression,
     )
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and args.prompt_len + args.gen_len > positions:
+        raise _UsageError(
+            f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} = "
+            f"{args.prompt_len + args.gen_len} tokens, but the model has {positions} positions "
+            "(max_position_embeddings): generation would fail. Shorten the prompt or generation."
+        )
     try:
         planned = plan_policy(
             config.name_or_path,
@@ -128,16 +139,39 @@ class _UsageError(Exception):
 
 
 def _max_memory(items: list[str]) -> dict[str, int]:
-    caps = {}
+    """``TIER=SIZE`` items checked by the rules ``from_pretrained(max_memory=)`` applies."""
+    raw = {}
     for item in items:
         tier, sep, size = item.partition("=")
         if not sep or tier not in TIERS:
             raise _UsageError(f"--max-memory {item!r}: use TIER=SIZE with TIER in {list(TIERS)}.")
-        try:
-            caps[tier] = parse_size(size, f"--max-memory {tier}")
-        except ValueError as err:
-            raise _UsageError(str(err)) from err
-    return caps
+        raw[tier] = size
+    try:
+        check_max_memory(raw)
+    except ValueError as err:
+        raise _UsageError(f"--max-memory: {err}") from err
+    return {tier: parse_size(size) for tier, size in raw.items()}
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _compute_dtype(text: str) -> str:
+    """An argparse type: a compute dtype name (or ``auto``)."""
+    if text not in COMPUTE_DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(COMPUTE_DTYPES)}")
+    return text
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,12 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="the policy offload_policy='auto' would choose, and why")
     machine_options(p)
     p.add_argument("--model", required=True, help="hub repo id or checkpoint directory")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=None, help="fix the block size")
+    p.add_argument("--prompt-len", type=_positive_int, default=512)
+    p.add_argument("--gen-len", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="fix the block size")
     p.add_argument(
         "--dtype",
         default=None,
+        type=_compute_dtype,
         help="compute dtype, or 'auto': the fastest predicted here of those measured (float32, "
         "bfloat16; float16 on CUDA); default: the checkpoint's",
     )
@@ -195,20 +230,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from .eval import command as eval_command  # loads datasets: only when the CLI runs
 
-    eval_command.add_parser(sub, machine_options, _max_memory)
+    eval_command.add_parser(sub, machine_options, _max_memory, _positive_int, _compute_dtype)
 
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0), or a bad option (2) that argparse has printed
+        return int(done.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.command == "demo" and args.batch_size < 2:
         parser.error("--batch-size must be at least 2 (two micro-batches)")
-    if args.command == "demo":
-        return args.run(args)
     try:  # bad input is a usage error, reported without a traceback
         if args.command == "plan":
             args.max_memory = _max_memory(args.max_memory)
             Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=args.batch_size)
         return args.run(args)
-    except InfeasiblePolicyError as err:
+    except KeyboardInterrupt:
+        print(INTERRUPTED if args.command == "eval" else "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (InfeasiblePolicyError, InsufficientMemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INFEASIBLE
     except (_UsageError, ValueError, FileExistsError, OSError) as err:

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from hf_flexoffload import AutoFlexOffloadModelForCausalLM, cli
+from hf_flexoffload.planning.budget import InsufficientMemoryError
 from tests.eval.conftest import POLICY
 
 
@@ -104,3 +105,56 @@ def test_skip_invalid_skips_and_counts_rows(eval_checkpoint, policy_file, tmp_pa
     assert "2 instances (1 rows skipped for missing data)" in capsys.readouterr().out
     stats = json.loads((tmp_path / "runs" / "qa" / "stats.json").read_text())
     assert stats["num_instances"] == 2 and stats["skipped_invalid_rows"] == 1
+
+
+@pytest.fixture
+def qa(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"input": "2+2", "reference": "4"}\n')
+    return str(data)
+
+
+@pytest.mark.parametrize(
+    "raised, code, message",
+    [
+        (KeyboardInterrupt(), 130, "interrupted: rerun the same command with --resume"),
+        (InsufficientMemoryError("block too big"), 3, "block too big"),
+    ],
+    ids=["ctrl-c", "no-fit"],
+)
+def test_interrupt_and_no_fit_exit_codes(eval_checkpoint, qa, tmp_path, capsys, monkeypatch,
+                                         raised, code, message):  # fmt: skip
+    path, _, _ = eval_checkpoint
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(AutoFlexOffloadModelForCausalLM, "from_pretrained", fail)
+    assert _eval(path, tmp_path / "runs", "--dataset", qa) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "qa" / ".lock").exists(), "the lock is let go"
+
+
+def test_tokenizer_larger_than_the_model_exits_2_before_loading(tmp_path, qa, capsys,
+                                                                monkeypatch):  # fmt: skip
+    from hf_flexoffload.assets.toy import char_tokenizer
+    from tests.conftest import build_model, tiny_config
+
+    build_model(tiny_config(vocab_size=8, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "m"
+    )
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(
+        AutoFlexOffloadModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded")
+    )
+    assert _eval(str(tmp_path / "m"), tmp_path / "runs", "--dataset", qa) == 2
+    assert "the model's vocabulary has 8 entries" in capsys.readouterr().err
+
+
+def test_prompts_beyond_the_models_positions_exit_2(eval_checkpoint, tmp_path, capsys):
+    path, _, _ = eval_checkpoint  # 512 positions
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"input": "x" * 600, "reference": "y"}) + "\n")
+    assert _eval(path, tmp_path / "runs", "--dataset", str(data)) == 2
+    assert "exceeds the model's 512 positions" in capsys.readouterr().err

@@ -35,8 +35,9 @@ from .synthetic import MODES
 _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
 
 
-def add_parser(sub, machine_options, parse_max_memory) -> None:
-    """Register ``eval`` on the CLI's subparsers."""
+def add_parser(sub, machine_options, parse_max_memory, positive_int, compute_dtype) -> None:
+    """Register ``eval`` on the CLI's subparsers (with the CLI's parsers of ``--max-memory``,
+    positive integers and compute dtypes)."""
     p = sub.add_parser(
         "eval",
         help="HELM-style evaluation of a model on a scenario or a local dataset",
@@ -84,12 +85,15 @@ def add_parser(sub, machine_options, parse_max_memory) -> None:
     p.add_argument(
         "--dtype",
         default=None,
+        type=compute_dtype,
         help="compute dtype, or 'auto' (measured); default: the checkpoint's",
     )
     p.add_argument(
         "--max-memory", action="append", default=[], metavar="TIER=SIZE", help="cap a tier"
     )
-    p.add_argument("--block-size", type=int, default=None, help="default: the policy's block")
+    p.add_argument(
+        "--block-size", type=positive_int, default=None, help="default: the policy's block"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run, parse_max_memory=parse_max_memory)
 
@@ -140,14 +144,14 @@ def run(args: argparse.Namespace) -> int:
     if ranks.is_main:
         run_dir.lock()
     try:
-        return _load_and_evaluate(args, spec, instances, ranks, path, tokenizer)
+        return _load_and_evaluate(args, spec, instances, ranks, path, tokenizer, config)
     finally:
         if ranks.is_main:
             run_dir.unlock()
 
 
-def _load_and_evaluate(args, spec, instances, ranks, path, tokenizer) -> int:
-    workload = _workload(spec, instances, tokenizer)
+def _load_and_evaluate(args, spec, instances, ranks, path, tokenizer, config) -> int:
+    workload = _workload(spec, instances, tokenizer, config)
     max_memory = args.parse_max_memory(args.max_memory) or None
     device = resolve_device(args.device)
     offload_dir = args.offload_dir
@@ -184,15 +188,34 @@ def _load_and_evaluate(args, spec, instances, ranks, path, tokenizer) -> int:
     return 0
 
 
-def _workload(spec: ScenarioSpec, instances: list[Instance], tokenizer) -> Workload:
+def _workload(spec: ScenarioSpec, instances: list[Instance], tokenizer, config) -> Workload:
     """What "auto" places the weights for: the longest prompt (blocks run longest first) and
-    the generation length; every block is then re-planned for its real lengths."""
+    the generation length; every block is then re-planned for its real lengths.
+
+    Raises ``ValueError`` (before the model loads) when the tokenizer gives ids the model has
+    no embedding for, or the longest prompt and the generation exceed the model's positions.
+    """
     if spec.multiple_choice:
         texts = [i.prompt + continuation(i.prompt, c) for i in instances for c in i.choices]
         gen_len = 1
     else:
         texts, gen_len = [i.prompt for i in instances], spec.max_new_tokens
-    longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
+    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    top = max((max(ids) for ids in encoded if ids), default=0)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and top >= vocab:
+        raise ValueError(
+            f"The tokenizer gives token id {top} but the model's vocabulary has {vocab} "
+            f"entries (the tokenizer has {len(tokenizer)}): pass the model's own --tokenizer."
+        )
+    longest = max(len(ids) for ids in encoded)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and longest + gen_len > positions:
+        raise ValueError(
+            f"The longest prompt has {longest} tokens; with {gen_len} new tokens that exceeds "
+            f"the model's {positions} positions. Shorten the prompts (fewer --num-shots, "
+            "--max-instances) or --max-new-tokens."
+        )
     return Workload(prompt_len=longest, gen_len=gen_len)
 
 
