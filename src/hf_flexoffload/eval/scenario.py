@@ -14,9 +14,10 @@ import os
 import random
 import string
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 from .metrics import ALL_METRICS, CHOICE_METRICS, GENERATION_METRICS
 from .rows import InvalidRowsError, row_problems
@@ -188,6 +189,8 @@ class Instance:
 
 def load_splits(spec: ScenarioSpec) -> DatasetDict:
     """The scenario's data: generated (built in) or read from a local path."""
+    from datasets import DatasetDict, load_dataset, load_from_disk  # heavy: when data is read
+
     if spec.source.startswith(BUILTIN_PREFIX):
         return synthetic_reasoning(spec.source.removeprefix(BUILTIN_PREFIX), seed=spec.seed)
     path = spec.source
