@@ -8,6 +8,8 @@ import re
 
 import pytest
 from datasets import Dataset, DatasetDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hf_flexoffload.eval import ScenarioSpec, build_instances
 from hf_flexoffload.eval.rows import InvalidRowsError, row_problems
@@ -84,3 +86,37 @@ def test_row_problems_are_empty_for_a_good_row():
     assert row_problems(GOOD, {"question": "prompt", "options": "choices", "gold": "answer"}) == []
     wrong = row_problems(GOOD, {"question": "choices"})
     assert wrong == ["'question' (choices) is str, not a list"]
+
+
+# -- fuzz: random rows (missing, extra, null fields, odd types) load into instances or fail with
+# a clear ValueError, never an uncaught exception or a silent "None" ------------------------------
+
+VALUES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.text(max_size=5)
+    | st.lists(st.none() | st.text(max_size=3) | st.integers(0, 3), max_size=3)
+)
+ROW = st.dictionaries(st.sampled_from(["question", "answer", "options", "gold", "x"]), VALUES)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(rows=st.lists(ROW, min_size=1, max_size=4), mc=st.booleans(), skip=st.booleans())
+def test_loader_fuzz(tmp_path, rows, mc, skip):
+    path = tmp_path / f"fuzz-{abs(hash((str(rows), mc, skip)))}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = _spec(source=str(path), skip_invalid=skip, **(MC if mc else {}))
+    try:
+        instances = build_instances(spec, load_splits(spec))
+    except ValueError:
+        return  # a clear error: unreadable mixed types, a missing column or value, bad answer
+    usable = [r for r in rows if not row_problems(r, {"question": "prompt"})]
+    assert 1 <= len(instances) <= len(usable)
+    for inst in instances:
+        assert inst.prompt.startswith("Q: ") and "Q: None" not in inst.prompt
+        assert all(isinstance(r, str) and r != "None" for r in inst.references)
+        if mc:
+            assert 0 <= inst.answer < len(inst.choices)

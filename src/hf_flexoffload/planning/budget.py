@@ -170,6 +170,11 @@ def return_freed_memory() -> None:
 
 def check_max_memory(max_memory: dict[str, int | str] | None) -> None:
     """Raise if ``max_memory`` has keys other than the tiers or sizes that do not parse."""
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise ValueError(
+            f"Invalid max_memory={max_memory!r}: give a dict like {{'host': '8GiB'}} with keys "
+            f"{list(TIERS)}."
+        )
     unknown = set(max_memory or {}) - set(TIERS)
     if unknown:
         raise ValueError(
