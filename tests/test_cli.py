@@ -125,7 +125,7 @@ def test_plan_exit_codes(pre_ln_checkpoint, capsys, extra, code):
     path, _ = pre_ln_checkpoint
     assert plan("--model", path, "--prompt-len", "16", "--gen-len", "8", *extra) == code
     err = capsys.readouterr().err
-    assert err.startswith("error:")
+    assert "error:" in err and "Traceback" not in err
     if code == cli.EXIT_INFEASIBLE:
         assert "at least" in err
 
@@ -157,3 +157,92 @@ def test_plan_a_llama_checkpoint_and_refuse_other_types(gqa_checkpoint, tmp_path
     GPT2Config().save_pretrained(tmp_path)
     assert plan("--model", str(tmp_path)) == cli.EXIT_USAGE
     assert "'gpt2' model; supported model types: opt, llama" in capsys.readouterr().err
+
+
+# -- the CLI keeps its word: exit codes, no tracebacks -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--model", "m", "--dtype", "float8"],
+        ["eval", "--model", "m", "--scenario", "x", "--dtype", "float8"],
+        ["eval", "--model", "m", "--scenario", "x", "--block-size", "0"],
+        ["plan", "--model", "m", "--gen-len", "-3"],
+    ],
+    ids=["plan-dtype", "eval-dtype", "block-size-0", "negative-gen-len"],
+)
+def test_bad_option_values_exit_2_without_traceback(argv, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("float8" in err or "at least 1" in err)
+
+
+def test_plan_beyond_the_models_positions_is_refused(pre_ln_checkpoint, capsys):
+    path, _ = pre_ln_checkpoint  # 64 positions
+    assert plan("--model", path, "--prompt-len", "60", "--gen-len", "8") == cli.EXIT_USAGE
+    assert "60 + --gen-len 8 = 68 tokens, but the model has 64 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["-5", "nan", "0", "inf", "5XB", "-1GiB"])
+def test_max_memory_is_validated_alike_in_python_and_cli(pre_ln_checkpoint, size, capsys):
+    from hf_flexoffload import FlexOffloadOPTForCausalLM
+
+    path, _ = pre_ln_checkpoint
+    args = ("--model", path, "--prompt-len", "16", "--gen-len", "8")
+    assert plan(*args, "--max-memory", f"host={size}") == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    with pytest.raises(ValueError) as python:
+        FlexOffloadOPTForCausalLM.from_pretrained(path, max_memory={"host": size})
+    assert str(python.value) in err
+    if size.lstrip("-").isdigit():  # the same number given as a number
+        with pytest.raises(ValueError, match="Invalid max_memory"):
+            FlexOffloadOPTForCausalLM.from_pretrained(path, max_memory={"host": int(size)})
+    with pytest.raises(ValueError, match="finite"):
+        FlexOffloadOPTForCausalLM.from_pretrained(path, max_memory={"disk": float("nan")})
+
+
+def test_compute_dtype_names_are_checked_in_python(pre_ln_checkpoint):
+    from hf_flexoffload import FlexOffloadOPTForCausalLM
+
+    path, _ = pre_ln_checkpoint
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        FlexOffloadOPTForCausalLM.from_pretrained(path, dtype="float8")
+
+
+def test_help_imports_nothing_heavy():
+    """``hf-flexoffload --help`` (and every subcommand's) answers without importing torch,
+    transformers or datasets (8 s before; well under a second now)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hf_flexoffload import cli\n"
+        "for argv in (['--help'], ['eval', '--help'], ['plan', '--help']):\n"
+        "    assert cli.main(argv) == 0\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
+        "print('heavy:', heavy, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "heavy: []" in done.stderr
+    assert "--skip-invalid" in done.stdout and "--resume" in done.stdout
+
+
+def test_first_measurement_is_announced_on_stderr(tmp_path, pre_ln_checkpoint, capsys,
+                                                  monkeypatch):  # fmt: skip
+    from hf_flexoffload.planning import hardware
+
+    path, _ = pre_ln_checkpoint
+    HardwareProfile.measure("cpu", matrix=(64, 128), offload_dir=str(tmp_path))  # cached now
+    real_read, rates = hardware._read_cached, {}
+
+    def as_if_new(cache_path):  # the cache is missed, and its rates are what "measuring" gives
+        rates.update(real_read(cache_path))
+
+    monkeypatch.setattr(hardware, "_read_cached", as_if_new)
+    monkeypatch.setattr(hardware, "measure_rates", lambda *args: dict(rates))
+    monkeypatch.setattr(hardware, "_write_cached", lambda *args: None)
+    assert cli.main(["profile", "--model", path, "--offload-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("Measuring this machine once for cpu float32") and "2 min" in err

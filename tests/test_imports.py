@@ -145,7 +145,7 @@ def test_the_graph_sees_the_package():
     assert {"hf_flexoffload.runtime.engine", "hf_flexoffload.eval.runner"} <= set(MODULES)
     assert "hf_flexoffload.formats.int4_tiled" in GRAPH["hf_flexoffload.formats.compression"]
     assert "hf_flexoffload.architectures.layers" in GRAPH["hf_flexoffload.architectures.opt"]
-    assert "hf_flexoffload.eval.command" in GRAPH["hf_flexoffload.cli"]  # inside a function
+    assert "hf_flexoffload.eval.command" in GRAPH["hf_flexoffload.eval.arguments"]  # in a function
     # Type-only: placement names memory_model's Footprint under TYPE_CHECKING.
     assert "hf_flexoffload.planning.memory_model" not in GRAPH["hf_flexoffload.storage.placement"]
 

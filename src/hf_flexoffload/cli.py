@@ -1,9 +1,12 @@
 """Command line: ``hf-flexoffload demo | profile | plan | eval``. Printing happens here and in
 the evaluation's command and progress bar, nowhere else.
 
-Exit codes: 0 success; 1 the demo's tokens differ from transformers'; 2 bad arguments (a missing
-model, an unparsable size, bad evaluation data or output directory); 3 no policy fits the memory
-given to ``plan`` or ``eval``.
+Exit codes: 0 success; 1 the demo's tokens differ from transformers'; 2 bad input (a missing
+model, an unparsable size, an unknown dtype, a prompt longer than the model's positions, bad
+evaluation data, an output directory holding another run or in use by one); 3 the model, a
+policy or a block does not fit the memory (``plan``, ``eval``, ``demo``); 130 interrupted
+(Ctrl-C: ``eval`` continues with the same command and ``--resume``). User errors print one
+``error:`` line, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,29 +16,23 @@ import logging
 import os
 import sys
 
-import torch
-from transformers import (
-    AutoConfig,
-)
-
-from . import demo
-from .architectures import ARCHITECTURES, architecture_for
-from .checkpoints.hub import resolve_pretrained
-from .config.counters import human_bytes
+# Only light modules here: torch, transformers and datasets are imported by the commands that
+# need them, so ``hf-flexoffload --help`` answers at once.
 from .config.policy import TIERS, Workload
-from .planning.budget import parse_size
-from .planning.dtype_choice import MEASURED
-from .planning.hardware import HardwareProfile, default_cache_dir
-from .planning.load_plan import plan_policy
-from .planning.optimizer import InfeasiblePolicyError
-from .storage.tier_store import dtype_name
-from .storage.transfer import resolve_device
+from .eval import arguments as eval_arguments
 
-EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE = 1, 2, 3
+EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+INTERRUPTED = "interrupted: rerun the same command with --resume"
 
 
 def profile(args: argparse.Namespace) -> int:
     """Measure (or show the cached) hardware profile of this machine."""
+    import torch
+
+    from .architectures import architecture_for
+    from .planning.hardware import HardwareProfile
+    from .storage.transfer import resolve_device
+
     matrix = (2048, 8192)
     if args.model:
         arch = architecture_for(_model_config(args))
@@ -57,6 +54,13 @@ def profile(args: argparse.Namespace) -> int:
 
 def plan(args: argparse.Namespace) -> int:
     """Print the policy ``offload_policy="auto"`` would choose for a model, and its estimate."""
+    from .config.counters import human_bytes
+    from .planning.dtype_choice import MEASURED
+    from .planning.load_plan import plan_policy
+    from .planning.optimizer import InfeasiblePolicyError
+    from .storage.tier_store import dtype_name
+    from .storage.transfer import resolve_device
+
     config = _model_config(args)
     workload = Workload(
         prompt_len=args.prompt_len,
@@ -64,6 +68,13 @@ def plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         allow_compression=args.allow_compression,
     )
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and args.prompt_len + args.gen_len > positions:
+        raise _UsageError(
+            f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} = "
+            f"{args.prompt_len + args.gen_len} tokens, but the model has {positions} positions "
+            "(max_position_embeddings): generation would fail. Shorten the prompt or generation."
+        )
     try:
         planned = plan_policy(
             config.name_or_path,
@@ -110,6 +121,11 @@ def plan(args: argparse.Namespace) -> int:
 def _model_config(args: argparse.Namespace):
     """The config of ``--model`` (a local directory or a hub id, fetched at ``--revision``);
     its ``name_or_path`` is the local directory."""
+    from transformers import AutoConfig
+
+    from .architectures import ARCHITECTURES
+    from .checkpoints.hub import resolve_pretrained
+
     path = resolve_pretrained(args.model, revision=args.revision)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise _UsageError(f"--model {path!r} is not a checkpoint directory with a config.json.")
@@ -128,16 +144,41 @@ class _UsageError(Exception):
 
 
 def _max_memory(items: list[str]) -> dict[str, int]:
-    caps = {}
+    """``TIER=SIZE`` items checked by the rules ``from_pretrained(max_memory=)`` applies."""
+    from .planning.budget import check_max_memory, parse_size
+
+    raw = {}
     for item in items:
         tier, sep, size = item.partition("=")
         if not sep or tier not in TIERS:
             raise _UsageError(f"--max-memory {item!r}: use TIER=SIZE with TIER in {list(TIERS)}.")
-        try:
-            caps[tier] = parse_size(size, f"--max-memory {tier}")
-        except ValueError as err:
-            raise _UsageError(str(err)) from err
-    return caps
+        raw[tier] = size
+    try:
+        check_max_memory(raw)
+    except ValueError as err:
+        raise _UsageError(f"--max-memory: {err}") from err
+    return {tier: parse_size(size) for tier, size in raw.items()}
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _compute_dtype(text: str) -> str:
+    """An argparse type: a compute dtype name (or ``auto``)."""
+    if text not in COMPUTE_DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(COMPUTE_DTYPES)}")
+    return text
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="random-weight model only")
     p.add_argument("--prompt-len", type=int, default=32, help="random-weight model only")
     p.add_argument("--new-tokens", type=int, default=None, help="default 40 (real), 16 (toy)")
-    p.add_argument("--cache-dir", default=default_cache_dir())
+    p.add_argument("--cache-dir", default=None, help="default: $HF_FLEXOFFLOAD_CACHE or ~/.cache")
     p.add_argument(
         "--eval-instances", type=int, default=16, help="then evaluate this many (0: skip)"
     )
-    p.set_defaults(run=demo.demo)
+    p.set_defaults(run=_demo)
 
     def machine_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default=None, help="compute device (default: cuda:0 or cpu)")
@@ -179,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="the policy offload_policy='auto' would choose, and why")
     machine_options(p)
     p.add_argument("--model", required=True, help="hub repo id or checkpoint directory")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=None, help="fix the block size")
+    p.add_argument("--prompt-len", type=_positive_int, default=512)
+    p.add_argument("--gen-len", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="fix the block size")
     p.add_argument(
         "--dtype",
         default=None,
+        type=_compute_dtype,
         help="compute dtype, or 'auto': the fastest predicted here of those measured (float32, "
         "bfloat16; float16 on CUDA); default: the checkpoint's",
     )
@@ -199,27 +241,67 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="write the chosen policy as JSON here")
     p.set_defaults(run=plan)
 
-    from .eval import command as eval_command  # loads datasets: only when the CLI runs
+    eval_arguments.add_parser(sub, machine_options, _max_memory, _positive_int, _compute_dtype)
 
-    eval_command.add_parser(sub, machine_options, _max_memory)
-
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0), or a bad option (2) that argparse has printed
+        return int(done.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    _say_when_measuring()
     if args.command == "demo" and args.batch_size < 2:
         parser.error("--batch-size must be at least 2 (two micro-batches)")
-    if args.command == "demo":
-        return args.run(args)
     try:  # bad input is a usage error, reported without a traceback
         if args.command == "plan":
             args.max_memory = _max_memory(args.max_memory)
             Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=args.batch_size)
         return args.run(args)
-    except InfeasiblePolicyError as err:
+    except KeyboardInterrupt:
+        print(INTERRUPTED if args.command == "eval" else "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        code = _exit_code(err)
+        if code is None:
+            raise  # a bug, not a user error: the traceback is wanted
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_INFEASIBLE
-    except (_UsageError, ValueError, FileExistsError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return code
+
+
+def _say_when_measuring() -> None:
+    """Print the library's notice that it measures the machine (30 s to 2 min, once) as a
+    plain line on stderr, so a long first ``plan``, ``eval`` or ``profile`` says why."""
+    measuring = logging.getLogger("hf_flexoffload.planning.hardware")
+    if not any(isinstance(h, _PlainStderr) for h in measuring.handlers):
+        measuring.addHandler(_PlainStderr())
+        measuring.propagate = False
+
+
+class _PlainStderr(logging.Handler):
+    """Log records as plain lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr)
+
+
+def _exit_code(err: Exception) -> int | None:
+    """The exit code of a user error (None: not one)."""
+    if "hf_flexoffload.planning.budget" in sys.modules:  # else nothing could have raised these
+        from .planning.budget import InsufficientMemoryError
+        from .planning.optimizer import InfeasiblePolicyError
+
+        if isinstance(err, (InfeasiblePolicyError, InsufficientMemoryError)):
+            return EXIT_INFEASIBLE
+    if isinstance(err, (_UsageError, ValueError, FileExistsError, OSError)):
         return EXIT_USAGE
+    return None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+    from .planning.hardware import default_cache_dir
+
+    args.cache_dir = args.cache_dir or default_cache_dir()
+    return demo.demo(args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ what to do."""
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import shutil
@@ -202,12 +203,16 @@ def test_batch_that_cannot_fit(pre_ln_checkpoint):
 
 
 def _disk_files(directory):
-    weights = os.path.join(directory, "weights")
+    """Each weight file under ``directory`` (in its model's directory) -> modification time."""
     return {
-        f: os.stat(os.path.join(weights, f)).st_mtime_ns
-        for f in os.listdir(weights)
+        f: os.stat(f).st_mtime_ns
+        for f in glob.glob(os.path.join(directory, "weights", "*", "*"))
         if f.endswith(".bin")
     }
+
+
+def _indexes(directory) -> list[str]:
+    return glob.glob(os.path.join(directory, "weights", "*", "index.json"))
 
 
 def test_offload_files_reused_and_interrupted_load_not_trusted(
@@ -225,7 +230,7 @@ def test_offload_files_reused_and_interrupted_load_not_trusted(
     with load(offload_policy=policy) as m:
         expected = m.generate(ids, max_new_tokens=4, do_sample=False)
     first = _disk_files(offload)
-    assert first and os.path.exists(os.path.join(offload, "weights", "index.json"))
+    assert first and len(_indexes(offload)) == 1
 
     # Same checkpoint and policy: the files are adopted, not rewritten.
     with load(offload_policy=policy) as m:
@@ -247,15 +252,16 @@ def test_offload_files_reused_and_interrupted_load_not_trusted(
     with pytest.raises(KeyboardInterrupt):
         load(offload_policy=Policy(weights=Split(disk=1.0)))
     monkeypatch.undo()
-    assert not os.path.exists(os.path.join(offload, "weights", "index.json"))
+    assert len(_indexes(offload)) == 1, "the interrupted load wrote no index of its own"
 
-    # Corrupt one file too; the next load trusts nothing and still gives the right tokens.
+    # Corrupt one file too; the next load does not trust it and still gives the right tokens.
     victim = next(f for f in first if f.endswith(".bin"))
-    with open(os.path.join(offload, "weights", victim), "r+b") as f:
+    with open(victim, "r+b") as f:
         f.truncate(3)
     with load(offload_policy=policy) as m:
         assert torch.equal(m.generate(ids, max_new_tokens=4, do_sample=False), expected)
-    with open(os.path.join(offload, "weights", "index.json")) as f:
+    (index,) = _indexes(offload)  # the interrupted load's files were removed as unused
+    with open(index) as f:
         assert json.load(f)["fingerprint"]["weights"] == [0.0, 0.5, 0.5]
 
 

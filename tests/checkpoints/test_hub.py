@@ -294,7 +294,7 @@ def test_hub_id_generates_stock_tokens(tmp_path, cache, monkeypatch, form, model
     disk = report.bytes_per_tier["disk"]
     # safetensors: the disk tier is the cached blobs themselves; .bin rows are copied.
     assert report.in_place_bytes == (disk if form == "safetensors" else 0)
-    written = sum(f.stat().st_size for f in (tmp_path / "off" / "weights").glob("*.bin"))
+    written = sum(f.stat().st_size for f in (tmp_path / "off" / "weights").glob("*/*.bin"))
     assert written == disk - report.in_place_bytes
     assert os.path.isdir(snapshot)
 

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hf_flexoffload import Policy, QuantConfig, Split, Workload
 from hf_flexoffload.modeling.causal_lm import resolve_policy
@@ -119,3 +123,56 @@ def test_workload_round_trip_and_validation():
             Workload(**{field: value})
     with pytest.raises(ValueError, match="bogus"):
         Workload.from_dict({"bogus": 1})
+
+
+# -- fuzz: any input is either a clear error or a valid, round-tripping result -----------------
+
+ANYTHING = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _clear_or_valid(build, check):
+    try:
+        value = build()
+    except ValueError as err:
+        assert str(err).startswith("Invalid "), err  # names the field and what is allowed
+        return
+    check(value)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["device", "host", "disk", "gpu"]), ANYTHING) | ANYTHING)
+def test_split_from_anything(data):
+    def check(split):
+        assert abs(sum(split.fractions) - 1) < 1e-6 and all(0 <= f <= 1 for f in split.fractions)
+        assert Split.from_dict(asdict(split)) == split
+
+    _clear_or_valid(lambda: Split.from_dict(data), check)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["bits", "group_size", "dim", "rounding", "x"]), ANYTHING))
+def test_quant_config_from_anything(data):
+    def check(config):
+        assert config.bits in (4, 8) and type(config.bits) is int
+        assert type(config.group_size) is int and config.group_size > 0
+        assert QuantConfig.from_dict(asdict(config)) == config
+
+    _clear_or_valid(lambda: QuantConfig.from_dict(data), check)
+
+
+POLICY_KEYS = ["micro_batch_size", "num_micro_batches", "weights", "cache", "activations",
+               "compress_weights", "compress_cache", "overlap", "int4_kernel_rows",
+               "nope"]  # fmt: skip
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(POLICY_KEYS), ANYTHING) | ANYTHING)
+def test_policy_from_anything(data):
+    _clear_or_valid(lambda: Policy.from_dict(data), lambda p: Policy.from_json(p.to_json()) == p)

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split, Workload
 from hf_flexoffload.planning.budget import (
@@ -253,3 +257,32 @@ def test_per_process_fraction_caps_cuda_capacity(tmp_path):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
         torch.cuda.empty_cache()
+
+
+# -- fuzz: a max_memory is either refused clearly or parsed to a sane number of bytes ---------
+
+SIZES = (
+    st.integers(-(10**15), 10**15)
+    | st.floats()
+    | st.booleans()
+    | st.none()
+    | st.from_regex(r"\s?-?[0-9.e+]{0,6}\s?[kKmMgGtTiIbB]{0,3}\s?", fullmatch=True)
+    | st.text(max_size=10)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["device", "host", "disk", "gpu"]), SIZES) | SIZES)
+def test_max_memory_fuzz(max_memory):
+    from hf_flexoffload.planning.budget import check_max_memory
+
+    try:
+        check_max_memory(max_memory)
+    except ValueError as err:
+        assert "max_memory" in str(err)
+        return
+    for tier, size in (max_memory or {}).items():
+        parsed = parse_size(size)
+        assert isinstance(parsed, int) and parsed >= (1 if tier == "host" else 0)
+        if isinstance(size, (int, float)):
+            assert math.isfinite(size) and parsed == int(size)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 
@@ -121,9 +122,15 @@ def test_max_memory_caps_shared_ram_and_disk():
     assert capped.ram_available == 8 * 2**30  # the page cache is the OS's, not capped
 
 
-def test_measure_caches_rates_but_reads_capacities_again(tmp_path):
+def test_measure_caches_rates_but_reads_capacities_again(tmp_path, caplog):
     kwargs = dict(offload_dir=str(tmp_path), matrix=(64, 128), cache_dir=str(tmp_path / "c"))
-    first = HardwareProfile.measure("cpu", torch.float32, **kwargs)
+    with caplog.at_level(logging.WARNING, logger="hf_flexoffload.planning.hardware"):
+        first = HardwareProfile.measure("cpu", torch.float32, **kwargs)
+    # The first measurement says what it does and how long it takes; a cached one says nothing.
+    (notice,) = [r.getMessage() for r in caplog.records if "Measuring" in r.getMessage()]
+    assert "Measuring this machine once for cpu float32 (matmuls at 64x128" in notice
+    assert "30 s to 2 min" in notice
+    caplog.clear()
     files = os.listdir(tmp_path / "c")
     assert len(files) == 1 and files[0].startswith("cpu-float32-")
     assert all(rate > 0 for rate in first.matmul_flops.values())
@@ -138,6 +145,7 @@ def test_measure_caches_rates_but_reads_capacities_again(tmp_path):
     assert "compute dtype float32" in first.describe()
     again = HardwareProfile.measure("cpu", torch.float32, max_memory={"host": 10**9}, **kwargs)
     assert again.matmul_flops == first.matmul_flops  # from the cache
+    assert not [r for r in caplog.records if "Measuring" in r.getMessage()]
     assert again.host_memory == again.device_memory == 10**9
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".hf_flexoffload-disk-probe")]
 

@@ -167,13 +167,13 @@ def test_borrowed_file_is_read_in_place_never_written_and_checked(tmp_path):
     store.prune()
     store.write_index({"v": 1})
     assert sorted(os.listdir(store.directory)) == ["index.json"]  # nothing of its own
-    store.check_borrowed()
+    store.check_files()
     with pytest.raises(ValueError, match="shorter than the tensor"):
         store.reference("x", (100, 6), torch.float32, str(source), 0)
     shutil.copy(source, tmp_path / "copy")
     os.replace(tmp_path / "copy", source)  # same bytes, another file (re-downloaded): untrusted
     with pytest.raises(CheckpointChangedError, match=r"checkpoint\.bin changed"):
-        store.check_borrowed()
+        store.check_files()
     store.remove("w[4:10]")
     assert source.exists()
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..storage.disk_file import DiskFile
+from ..storage.file_identity import content_identity
 from ..storage.weight_layout import StageLayout
 from .compressed_checkpoint import SavedCompression
 from .safetensors_format import DTYPES, read_header
@@ -90,9 +91,10 @@ class Checkpoint:
         return SavedCompression.from_metadata(self.metadata, repr(self.directory))
 
     def fingerprint(self) -> dict:
-        """Identifies the checkpoint's bytes cheaply (paths, sizes, modification times)."""
+        """Identifies the checkpoint's files where they are: each file's real path, size,
+        modification time and sampled content digest (``storage.file_identity``)."""
         return {
-            os.path.basename(p): [os.path.getsize(p), os.stat(p).st_mtime_ns] for p in self.files
+            os.path.realpath(p): [os.stat(p).st_mtime_ns, content_identity(p)] for p in self.files
         }
 
     def rename(self, renamed: dict[str, str]) -> None:
@@ -105,6 +107,11 @@ class Checkpoint:
                 keys = getattr(self, "_keys", None)
                 if keys is not None:
                     keys[new] = keys.pop(old)
+
+    def content_identity(self) -> dict:
+        """Identifies the checkpoint's bytes wherever they are: each file's name, size and
+        sampled content digest (the same for a copy, or the same files by another path)."""
+        return {os.path.basename(p): content_identity(p) for p in self.files}
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point tensors (the most common one)."""

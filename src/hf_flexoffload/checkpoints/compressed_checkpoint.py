@@ -63,7 +63,7 @@ class SavedCompression:
                 f"{COMPRESSED_VERSION}. Compress the original checkpoint again."
             )
         return cls(
-            config=QuantConfig(**json.loads(metadata["compress_weights"])),
+            config=QuantConfig.from_dict(json.loads(metadata["compress_weights"])),
             embeddings=json.loads(metadata["compress_embeddings"]),
             dtype=dtype_from_name(metadata["dtype"]),
         )

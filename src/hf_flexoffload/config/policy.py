@@ -20,6 +20,15 @@ def _require(condition: bool, field_name: str, value: Any, allowed: str) -> None
         raise ValueError(f"Invalid {field_name}={value!r}: {allowed}.")
 
 
+def _fields_of(cls: type, data: Any) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``: a dict of its fields only."""
+    name, known = cls.__name__, set(cls.__dataclass_fields__)
+    _require(isinstance(data, dict), name, data, f"give a dict of {name} fields")
+    unknown = set(data) - known
+    _require(not unknown, name, sorted(unknown), f"allowed keys are {sorted(known)}")
+    return dict(data)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Split:
     """Fractions of one kind of data (weights, KV cache or activations) per tier.
@@ -66,6 +75,7 @@ class Split:
 
     @classmethod
     def from_dict(cls, data: dict[str, float]) -> Split:
+        _require(isinstance(data, dict), "Split", data, f"give a dict with keys {list(TIERS)}")
         unknown = set(data) - set(TIERS)
         _require(not unknown, "Split", sorted(unknown), f"allowed keys are {list(TIERS)}")
         return cls(**data)
@@ -105,9 +115,10 @@ class QuantConfig:
     rounding: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.bits in (4, 8), "QuantConfig.bits", self.bits, "allowed values are 4 and 8")
+        bits_ok = type(self.bits) is int and self.bits in (4, 8)
+        _require(bits_ok, "QuantConfig.bits", self.bits, "allowed values are 4 and 8")
         _require(
-            isinstance(self.group_size, int) and self.group_size > 0 and self.group_size % 2 == 0,
+            type(self.group_size) is int and self.group_size > 0 and self.group_size % 2 == 0,
             "QuantConfig.group_size",
             self.group_size,
             "must be a positive even integer",
@@ -124,6 +135,10 @@ class QuantConfig:
             self.rounding,
             f"allowed values are None, {', '.join(repr(r) for r in ROUNDINGS)}",
         )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        return cls(**_fields_of(cls, data))
 
     def resolved(self, rounding: str) -> QuantConfig:
         """This config with ``rounding`` filled in where it is None."""
@@ -303,16 +318,13 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        _require(not unknown, "Policy", sorted(unknown), f"allowed keys are {sorted(known)}")
-        kwargs = dict(data)
+        kwargs = _fields_of(cls, data)
         for name in ("weights", "cache", "activations"):
             if isinstance(kwargs.get(name), dict):
                 kwargs[name] = Split.from_dict(kwargs[name])
         for name in ("compress_weights", "compress_cache"):
             if isinstance(kwargs.get(name), dict):
-                kwargs[name] = QuantConfig(**kwargs[name])
+                kwargs[name] = QuantConfig.from_dict(kwargs[name])
         return cls(**kwargs)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -368,22 +380,12 @@ class Workload:
                 value,
                 "must be an integer >= 1",
             )
+        size = self.batch_size
+        size_ok = size is None or (type(size) is int and size >= 1)
+        _require(size_ok, "Workload.batch_size", size, "must be None or an integer >= 1")
+        compress = self.allow_compression
         _require(
-            self.batch_size is None
-            or (
-                isinstance(self.batch_size, int)
-                and not isinstance(self.batch_size, bool)
-                and self.batch_size >= 1
-            ),
-            "Workload.batch_size",
-            self.batch_size,
-            "must be None or an integer >= 1",
-        )
-        _require(
-            isinstance(self.allow_compression, bool),
-            "Workload.allow_compression",
-            self.allow_compression,
-            "must be True or False",
+            isinstance(compress, bool), "Workload.allow_compression", compress, "True or False"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -391,7 +393,4 @@ class Workload:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Workload:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        _require(not unknown, "Workload", sorted(unknown), f"allowed keys are {sorted(known)}")
-        return cls(**data)
+        return cls(**_fields_of(cls, data))

@@ -6,11 +6,41 @@ Example:
     >>> result.metrics
 """
 
-from .distributed import Ranks
-from .metrics import ALL_METRICS, normalize
-from .runner import EvalResult, evaluate
-from .scenario import Instance, ScenarioSpec, build_instances, builtin_scenario, load_splits
-from .synthetic import synthetic_reasoning
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Imported on first use (``datasets`` and torch load only when evaluating).
+_LAZY = {
+    "Ranks": ".distributed",
+    "ALL_METRICS": ".metrics",
+    "normalize": ".metrics",
+    "EvalResult": ".runner",
+    "evaluate": ".runner",
+    "Instance": ".scenario",
+    "ScenarioSpec": ".scenario",
+    "build_instances": ".scenario",
+    "builtin_scenario": ".scenario",
+    "load_splits": ".scenario",
+    "synthetic_reasoning": ".synthetic",
+}
+
+if TYPE_CHECKING:
+    from .distributed import Ranks
+    from .metrics import ALL_METRICS, normalize
+    from .runner import EvalResult, evaluate
+    from .scenario import Instance, ScenarioSpec, build_instances, builtin_scenario, load_splits
+    from .synthetic import synthetic_reasoning
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hf_flexoffload.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ALL_METRICS",

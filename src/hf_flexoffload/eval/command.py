@@ -11,7 +11,7 @@ import json
 import os
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ..checkpoints.hub import resolve_pretrained
 from ..config.policy import Workload
@@ -19,71 +19,17 @@ from ..modeling.auto import AutoFlexOffloadModelForCausalLM
 from ..planning.budget import available_ram
 from ..storage.transfer import resolve_device
 from .distributed import Ranks
-from .metrics import ALL_METRICS
-from .runner import evaluate, make_run_spec, run_directory
+from .identity import make_run_spec
+from .runner import evaluate, run_directory
 from .scenario import (
-    BUILTIN_PREFIX,
     Instance,
     ScenarioSpec,
     build_instances,
     builtin_scenario,
     continuation,
 )
-from .synthetic import MODES
 
 _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
-
-
-def add_parser(sub, machine_options, parse_max_memory) -> None:
-    """Register ``eval`` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "eval",
-        help="HELM-style evaluation of a model on a scenario or a local dataset",
-        description=__doc__.splitlines()[0],
-    )
-    machine_options(p)
-    p.add_argument("--model", required=True, help="hub repo id or checkpoint directory")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model's)")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--scenario",
-        help=f"built in: {', '.join(BUILTIN_PREFIX + m for m in MODES)}",
-    )
-    what.add_argument("--dataset", help="json, jsonl, csv, parquet or a saved datasets directory")
-    p.add_argument("--split", default=None, help="split to evaluate (default: test)")
-    p.add_argument("--train-split", default=None, help="split the k-shot examples come from")
-    p.add_argument("--prompt-template", default=None, help='e.g. "Q: {question}\\nA:"')
-    p.add_argument("--instructions", default=None)
-    p.add_argument("--reference-column", default=None)
-    p.add_argument("--choices-column", default=None, help="multiple choice: list of options")
-    p.add_argument("--answer-column", default=None, help="multiple choice: index or text")
-    p.add_argument("--id-column", default=None)
-    p.add_argument("--num-shots", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--stop", action="append", default=None, help='stop sequence, e.g. "\\n" (repeatable)'
-    )
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--metrics", default=None, help=f"comma-separated, of {','.join(ALL_METRICS)}")
-    p.add_argument("--max-instances", type=int, default=None)
-    p.add_argument("--run-name", default=None, help="directory name under --output")
-    p.add_argument("--output", default="runs", help="runs are written to OUTPUT/RUN_NAME/")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument(
-        "--offload-policy", default="auto", help="'auto' or a policy JSON file (see plan)"
-    )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        help="compute dtype, or 'auto' (measured); default: the checkpoint's",
-    )
-    p.add_argument(
-        "--max-memory", action="append", default=[], metavar="TIER=SIZE", help="cap a tier"
-    )
-    p.add_argument("--block-size", type=int, default=None, help="default: the policy's block")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=run, parse_max_memory=parse_max_memory)
 
 
 def scenario_from_args(args: argparse.Namespace) -> ScenarioSpec:
@@ -105,6 +51,7 @@ def scenario_from_args(args: argparse.Namespace) -> ScenarioSpec:
         "temperature": args.temperature,
         "metrics": tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None,
         "max_instances": args.max_instances,
+        "skip_invalid": args.skip_invalid,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     if args.scenario:
@@ -119,11 +66,26 @@ def run(args: argparse.Namespace) -> int:
     instances = build_instances(spec)  # bad data fails here, before the model is loaded
     ranks = Ranks.from_env()
     run_dir = run_directory(args.output, spec)
-    run_dir.check(make_run_spec(spec, args.model), args.resume)
+    run_dir.check(make_run_spec(spec, args.model, instances=instances), args.resume)
     # A hub id is fetched once (weights and tokenizer files) and read from the cache after.
     path = resolve_pretrained(args.model, revision=args.revision, tokenizer=not args.tokenizer)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or path)
-    workload = _workload(spec, instances, tokenizer)
+    config = AutoConfig.from_pretrained(path)
+    # The model and tokenizer are checked too, before the model loads (options after).
+    identity = make_run_spec(spec, args.model, instances=instances, config=config,
+                             model_path=path, tokenizer=tokenizer)  # fmt: skip
+    run_dir.check(identity, args.resume)
+    if ranks.is_main:
+        run_dir.lock()
+    try:
+        return _load_and_evaluate(args, spec, instances, ranks, path, tokenizer, config)
+    finally:
+        if ranks.is_main:
+            run_dir.unlock()
+
+
+def _load_and_evaluate(args, spec, instances, ranks, path, tokenizer, config) -> int:
+    workload = _workload(spec, instances, tokenizer, config)
     max_memory = args.parse_max_memory(args.max_memory) or None
     device = resolve_device(args.device)
     offload_dir = args.offload_dir
@@ -160,21 +122,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workload(spec: ScenarioSpec, instances: list[Instance], tokenizer) -> Workload:
+def _workload(spec: ScenarioSpec, instances: list[Instance], tokenizer, config) -> Workload:
     """What "auto" places the weights for: the longest prompt (blocks run longest first) and
-    the generation length; every block is then re-planned for its real lengths."""
+    the generation length; every block is then re-planned for its real lengths.
+
+    Raises ``ValueError`` (before the model loads) when the tokenizer gives ids the model has
+    no embedding for, or the longest prompt and the generation exceed the model's positions.
+    """
     if spec.multiple_choice:
         texts = [i.prompt + continuation(i.prompt, c) for i in instances for c in i.choices]
         gen_len = 1
     else:
         texts, gen_len = [i.prompt for i in instances], spec.max_new_tokens
-    longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
+    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    top = max((max(ids) for ids in encoded if ids), default=0)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and top >= vocab:
+        raise ValueError(
+            f"The tokenizer gives token id {top} but the model's vocabulary has {vocab} "
+            f"entries (the tokenizer has {len(tokenizer)}): pass the model's own --tokenizer."
+        )
+    longest = max(len(ids) for ids in encoded)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and longest + gen_len > positions:
+        raise ValueError(
+            f"The longest prompt has {longest} tokens; with {gen_len} new tokens that exceeds "
+            f"the model's {positions} positions. Shorten the prompts (fewer --num-shots, "
+            "--max-instances) or --max-new-tokens."
+        )
     return Workload(prompt_len=longest, gen_len=gen_len)
 
 
 def summary(stats: dict, run_dir: str | None) -> str:
     """A few lines of what ``stats.json`` holds."""
     lines = [f"{stats['scenario']}: {stats['num_instances']} instances"]
+    if stats.get("skipped_invalid_rows"):
+        lines[0] += f" ({stats['skipped_invalid_rows']} rows skipped for missing data)"
     lines += [f"  {name:<20} {value:.4f}" for name, value in stats["metrics"].items()]
     lines.append(
         f"  {stats['generated_tokens']} tokens generated in {stats['model_seconds']:.1f}s of "

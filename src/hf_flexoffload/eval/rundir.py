@@ -1,6 +1,10 @@
 """A run's directory, ``runs/<name>/``, written so that nothing finished is ever lost.
 
-* ``run_spec.json``: what the run is (scenario and model); written once, checked on resume.
+* ``run_spec.json``: what the run is (``identity``: scenario, dataset content, model config and
+  weight files, tokenizer, options); checked on resume, naming what changed.
+* ``.lock``: held (``flock``) by the process running the run, with its pid inside: a second run
+  into the same directory is refused while the first runs; a killed run's lock is released by
+  the system with its process, so it is never stale.
 * ``instances.jsonl``: one JSON record per finished instance, appended and fsynced block by
   block (longest prompts first), then rewritten in scenario order at the end. With several
   processes each rank appends to ``instances.rank-<r>.jsonl`` and rank 0 merges them into
@@ -17,12 +21,26 @@ import glob
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterable
 from typing import Any
+
+from .identity import differences
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the lock falls back to the pid alone
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
 SPEC_FILE, INSTANCES_FILE, STATS_FILE = "run_spec.json", "instances.jsonl", "stats.json"
+LOCK_FILE = ".lock"
+_HELD: dict[str, list[int]] = {}  # lock path -> [descriptor, holders in this process]
+
+
+class RunInUseError(FileExistsError):
+    """Another live process is running into the same run directory."""
 
 
 def write_json_atomic(path: str, data: Any) -> None:
@@ -107,11 +125,12 @@ class RunDirectory:
             return
         with open(existing_path) as f:
             existing = json.load(f)
-        if existing != spec:
-            changed = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
+        changed = differences(existing, spec)
+        if changed:
             raise ValueError(
-                f"{self.path} holds a different run (its {SPEC_FILE} differs in {changed}). "
-                "Use another --output directory or --run-name, or delete it to start over."
+                f"{self.path} holds a different run: {', '.join(changed)} changed since it "
+                f"was recorded in {SPEC_FILE}. Use another --output directory or --run-name, "
+                "or delete it to start over."
             )
         if not resume and self.records():
             raise FileExistsError(
@@ -124,6 +143,49 @@ class RunDirectory:
         self.check(spec, resume)
         os.makedirs(self.path, exist_ok=True)
         write_json_atomic(self.file(SPEC_FILE), spec)
+
+    def lock(self) -> None:
+        """Hold the directory for this process until ``unlock`` (re-entrant within it).
+
+        Raises:
+            RunInUseError: Another live process holds it.
+        """
+        os.makedirs(self.path, exist_ok=True)
+        path = self.file(LOCK_FILE)
+        if path in _HELD:
+            _HELD[path][1] += 1
+            return
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                elif _live_holder(fd):
+                    raise BlockingIOError
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
+                os.close(fd)
+                raise RunInUseError(
+                    f"{self.path} is in use by a run still going ({holder}). Wait for it to "
+                    "end, or use another --output directory or --run-name."
+                ) from None
+            if _same_file(path, fd):
+                break
+            os.close(fd)  # removed by the run that held it, between our open and lock
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _HELD[path] = [fd, 1]
+
+    def unlock(self) -> None:
+        """Stop holding the directory (when the last holder in this process lets go)."""
+        held = _HELD.get(self.file(LOCK_FILE))
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            os.remove(self.file(LOCK_FILE))  # before letting go: a waiter re-checks the path
+            os.close(held[0])
+            del _HELD[self.file(LOCK_FILE)]
 
     def shard_path(self, rank: int, world_size: int) -> str:
         if world_size == 1:
@@ -157,3 +219,24 @@ class RunDirectory:
 
     def write_stats(self, stats: dict[str, Any]) -> None:
         write_json_atomic(self.file(STATS_FILE), stats)
+
+
+def _live_holder(fd: int) -> bool:
+    """Without ``flock``: whether the pid written in the lock file is a live process here."""
+    text = os.pread(fd, 200, 0).decode(errors="replace").split()
+    if len(text) < 4 or text[0] != "pid" or text[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(text[1]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(text[1]) != os.getpid()
+
+
+def _same_file(path: str, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False

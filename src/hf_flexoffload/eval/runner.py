@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .distributed import Ranks
 from .generation import choice_logprobs, generate_block
+from .identity import make_run_spec
 from .metrics import accuracy, score_completion
 from .rundir import RecordWriter, RunDirectory
 from .scenario import Instance, ScenarioSpec, build_instances, builtin_scenario
@@ -94,17 +95,42 @@ def evaluate(
     start = time.perf_counter()
     spec = scenario if isinstance(scenario, ScenarioSpec) else builtin_scenario(scenario)
     ranks = ranks or Ranks.from_env()
-    instances = build_instances(spec)
+    skipped: list[int] = []
+    instances = build_instances(spec, skipped=skipped)
+    if skipped:
+        logger.warning("%s: skipped %d row(s) with missing data: %s", spec.name, len(skipped),
+                       skipped[:20])  # fmt: skip
     block = block_size or _policy_block_size(model) or DEFAULT_BLOCK_SIZE
     if block < 1:
         raise ValueError(f"block_size must be >= 1, got {block}.")
     if output_dir is None and ranks.world_size > 1:
         raise ValueError("Data-parallel evaluation needs output_dir: the ranks merge through it.")
-    run_spec = make_run_spec(spec, model_name or getattr(model.config, "name_or_path", ""))
-    run = None
+    path = getattr(model.config, "name_or_path", "")
+    run_spec = make_run_spec(
+        spec, model_name or path, instances=instances, config=model.config, model_path=path,
+        tokenizer=tokenizer, model=model,
+    )  # fmt: skip
+    if output_dir is None:
+        return _evaluate(model, tokenizer, spec, instances, skipped, None, block, resume,
+                         progress, ranks, start, run_spec)  # fmt: skip
+    run = run_directory(output_dir, spec)
+    if ranks.is_main:
+        run.lock()  # a second run into the directory is refused while this one runs
+    try:
+        return _evaluate(model, tokenizer, spec, instances, skipped, run, block, resume,
+                         progress, ranks, start, run_spec)  # fmt: skip
+    finally:
+        if ranks.is_main:
+            run.unlock()
+
+
+def _evaluate(
+    model, tokenizer, spec: ScenarioSpec, instances: list[Instance], skipped: list[int],
+    run: RunDirectory | None, block: int, resume: bool, progress: bool, ranks: Ranks,
+    start: float, run_spec: dict[str, Any],
+) -> EvalResult:  # fmt: skip
     done: set[str] = set()
-    if output_dir is not None:
-        run = run_directory(output_dir, spec)
+    if run is not None:
         if ranks.is_main:
             run.prepare(run_spec, resume)
         ranks.barrier()  # the spec is checked before any rank starts
@@ -123,6 +149,7 @@ def evaluate(
     ranks.barrier()  # the merge is done before any rank reads
     records = _in_order(fresh if run is None else run.records(), order)
     stats = _stats(spec, records, model, time.perf_counter() - start, ranks)
+    stats["skipped_invalid_rows"] = len(skipped)
     if run is not None and ranks.is_main:
         run.write_stats(stats)
     return EvalResult(
@@ -132,11 +159,6 @@ def evaluate(
         stats=stats,
         run_dir=run.path if run else None,
     )
-
-
-def make_run_spec(spec: ScenarioSpec, model_name: str) -> dict[str, Any]:
-    """What identifies a run: resuming requires the same scenario and model."""
-    return {"scenario": spec.to_dict(), "model": os.path.normpath(model_name or ".")}
 
 
 def run_directory(output_dir: str | os.PathLike, spec: ScenarioSpec) -> RunDirectory:

@@ -14,11 +14,13 @@ import os
 import random
 import string
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 from .metrics import ALL_METRICS, CHOICE_METRICS, GENERATION_METRICS
+from .rows import InvalidRowsError, row_problems
 from .synthetic import MODES, synthetic_reasoning
 
 BUILTIN_PREFIX = "synthetic_reasoning:"
@@ -48,6 +50,8 @@ class ScenarioSpec:
         temperature: 0 for greedy decoding, else the sampling temperature.
         metrics: Names from ``ALL_METRICS``; ``accuracy`` for multiple choice.
         max_instances: Evaluate only the first N instances of the split.
+        skip_invalid: Skip rows whose prompt columns, reference, choices, answer or id are
+            missing or null (default: refuse them, naming the rows; see ``rows``).
     """
 
     name: str = ""
@@ -67,6 +71,7 @@ class ScenarioSpec:
     temperature: float = 0.0
     metrics: tuple[str, ...] = ("exact_match", "quasi_exact_match", "f1")
     max_instances: int | None = None
+    skip_invalid: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -184,6 +189,8 @@ class Instance:
 
 def load_splits(spec: ScenarioSpec) -> DatasetDict:
     """The scenario's data: generated (built in) or read from a local path."""
+    from datasets import DatasetDict, load_dataset, load_from_disk  # heavy: when data is read
+
     if spec.source.startswith(BUILTIN_PREFIX):
         return synthetic_reasoning(spec.source.removeprefix(BUILTIN_PREFIX), seed=spec.seed)
     path = spec.source
@@ -212,12 +219,19 @@ def load_splits(spec: ScenarioSpec) -> DatasetDict:
     return DatasetDict({spec.split: data})
 
 
-def build_instances(spec: ScenarioSpec, splits: DatasetDict | None = None) -> list[Instance]:
+def build_instances(
+    spec: ScenarioSpec, splits: DatasetDict | None = None, skipped: list[int] | None = None
+) -> list[Instance]:
     """Check the data against ``spec`` and expand every row into an ``Instance``.
+
+    Args:
+        skipped: With ``spec.skip_invalid``, the numbers (from 1) of the rows skipped for
+            missing data are appended here.
 
     Raises:
         ValueError: A missing split or column, an empty dataset, a template naming an unknown
-            column, an answer that is not one of the choices, or duplicate ids.
+            column, a row missing data (``InvalidRowsError``), an answer that is not one of
+            the choices, or duplicate ids.
     """
     splits = load_splits(spec) if splits is None else splits
     data = _split(splits, spec.split, "split")
@@ -226,13 +240,19 @@ def build_instances(spec: ScenarioSpec, splits: DatasetDict | None = None) -> li
     _check_columns(spec, data)
     shots = ""
     if spec.num_shots:
-        train = _split(splits, spec.train_split or spec.split, "train_split")
+        train_name = spec.train_split or spec.split
+        train = _split(splits, train_name, "train_split")
         _check_columns(spec, train)
-        shots = _shots(spec, train)
+        shots = _shots(spec, train, _valid_rows(spec, train, train_name))
     if spec.max_instances is not None:
         data = data.select(range(min(spec.max_instances, len(data))))
+    valid = _valid_rows(spec, data, spec.split)
+    if skipped is not None:
+        skipped.extend(i + 1 for i in range(len(data)) if i not in valid)
     instances = []
     for i, row in enumerate(data):
+        if i not in valid:
+            continue
         prompt = shots + spec.prompt_template.format(**row)
         if spec.instructions:
             prompt = f"{spec.instructions}\n\n{prompt}"
@@ -243,6 +263,8 @@ def build_instances(spec: ScenarioSpec, splits: DatasetDict | None = None) -> li
             instances.append(Instance(ident, prompt, choices=choices, answer=answer))
         else:
             instances.append(Instance(ident, prompt, references=_references(row, spec)))
+    if not instances:
+        raise ValueError(f"Every row of split {spec.split!r} lacks data: nothing to evaluate.")
     ids = [inst.id for inst in instances]
     if len(set(ids)) != len(ids):
         raise ValueError(
@@ -307,10 +329,29 @@ def _answer_index(spec: ScenarioSpec, row: dict, choices: tuple[str, ...]) -> in
     )
 
 
-def _shots(spec: ScenarioSpec, train: Dataset) -> str:
-    """The in-context examples, drawn once with ``spec.seed`` and shared by every instance."""
+def _valid_rows(spec: ScenarioSpec, data: Dataset, split: str) -> set[int]:
+    """Indices of the rows holding everything ``spec`` needs; raises ``InvalidRowsError``
+    naming the others unless ``spec.skip_invalid``."""
+    needed = {f: "prompt" for f in sorted(_template_fields(spec.prompt_template))}
+    if spec.multiple_choice:
+        needed.update({spec.choices_column: "choices", spec.answer_column: "answer"})
+    else:
+        needed[spec.reference_column] = "reference"
+    if spec.id_column:
+        needed[spec.id_column] = "id"
+    bad = [(i + 1, p) for i, row in enumerate(data) if (p := row_problems(row, needed))]
+    if bad and not spec.skip_invalid:
+        raise InvalidRowsError(f"split {split!r} of {spec.source!r}", bad)
+    invalid = {n - 1 for n, _ in bad}
+    return {i for i in range(len(data)) if i not in invalid}
+
+
+def _shots(spec: ScenarioSpec, train: Dataset, valid: set[int]) -> str:
+    """The in-context examples, drawn once with ``spec.seed`` from the valid rows and shared
+    by every instance."""
     rng = random.Random(spec.seed)
-    picked = rng.sample(range(len(train)), min(spec.num_shots, len(train)))
+    pool = sorted(valid)
+    picked = [pool[i] for i in rng.sample(range(len(pool)), min(spec.num_shots, len(pool)))]
     parts = []
     for i in picked:
         row = train[i]

@@ -16,8 +16,10 @@ task and its difficulty are the same, but the instances are not HELM's exact str
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-from datasets import Dataset, DatasetDict
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 MODES = ("pattern_match", "variable_substitution", "induction")
 SPLIT_SIZES = {"train": 1000, "validation": 5000, "test": 5000}
@@ -73,6 +75,8 @@ def synthetic_reasoning(mode: str, seed: int = 42) -> DatasetDict:
         >>> synthetic_reasoning("induction")["test"][0]["reference"][:5]
         'Rule:'
     """
+    from datasets import Dataset, DatasetDict  # heavy: imported when data is made
+
     if mode not in MODES:
         raise ValueError(f"Unknown synthetic_reasoning mode {mode!r}; choose from {MODES}.")
     rng = random.Random(f"synthetic_reasoning:{mode}:{seed}")

@@ -5,8 +5,7 @@ transformers' ``generate`` drives the token loop; every ``forward`` is one FlexG
 whole batch (the block) for one token step, run layer by layer and micro-batch by micro-batch by
 the engine. So sampling, logits processors, stopping criteria, streamers and pipelines work as
 they do for ``OPTForCausalLM`` and ``LlamaForCausalLM``. Everything is in
-``FlexOffloadCausalLMMixin``; a model class only names its transformers base class and
-``model_type``.
+``FlexOffloadCausalLMMixin``; a model class only names its base class and ``model_type``.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from ..storage.placement import PlacementReport
 from ..storage.transfer import resolve_device
 from .cache_keyword import CACHE_KEYWORD, cache_argument, output_with_cache
 from .generation_options import check_generate_options
+from .prompt_inputs import check_token_ids, prompt_ids
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,10 @@ class FlexOffloadCausalLMMixin:
                 config, generation config and weights) or a local directory, holding
                 ``config.json`` and safetensors or PyTorch ``.bin`` weights, single or sharded.
             offload_policy: A ``Policy``, its dict, a path to its JSON, or ``"auto"``.
-            offload_dir: Directory for the disk tier. Files there are reused by a later load of
-                the same checkpoint and policy. Default: a temporary directory removed on
-                ``close()`` or exit.
+            offload_dir: Directory for the disk tier, shareable by models and processes (each
+                model's files go to a directory of their own). Files there are reused by a
+                later load of the same checkpoint and policy. Default: a temporary directory
+                removed on ``close()`` or exit.
             device: Compute device; default ``cuda:0`` when available, else CPU.
             dtype: Compute dtype, a ``torch.dtype`` or its name. ``None`` (default): the
                 checkpoint's (fp16 becomes bf16 on CPU). ``"auto"`` *measures* this machine:
@@ -298,6 +299,7 @@ class FlexOffloadCausalLMMixin:
                 f"The KV cache must be the FlexOffloadCache this model returned, not "
                 f"{type(cache).__name__}."
             )
+        check_token_ids(input_ids, self.config.vocab_size)
         batch, new = input_ids.shape
         past = cache.get_seq_length()
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + new):
@@ -331,14 +333,16 @@ class FlexOffloadCausalLMMixin:
 
         Greedy and sampling decoding with everything around them (logits processors, stopping
         criteria, streamers, ``num_return_sequences``, ``return_dict_in_generate``) work as in
-        transformers. Options that need a different loop or cache raise ``ValueError``.
-        """
+        transformers. Options that need a different loop or cache, an empty batch and token
+        ids outside the vocabulary raise ``ValueError``; no prompt starts from bos."""
         effective = copy.deepcopy(generation_config or self.generation_config)
         model_kwargs = effective.update(**kwargs)
         check_generate_options(effective, model_kwargs, kwargs)
-        input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("generate needs input_ids (the prompt tokens).")
+        given = inputs if inputs is not None else model_kwargs.get("input_ids")
+        input_ids = prompt_ids(given, effective.bos_token_id, self.config.vocab_size)
+        if input_ids is not given:  # no prompt: bos, as stock generate starts without one
+            inputs = input_ids
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")}
         batch = input_ids.shape[0] * (effective.num_return_sequences or 1)
         prompt = input_ids.shape[1]
         if effective.max_new_tokens is not None:
@@ -350,8 +354,7 @@ class FlexOffloadCausalLMMixin:
         cache = self.engine.new_cache(capacity=length, policy=policy)
         self.engine.begin_run(policy, memory)
         try:
-            # Under the keyword this transformers expects: the other name would warn (5.24 on)
-            # or never reach forward (before 5.24).
+            # Under this transformers' keyword (the other warns, or never reaches forward).
             return super().generate(
                 inputs, generation_config=generation_config, **{CACHE_KEYWORD: cache}, **kwargs
             )

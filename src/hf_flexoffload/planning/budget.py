@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import re
 import shutil
@@ -23,16 +24,27 @@ class InsufficientMemoryError(MemoryError):
     """A placement needs more bytes on some tier than the tier has."""
 
 
-def parse_size(value: int | float | str, field: str = "max_memory") -> int:
-    """Bytes from ``12GiB``, ``500MB``, ``"1e9"`` or an int."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if match is None or match.group(2).lower() not in _UNITS:
+def parse_size(value: int | float | str, field: str = "max_memory", allow_zero: bool = True) -> int:
+    """Bytes from ``12GiB``, ``500MB``, ``"1e9"`` or a number: finite and not negative (and
+    not zero unless ``allow_zero``); the same rules for Python callers and the command line."""
+    hint = "use bytes or a size like '12GiB', '500MB', '2TB'"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"Invalid {field}={value!r}: {hint}.")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"Invalid {field}={value!r}: {hint}.")
+        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"Invalid {field}={value!r}: a size must be a finite number >= 0.")
+    if number < 1 and not allow_zero:
         raise ValueError(
-            f"Invalid {field}={value!r}: use bytes or a size like '12GiB', '500MB', '2TB'."
+            f"Invalid {field}={value!r}: nothing can run with no {field.split('[')[-1][:-1]} "
+            "memory; give a positive size or leave the tier uncapped."
         )
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    return int(number)
 
 
 def probe_directory(offload_dir: str | None) -> str:
@@ -179,13 +191,18 @@ def return_freed_memory() -> None:
 
 def check_max_memory(max_memory: dict[str, int | str] | None) -> None:
     """Raise if ``max_memory`` has keys other than the tiers or sizes that do not parse."""
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise ValueError(
+            f"Invalid max_memory={max_memory!r}: give a dict like {{'host': '8GiB'}} with keys "
+            f"{list(TIERS)}."
+        )
     unknown = set(max_memory or {}) - set(TIERS)
     if unknown:
         raise ValueError(
             f"Invalid max_memory keys {sorted(unknown)}: allowed keys are {list(TIERS)}."
         )
     for tier, cap in (max_memory or {}).items():
-        parse_size(cap, f"max_memory[{tier!r}]")
+        parse_size(cap, f"max_memory[{tier!r}]", allow_zero=tier != "host")
 
 
 @dataclass(frozen=True, kw_only=True)

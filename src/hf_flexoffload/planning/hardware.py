@@ -204,6 +204,11 @@ class HardwareProfile:
         path = os.path.join(cache_dir or os.path.join(default_cache_dir(), "profiles"), key)
         rates = None if force else _read_cached(path)
         if rates is None:
+            logger.warning(
+                "Measuring this machine once for %s %s (matmuls at %dx%d, memory and disk "
+                "bandwidths under %s): this takes about 30 s to 2 min; later runs reuse %s.",
+                device, str(dtype).removeprefix("torch."), *matrix, probe_dir, path,
+            )  # fmt: skip
             start = time.perf_counter()
             rates = measure_rates(device, dtype, matrix, probe_dir)
             logger.info("Measured the hardware profile in %.1fs", time.perf_counter() - start)

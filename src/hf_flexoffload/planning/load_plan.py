@@ -40,9 +40,12 @@ def resolve_dtype(
     would make fp32 checkpoints compute differently from stock transformers.
     """
     if requested is not None and requested != "auto":
-        dtype = getattr(torch, requested) if isinstance(requested, str) else requested
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"Invalid dtype={requested!r}: use a floating torch.dtype.")
+        dtype = getattr(torch, requested, None) if isinstance(requested, str) else requested
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"Invalid dtype={requested!r}: compute in float32, bfloat16 or float16 (or "
+                "'auto' to measure which is fastest, None for the checkpoint's)."
+            )
         if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
             logger.warning(
                 "dtype=bfloat16 on %s, which has no native bf16: it will be emulated (slow). "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 import weakref
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from ..planning.load_plan import default_workload
 from ..planning.memory_model import Footprint
 from ..storage.activations import ActivationStore
 from ..storage.offload_cache import FlexOffloadCache
+from ..storage.offload_dir import ModelDirectory
 from ..storage.placement import PlacementReport
 from ..storage.tier_store import TierStore
 from ..storage.transfer import Mover, upload
@@ -85,6 +87,7 @@ class OffloadEngine(RunPlanning):
         auto: bool = False,
         estimate: Estimate | None = None,
         report: PlacementReport | None = None,
+        model_dir: ModelDirectory | None = None,
     ) -> None:
         self.arch = arch
         self.policy = policy
@@ -112,7 +115,9 @@ class OffloadEngine(RunPlanning):
             ),
         )
         self.mover = Mover(device, policy.overlap)
-        self.runtime_dir = os.path.join(offload_dir, f"runtime-{os.getpid()}-{id(self):x}")
+        self.runtime_dir = os.path.join(
+            offload_dir, f"runtime-{os.getpid()}-{id(self):x}-{uuid.uuid4().hex[:8]}"
+        )
         self._run = _Run(policy, ForwardTimes(device))
         self._cleanup = weakref.finalize(
             self,
@@ -122,6 +127,7 @@ class OffloadEngine(RunPlanning):
             store,
             offload_dir if owns_dir else None,
             self.runtime_dir,
+            model_dir,
         )
 
     def new_cache(self, capacity: int = 0, policy: Policy | None = None) -> FlexOffloadCache:
@@ -206,7 +212,7 @@ class OffloadEngine(RunPlanning):
         policy = self._run.policy
         b, m = input_ids.shape[0], policy.micro_batch_size
         if prefill:
-            self.store.check_borrowed()
+            self.store.check_files()
         if prefill and not self._run.generating:  # a forward of its own: check it fits first
             s = input_ids.shape[1]
             self.check_fits(b, s, 0, policy, logits_to_keep or s)
@@ -260,11 +266,18 @@ class OffloadEngine(RunPlanning):
 
 
 def _cleanup(
-    mover: Mover, fetcher: WeightFetcher, store: TierStore, owned_dir: str | None, runtime_dir: str
+    mover: Mover,
+    fetcher: WeightFetcher,
+    store: TierStore,
+    owned_dir: str | None,
+    runtime_dir: str,
+    model_dir: ModelDirectory | None,
 ) -> None:
     mover.close()
     fetcher.close()
     store.release()
+    if model_dir is not None:
+        model_dir.close()
     shutil.rmtree(runtime_dir, ignore_errors=True)
     if owned_dir is not None:
         shutil.rmtree(owned_dir, ignore_errors=True)

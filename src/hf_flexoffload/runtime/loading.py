@@ -5,11 +5,14 @@ weights placed stage by stage.
 tensor headers (``planning.load_plan``), lays the weights out and checks them against the
 checkpoint's tensors and the memory of every tier (the placement, the load peak, the offload
 directory's free space), and only then writes, reusing the files an earlier load with the same
-settings left in an explicit ``offload_dir``.
+settings left in an explicit ``offload_dir``. Each model's files go to a directory of their own
+under ``offload_dir/weights`` (``storage.offload_dir``), named by everything that decides their
+bytes, so models and processes sharing an ``offload_dir`` never use each other's files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,6 +31,7 @@ from ..planning.budget import Capacities, bound_heap_slack, return_freed_memory
 from ..planning.load_plan import checkpoint_compute_dtype, default_workload, plan_load
 from ..planning.memory_model import MODEL_ITEMS, footprint
 from ..storage.disk_file import check_writable
+from ..storage.offload_dir import ModelDirectory
 from ..storage.tier_store import TierStore, dtype_name
 from ..storage.weight_layout import layout_for, placement_report, warn_if_inflated
 from .engine import OffloadEngine, resolve_direct_io
@@ -98,29 +102,34 @@ def load_engine(
     owns_dir = offload_dir is None
     directory = tempfile.mkdtemp(prefix="hf_flexoffload-") if owns_dir else offload_dir
     counters = Counters()
-    store = TierStore(device, os.path.join(directory, "weights"), counters, pin=policy.pin_weights)
+    fingerprint = {
+        "format": FORMAT_VERSION,
+        "checkpoint": ckpt.fingerprint(),
+        "config": config_identity(config),
+        "dtype": dtype_name(dtype),
+        "storage": dtype_name(storage),
+        "weights": list(policy.weights.fractions),
+        "compress_weights": policy.to_dict()["compress_weights"],
+        "compress_embeddings": policy.compress_embeddings,
+    }
+    check_writable(os.path.join(directory, "weights"), to_write)
+    model_dir = ModelDirectory(os.path.join(directory, "weights"), fingerprint)
+    store = TierStore(device, model_dir.path, counters, pin=policy.pin_weights)
     try:
-        check_writable(store.directory, to_write)
         store.direct_io = resolve_direct_io(policy, store)
-        fingerprint = {
-            "format": FORMAT_VERSION,
-            "checkpoint": ckpt.fingerprint(),
-            "dtype": dtype_name(dtype),
-            "storage": dtype_name(storage),
-            "weights": list(policy.weights.fractions),
-            "compress_weights": policy.to_dict()["compress_weights"],
-            "compress_embeddings": policy.compress_embeddings,
-        }
-        store.open_index(fingerprint)
         start = time.perf_counter()
-        load_into_store(ckpt, layouts, store, load_chunk_bytes(arch.largest_layer_tensor))
-        return_freed_memory()
-        store.prune()
-        if to_write:
-            store.write_index(fingerprint)
+        with model_dir.loading():
+            store.open_index(fingerprint)
+            load_into_store(ckpt, layouts, store, load_chunk_bytes(arch.largest_layer_tensor))
+            return_freed_memory()
+            store.prune()
+            if to_write:
+                store.write_index(fingerprint)
+        model_dir.prune_others()
         logger.info("Placed weights in %.1fs:\n%s", time.perf_counter() - start, report)
     except BaseException:
         store.release()
+        model_dir.close()
         if owns_dir:
             shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -140,4 +149,12 @@ def load_engine(
         auto=auto,
         estimate=chosen,
         report=report,
+        model_dir=model_dir,
     )
+
+
+def config_identity(config) -> dict:
+    """The model config as it decides the weights' layout (without where it was read from)."""
+    skip = ("_name_or_path", "transformers_version", "_commit_hash")
+    kept = {k: v for k, v in sorted(config.to_dict().items()) if k not in skip}
+    return json.loads(json.dumps(kept, default=str))  # as the index will read it back

@@ -6,9 +6,11 @@ buffers; no copy is kept in RAM. An ``index.json`` written last records what a d
 and for which source, so a later load can reuse the files, and a load interrupted before the
 index was written is never trusted.
 
-A disk tensor can also be *borrowed*: bytes at an offset of a file the store does not own (a
-checkpoint read in place), never written or removed, and checked for changes before each run
-(``check_borrowed``).
+Every disk file is checked for changes before each run (``check_files``: its size, modification
+time and inode), and a file adopted from an earlier load must still have the size and the sampled
+content digest (``file_identity.sampled_digest``) the index recorded. A disk tensor can also be
+*borrowed*: bytes at an offset of a file the store does not own (a checkpoint read in place),
+never written or removed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from ..config.counters import Counters
 from .disk_file import DiskFile, direct_io_supported
+from .file_identity import sampled_digest, stat_identity
 from .transfer import PinnedHost, host_empty
 
 INDEX_FILE = "index.json"
@@ -90,6 +93,7 @@ class TierStore:
         self._entries: dict[str, Entry] = {}
         self._reusable: dict[str, dict[str, Any]] = {}
         self._borrowed: dict[str, tuple[int, ...]] = {}  # file -> identity when first borrowed
+        self._written: dict[str, tuple[int, ...]] = {}  # own file -> identity when written
         self._readers: ThreadPoolExecutor | None = None  # for ``read_rows_ahead``
 
     def supports_direct_io(self) -> bool:
@@ -118,6 +122,7 @@ class TierStore:
                 for key, meta in index.get("tensors", {}).items()
                 if os.path.exists(self._path(key))
                 and os.path.getsize(self._path(key)) == meta["nbytes"]
+                and sampled_digest(self._path(key)) == meta.get("digest")
             }
         else:
             self._reusable = {}
@@ -127,7 +132,12 @@ class TierStore:
     def write_index(self, fingerprint: dict[str, Any]) -> None:
         """Record the complete set of disk files; called once every put has finished."""
         tensors = {
-            key: {"shape": list(e.shape), "dtype": dtype_name(e.dtype), "nbytes": e.nbytes}
+            key: {
+                "shape": list(e.shape),
+                "dtype": dtype_name(e.dtype),
+                "nbytes": e.nbytes,
+                "digest": sampled_digest(e.path),
+            }
             for key, e in self._entries.items()
             if e.tier == "disk" and not e.borrowed
         }
@@ -145,6 +155,7 @@ class TierStore:
             return False
         entry = Entry("disk", shape, dtype, path=self._path(key))
         self._entries[key] = entry
+        self._written[entry.path] = stat_identity(entry.path)
         self.counters.alloc("disk", entry.nbytes)
         return True
 
@@ -157,7 +168,7 @@ class TierStore:
         self.remove(key)
         path = os.path.realpath(path)  # a hub cache's symlink may be re-pointed later
         if path not in self._borrowed:
-            self._borrowed[path] = _identity(path)
+            self._borrowed[path] = stat_identity(path)
         entry = Entry("disk", tuple(shape), dtype, path=path, offset=offset, borrowed=True)
         if offset + entry.nbytes > self._borrowed[path][0]:
             raise ValueError(f"{path} is shorter than the tensor {key} it should hold.")
@@ -168,19 +179,21 @@ class TierStore:
         """Bytes of the disk tier read in place from files the store does not own."""
         return sum(e.nbytes for e in self._entries.values() if e.borrowed)
 
-    def check_borrowed(self) -> None:
-        """Raise ``CheckpointChangedError`` if a borrowed file changed since it was borrowed."""
-        for path, identity in self._borrowed.items():
-            try:
-                now = _identity(path)
-            except OSError:
-                now = None
-            if now != identity:
-                raise CheckpointChangedError(
-                    f"{path} changed (or was removed) after the model was loaded; the disk tier "
-                    "reads weights straight from this checkpoint file, so they can no longer be "
-                    "trusted. Load the model again with from_pretrained."
-                )
+    def check_files(self) -> None:
+        """Raise ``CheckpointChangedError`` if a disk file (borrowed, or written or adopted by
+        this store) changed or was removed since the model was loaded."""
+        for files, what in ((self._borrowed, "checkpoint"), (self._written, "offload")):
+            for path, identity in files.items():
+                try:
+                    now = stat_identity(path)
+                except OSError:
+                    now = None
+                if now != identity:
+                    raise CheckpointChangedError(
+                        f"The {what} file {path} changed (or was removed) after the model was "
+                        "loaded; the disk tier reads weights from it, so they can no longer be "
+                        "trusted. Load the model again with from_pretrained."
+                    )
 
     # -- put / get -----------------------------------------------------------------------------
 
@@ -223,6 +236,7 @@ class TierStore:
             finally:
                 f.close()
             os.replace(tmp, path)
+            self._written[path] = stat_identity(path)
             entry = Entry(tier, shape, dtype, path=path)
         else:
             raise ValueError(f"Unknown tier {tier!r}; allowed: device, host, disk.")
@@ -260,6 +274,7 @@ class TierStore:
         finally:
             f.close()
         os.replace(tmp, entry.path)
+        self._written[entry.path] = stat_identity(entry.path)
         self._entries[key] = entry
         self.counters.alloc(tier, entry.nbytes)
 
@@ -343,6 +358,7 @@ class TierStore:
         if entry.tier == "host":
             self.pinned.release(entry.tensor)
         if entry.path is not None and not entry.borrowed and os.path.exists(entry.path):
+            self._written.pop(entry.path, None)
             os.remove(entry.path)
 
     def bytes_per_tier(self) -> dict[str, int]:
@@ -358,6 +374,7 @@ class TierStore:
         self.pinned.release()
         self._entries.clear()
         self._borrowed.clear()
+        self._written.clear()
         if self._readers is not None:
             self._readers.shutdown()
             self._readers = None
@@ -374,8 +391,3 @@ class TierStore:
 
 class CheckpointChangedError(RuntimeError):
     """A checkpoint file the disk tier reads in place changed after the model was loaded."""
-
-
-def _identity(path: str) -> tuple[int, ...]:
-    st = os.stat(path)
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
