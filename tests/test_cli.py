@@ -246,3 +246,37 @@ def test_first_measurement_is_announced_on_stderr(tmp_path, pre_ln_checkpoint, c
     assert cli.main(["profile", "--model", path, "--offload-dir", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert err.startswith("Measuring this machine once for cpu float32") and "2 min" in err
+
+
+DISK_RATES = (
+    "disk_read",
+    "disk_write",
+    "cached_disk_read",
+    "overlap_penalty",
+    "direct_overlap_penalty",
+)
+
+
+def test_measuring_shows_each_probe_as_it_starts(tmp_path, pre_ln_checkpoint, capsys, monkeypatch):
+    from hf_flexoffload.planning import hardware, probes
+
+    path, _ = pre_ln_checkpoint
+    rates = HardwareProfile.measure("cpu", matrix=(64, 128), offload_dir=str(tmp_path)).to_dict()
+    monkeypatch.setattr(hardware, "_read_cached", lambda cache_path: None)  # a first run
+    monkeypatch.setattr(hardware, "_write_cached", lambda *args: None)
+    fast = {  # each probe answers at once with the cached profile's rates
+        "_matmul": lambda *a: {int(k): v for k, v in rates["matmul_flops"].items()},
+        "_copy_bandwidth": lambda *a: {k: rates[k] for k in ("host_to_device", "device_to_host")},
+        "_attention": lambda *a: rates["attention_bytes"],
+        "_dequantize": lambda *a: rates["dequantize_bytes"],
+        "kernel_rates": lambda *a: ({}, {}),
+        "_op_overhead": lambda *a: rates["op_seconds"],
+        "_disk": lambda *a: {k: rates[k] for k in DISK_RATES},
+    }
+    for name, stub in fast.items():
+        monkeypatch.setattr(probes, name, stub)
+    assert cli.main(["profile", "--model", path, "--offload-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    steps = [line for line in lines if line.startswith("measuring ")]
+    assert steps[0] == "measuring 1/7: matmul rates" and steps[-1].startswith("measuring 7/7")
+    assert len(steps) == 7

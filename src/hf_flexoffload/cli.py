@@ -268,12 +268,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say_when_measuring() -> None:
-    """Print the library's notice that it measures the machine (30 s to 2 min, once) as a
-    plain line on stderr, so a long first ``plan``, ``eval`` or ``profile`` says why."""
-    measuring = logging.getLogger("hf_flexoffload.planning.hardware")
-    if not any(isinstance(h, _PlainStderr) for h in measuring.handlers):
-        measuring.addHandler(_PlainStderr())
-        measuring.propagate = False
+    """Print the library's notice that it measures the machine (30 s to 2 min, once), and a
+    line as each of its probes starts, as plain lines on stderr, so a long first ``plan``,
+    ``eval`` or ``profile`` says why and how far it is."""
+    for name in ("hf_flexoffload.planning.hardware", "hf_flexoffload.planning.probes"):
+        measuring = logging.getLogger(name)
+        if not any(isinstance(h, _PlainStderr) for h in measuring.handlers):
+            measuring.addHandler(_PlainStderr())
+            measuring.propagate = False
+    probes = logging.getLogger("hf_flexoffload.planning.probes")
+    if probes.getEffectiveLevel() > logging.INFO:
+        probes.setLevel(logging.INFO)
 
 
 class _PlainStderr(logging.Handler):

@@ -196,7 +196,23 @@ def test_invalid_repo_id():
     with pytest.raises(
         FileNotFoundError, match="neither a local checkpoint directory nor a Hugging"
     ):
-        resolve_pretrained("a/b/c/d")
+        resolve_pretrained("not a repo id!")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a/b/c/d", "./models/opt", "/no/such/checkpoint", "~/opt-125m", "{existing}/typo"],
+    ids=["three_slashes", "relative", "absolute", "home", "under_an_existing_dir"],
+)
+def test_a_mistyped_path_is_refused_at_once_without_the_hub(name, tmp_path, monkeypatch):
+    """A name only a path can be never reaches the hub (whose retries take ~30 s offline)."""
+    from hf_flexoffload.checkpoints import hub
+
+    monkeypatch.setattr(hub, "_fetch", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(FileNotFoundError, match="is not a directory: no checkpoint there"):
+        resolve_pretrained(name.format(existing="existing"))
 
 
 @pytest.mark.parametrize(

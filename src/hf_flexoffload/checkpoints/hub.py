@@ -195,6 +195,16 @@ def _fix(repo_id: str, revision: str | None, options: dict[str, Any]) -> str:
     )
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """Whether ``name`` can only be meant as a local path: it starts like one (``/``, ``.``,
+    ``~``), has more parts than a repo id's ``org/name``, or starts with a directory that
+    exists here."""
+    if name.startswith(("/", ".", "~")) or (os.sep != "/" and os.sep in name):
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
 def resolve_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -243,6 +253,13 @@ def resolve_pretrained(
     if os.path.isfile(repo_id):
         raise NotADirectoryError(
             f"{repo_id!r} is a file: pass the checkpoint directory that holds it."
+        )
+    if _looks_like_a_path(repo_id):
+        # A mistyped local path: say so now, rather than after the hub's retries (~30 s
+        # without a network) end in "not a repo".
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a directory: no checkpoint there. Check the path (a Hugging "
+            "Face Hub repo id is 'org/name')."
         )
     err = _errors()
     options: dict[str, Any] = dict(

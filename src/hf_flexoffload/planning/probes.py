@@ -63,22 +63,33 @@ def measure_rates(
         "dtype": dtype_name(dtype),
         "matrix": list(matrix),
     }
-    rates["matmul_flops"] = _matmul(device, dtype, matrix)
-    copy = _copy_bandwidth(device)
-    rates.update(copy)
-    rates["attention_bytes"] = _attention(torch.device("cpu"), dtype)
-    rates["device_attention_bytes"] = (
-        _attention(device, dtype) if device.type == "cuda" else rates["attention_bytes"]
-    )
-    rates["dequantize_bytes"] = _dequantize(device, dtype, matrix)
-    kernel, dequantizing = kernel_rates(device, dtype, matrix, KERNEL_PROBE_ROWS)
-    rates["int4_matmul_flops"] = kernel
-    rates["int4_kernel_rows"] = crossover(kernel, dequantizing)
-    rates["op_seconds"] = _op_overhead(device)
-    rates.update(_disk(probe_dir, device, dtype, matrix))
+    steps = [
+        ("matmul rates", lambda: {"matmul_flops": _matmul(device, dtype, matrix)}),
+        ("copy bandwidths", lambda: _copy_bandwidth(device)),
+        ("attention", lambda: _attention_rates(device, dtype)),
+        ("dequantizing", lambda: {"dequantize_bytes": _dequantize(device, dtype, matrix)}),
+        ("the int4 kernel", lambda: _int4_rates(device, dtype, matrix)),
+        ("per-op overhead", lambda: {"op_seconds": _op_overhead(device)}),
+        (f"the disk under {probe_dir}", lambda: _disk(probe_dir, device, dtype, matrix)),
+    ]
+    for i, (what, probe) in enumerate(steps, 1):
+        # Progress, a line per probe: the CLI shows these while the first run measures.
+        logger.info("measuring %d/%d: %s", i, len(steps), what)
+        rates.update(probe())
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the probes' blocks back to the driver (and other processes)
     return rates
+
+
+def _attention_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    host = _attention(torch.device("cpu"), dtype)
+    on_device = _attention(device, dtype) if device.type == "cuda" else host
+    return {"attention_bytes": host, "device_attention_bytes": on_device}
+
+
+def _int4_rates(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -> dict:
+    kernel, dequantizing = kernel_rates(device, dtype, matrix, KERNEL_PROBE_ROWS)
+    return {"int4_matmul_flops": kernel, "int4_kernel_rows": crossover(kernel, dequantizing)}
 
 
 def _matmul(device: torch.device, dtype: torch.dtype, matrix: tuple[int, int]) -> dict[int, float]:
