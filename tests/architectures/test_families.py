@@ -18,6 +18,7 @@ import torch
 
 from hf_flexoffload import AutoFlexOffloadModelForCausalLM, Policy, QuantConfig, Split, Workload
 from hf_flexoffload.architectures import architecture_for
+from hf_flexoffload.formats import int4_tiled
 from hf_flexoffload.formats.compression import dequantize, quantize
 
 from ..conftest import FAMILY_MODELS, WINDOW, batch, build_by_id, family_config, save_torch_bin
@@ -140,6 +141,16 @@ def test_bf16_matches_stock_bf16(model_checkpoint, tmp_path):
 Q4 = QuantConfig(bits=4, group_size=32, rounding="minmax")
 
 
+def simulated(stock):
+    """Stock with its decoder matrices quantized and dequantized by the same functions."""
+    model = copy.deepcopy(stock)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not any(e in name for e in ("embed", "lm_head")):
+                p.copy_(dequantize(quantize(p, Q4)))
+    return model
+
+
 @pytest.mark.parametrize(
     "model_checkpoint", ["mistral-window", "gpt_neox-parallel", "phi3-window"], indirect=True
 )
@@ -147,18 +158,29 @@ def test_compressed_weights_match_stock_on_the_same_quantized_weights(model_chec
     """4-bit decoder matrices (fused projections included) on the dequantizing path: exactly
     stock with the same quantized-then-dequantized matrices."""
     path, stock = model_checkpoint
-    simulated = copy.deepcopy(stock)
-    embeddings = ("embed", "lm_head")
-    with torch.no_grad():
-        for name, p in simulated.named_parameters():
-            if p.dim() == 2 and not any(e in name for e in embeddings):
-                p.copy_(dequantize(quantize(p, Q4)))
     ids, mask = batch()
-    expected = simulated.generate(ids, attention_mask=mask, **GREEDY)
+    expected = simulated(stock).generate(ids, attention_mask=mask, **GREEDY)
     policy = Policy(compress_weights=Q4, weights=Split(host=0.5, disk=0.5), int4_kernel_rows=0)
     with load(path, policy) as model:
         got = model.generate(ids, attention_mask=mask, **GREEDY)
     assert_same_generation(got, expected)
+
+
+@pytest.mark.parametrize("model_checkpoint", ["qwen3-head_dim"], indirect=True)
+def test_int4_kernel_path_agrees_to_bf16_precision(model_checkpoint):
+    """The CPU int4 kernel multiplies the same 4-bit bytes in bf16: the first step's scores
+    agree with the simulated reference to bf16 precision (as for OPT in test_weights)."""
+    if not int4_tiled.kernel_available(torch.device("cpu")):
+        pytest.skip("this torch has no CPU int4 kernel")
+    path, stock = model_checkpoint
+    ids, mask = batch()
+    expected = simulated(stock).generate(ids, attention_mask=mask, **GREEDY)
+    policy = Policy(compress_weights=Q4, weights=Split(host=0.5, disk=0.5), int4_kernel_rows=4096)
+    with load(path, policy) as model:
+        assert model.engine.fetcher.kernel_rows == 4096
+        got = model.generate(ids, attention_mask=mask, **GREEDY)
+    atol = 0.02 * expected.scores[0].abs().max().item()
+    torch.testing.assert_close(got.scores[0], expected.scores[0], atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("model_checkpoint", ["gemma2-softcap", "qwen2-window"], indirect=True)
