@@ -282,15 +282,13 @@ def stock_crosses_longrope_switch(stock) -> bool:
 
     transformers' Phi-3 recomputes the whole sequence when it first passes
     ``original_max_position_embeddings`` (so every key is rotated by the long factors), as the
-    offloaded model does. Releases whose ``prepare_inputs_for_generation`` has no
-    ``next_sequence_length`` (5.0) drop the cache there and feed only the last token, losing the
-    context: nothing to be equal to, so the tests stop before the switch on those."""
-    from transformers import GenerationMixin
-
+    offloaded model does, where its ``prepare_inputs_for_generation`` also resets
+    ``next_sequence_length`` (5.24). Earlier releases (5.0, 5.17) drop the cache there but feed
+    only the last token, losing the context: nothing to be equal to, so the tests stop before
+    the switch on those."""
     if stock.config.model_type != "phi3":
         return True
-    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-    return "next_sequence_length" in params
+    return "next_sequence_length" in inspect.getsource(type(stock).prepare_inputs_for_generation)
 
 
 def family_config(name: str, **overrides):
