@@ -76,12 +76,12 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(eval_checkpoint, policy_f
     assert _generate(path, tmp_path, "--offload-policy", policy_file) == cli.EXIT_INTERRUPTED
     assert "interrupted: rerun the same command with --resume" in capsys.readouterr().err
     finished = len((tmp_path / "out.jsonl").read_text().splitlines())
-    assert finished == 2  # the first block: "req-4" and "plain" share the default options
+    assert finished == 4  # the first block: 4 rows of the policy's block, of 5 greedy requests
     monkeypatch.setattr(batch_job, "generate_requests", real)
     assert _generate(path, tmp_path, "--offload-policy", policy_file) == cli.EXIT_USAGE
     assert "--resume" in capsys.readouterr().err
     assert _generate(path, tmp_path, "--offload-policy", policy_file, "--resume") == 0
-    assert "5 requests (2 from before --resume)" in capsys.readouterr().out
+    assert "5 requests (4 from before --resume)" in capsys.readouterr().out
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
 
 

@@ -1,9 +1,10 @@
 """``run_batch_job``: the requests of a batch file through one model, block by block, durably.
 
-Requests that generate alike (the same options) are sorted by prompt length and cut into
-blocks of the policy's size (rows: ``n`` per request), so every weight load serves a full block
-of similar-length, left-padded prompts; blocks run longest first, so one that does not fit
-fails at once. A sampled request with a ``seed`` runs alone, as ``torch.manual_seed(seed);
+Requests that generate alike (greedy, or sampled with the same temperature, top_p and ``n``;
+``max_tokens`` and stop sequences end each row on its own) are sorted by prompt length and cut
+into blocks of the policy's size (rows: ``n`` per sampled request), so every weight load serves
+a full block of similar-length, left-padded prompts; blocks run longest first, so one that does
+not fit fails at once. A sampled request with a ``seed`` runs alone, as ``torch.manual_seed(seed);
 model.generate(...)``, so it is reproducible whatever else the file holds.
 
 Each finished block's result lines are appended to the output file and fsynced before the
@@ -14,7 +15,6 @@ and lock of ``eval``'s run directory), so ``resume=True`` skips the requests alr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,21 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteriaList
 
-from .batch_requests import CHAT, BadLine, BatchRequest, GenerationOptions
-from .generation import StopSequences, _pad_id, _tokens_up_to, truncate_at_stop
+from .batch_generation import _digest, generate_requests, plan_blocks, result_line
+from .batch_requests import BadLine, BatchRequest
 from .identity import model_identity, options_identity, tokenizer_identity
 from .rundir import RecordWriter, RunDirectory, read_records
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 8  # for models without an offload policy (stock transformers)
-
-
-def _digest(data: Any) -> str:
-    blob = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
 
 class JobDirectory(RunDirectory):
@@ -96,138 +90,6 @@ def job_identity(
     if model is not None:
         out["options"] = options_identity(model)
     return out
-
-
-def plan_blocks(requests: Sequence[BatchRequest], block_size: int) -> list[list[BatchRequest]]:
-    """Blocks of requests that generate alike, at most ``block_size`` rows each (``n`` rows
-    for a sampled request; a larger one alone), longest prompts first; a seeded sampled
-    request alone."""
-    groups: dict[Any, list[BatchRequest]] = {}
-    blocks: list[list[BatchRequest]] = []
-    for r in requests:
-        if r.options.sampling and r.options.seed is not None:
-            blocks.append([r])
-        else:
-            groups.setdefault(_group_key(r.options), []).append(r)
-    for group in groups.values():
-        group = sorted(group, key=lambda r: -len(r.prompt_ids))  # stable: ties in input order
-        block: list[BatchRequest] = []
-        for r in group:
-            if block and sum(_rows(x) for x in block) + _rows(r) > block_size:
-                blocks.append(block)
-                block = []
-            block.append(r)
-        blocks.append(block)
-    return sorted(blocks, key=lambda b: -max(len(r.prompt_ids) for r in b))
-
-
-def _rows(request: BatchRequest) -> int:
-    """Rows a request takes in a block: ``n`` sampled, one greedy (its copies are equal)."""
-    return request.options.n if request.options.sampling else 1
-
-
-def _group_key(options: GenerationOptions) -> tuple:
-    data = options.to_dict()
-    if not options.sampling:  # greedy: sampling knobs change nothing
-        data.update(top_p=1.0, seed=None, temperature=0.0)
-    return tuple(sorted((k, json.dumps(v)) for k, v in data.items()))
-
-
-def generation_kwargs(options: GenerationOptions, pad_token_id: int) -> dict[str, Any]:
-    """The ``generate`` arguments of a request's options (stop sequences aside)."""
-    sampling = options.sampling
-    return {
-        "max_new_tokens": options.max_tokens,
-        "do_sample": sampling,
-        "temperature": options.temperature if sampling else None,
-        "top_p": options.top_p if sampling else None,
-        "top_k": None,
-        "num_return_sequences": options.n if sampling else 1,
-        "pad_token_id": pad_token_id,
-    }
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated choice: its text (cut before a stop sequence), tokens and why it ended."""
-
-    text: str
-    tokens: int
-    finish_reason: str
-
-
-def generate_requests(model, tokenizer, block: Sequence[BatchRequest]) -> list[list[Completion]]:
-    """Generate one block (requests sharing their options): ``n`` completions per request
-    (greedy ones generated once and repeated, as ``generate`` refuses ``n > 1`` greedily)."""
-    options = block[0].options
-    pad = _pad_id(model, tokenizer)
-    length = max(len(r.prompt_ids) for r in block)
-    ids = torch.full((len(block), length), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(block):  # left padding: the prompts' ends aligned
-        ids[i, length - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        mask[i, length - len(r.prompt_ids) :] = 1
-    criteria = StoppingCriteriaList()
-    if options.stop:
-        criteria.append(StopSequences(tokenizer, options.stop, length))
-    if options.sampling and options.seed is not None:
-        torch.manual_seed(options.seed)
-    out = model.generate(
-        ids, attention_mask=mask, stopping_criteria=criteria, **generation_kwargs(options, pad)
-    )
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    rows = [_completion(tokenizer, row, options, eos) for row in out[:, length:]]
-    if not options.sampling:
-        return [[row] * options.n for row in rows]
-    return [rows[i * options.n : (i + 1) * options.n] for i in range(len(block))]
-
-
-def _completion(tokenizer, row: torch.Tensor, options: GenerationOptions, eos: set) -> Completion:
-    tokens = row.tolist()
-    ended = next((i for i, t in enumerate(tokens) if t in eos), None)
-    if ended is not None:
-        tokens = tokens[: ended + 1]
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cut = truncate_at_stop(text, options.stop)
-    if cut != text:
-        return Completion(cut, _tokens_up_to(tokenizer, torch.tensor(tokens), cut), "stop")
-    reason = "stop" if ended is not None or len(tokens) < options.max_tokens else "length"
-    return Completion(text, len(tokens), reason)
-
-
-def result_line(request: BatchRequest, completions: Sequence[Completion], model_name: str):
-    """The OpenAI Batch output line of a request."""
-    chat = request.url == CHAT
-    choices = []
-    for i, c in enumerate(completions):
-        choice: dict[str, Any] = {"index": i}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
-        else:
-            choice["text"] = c.text
-        choice.update(logprobs=None, finish_reason=c.finish_reason)
-        choices.append(choice)
-    prompt, generated = len(request.prompt_ids), sum(c.tokens for c in completions)
-    key = _digest(request.custom_id)
-    body = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{key}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": generated,
-            "total_tokens": prompt + generated,
-        },
-    }
-    return {
-        "id": f"batch_req_{key}",
-        "custom_id": request.custom_id,
-        "response": {"status_code": 200, "request_id": key, "body": body},
-        "error": None,
-    }
 
 
 @dataclass(frozen=True)
