@@ -1,5 +1,5 @@
-"""Command line: ``hf-flexoffload demo | profile | plan | eval | generate``. Printing happens
-here and in the evaluation's and batch job's commands and progress bars, nowhere else.
+"""Command line: ``hf-flexoffload demo | profile | plan | eval | generate | lm-eval``. Printing
+happens here and in the evaluation's and batch job's commands and progress bars, nowhere else.
 
 Exit codes: 0 success; 1 the demo's tokens differ from transformers'; 2 bad input (a missing
 model, an unparsable size, an unknown dtype, a prompt longer than the model's positions, bad
@@ -246,6 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     eval_arguments.add_generate_parser(
         sub, machine_options, _max_memory, _positive_int, _compute_dtype
     )
+    eval_arguments.add_lm_eval_parser(sub)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's
+        try:
+            return eval_arguments.run_lm_eval(argv[1:])
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
 
     try:
         args = parser.parse_args(argv)

@@ -110,6 +110,47 @@ def add_generate_parser(
     p.set_defaults(run=_run_generate, parse_max_memory=parse_max_memory)
 
 
+def add_lm_eval_parser(sub) -> None:
+    """Register ``lm-eval`` (lm-evaluation-harness's CLI with the ``flexoffload`` model type)
+    for ``--help``; ``run_lm_eval`` runs it, every argument passed on as it is."""
+    sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-evaluation-harness's own CLI, with --model flexoffload registered "
+        "(pip install hf_flexoffload[lm-eval])",
+    )
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """Run ``lm_eval``'s command line on ``argv`` with the ``flexoffload`` type registered
+    (for lm-eval releases that do not load plugins from entry points).
+
+    Raises:
+        ValueError: lm-eval is not installed (saying how to install it).
+    """
+    import sys
+
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        from . import lm_eval_model  # noqa: F401  (registers "flexoffload")
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("lm_eval"):
+            raise
+        raise ValueError(
+            "lm-eval is not installed: pip install 'hf_flexoffload[lm-eval]' (or the lock's "
+            "lm-eval with `make venv`)."
+        ) from None
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except SystemExit as done:  # lm-eval's --help, or its own usage errors
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import command  # heavy: only when an evaluation runs
 
