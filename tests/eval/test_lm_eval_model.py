@@ -102,6 +102,12 @@ def test_the_model_type_is_registered_and_batches_by_the_policy(eval_checkpoint,
     POLICY.save(str(tmp_path / "p.json"))
     lm = FlexOffloadLM(pretrained=eval_checkpoint[0], offload_policy=str(tmp_path / "p.json"))
     assert lm.batch_size == POLICY.block_size
+    args = f"pretrained={eval_checkpoint[0]},offload_policy={tmp_path / 'p.json'}"
+    for extra, config, expected in [("", {"batch_size": 1}, POLICY.block_size),  # the CLI's 1
+                                    ("", {"batch_size": 3}, 3),
+                                    (",batch_size=1", {"batch_size": 3}, 1)]:  # fmt: skip
+        lm = FlexOffloadLM.create_from_arg_string(args + extra, {**config, "device": None})
+        assert lm.batch_size == expected, (extra, config)
     assert parse_max_memory("host=8GiB;disk=1TB") == {"host": "8GiB", "disk": "1TB"}
     with pytest.raises(ValueError, match="TIER=SIZE"):
         parse_max_memory("8GiB")

@@ -59,7 +59,9 @@ class FlexOffloadLM(HFLM):
             default: the checkpoint's, as ``--model hf``'s ``dtype=auto``.
         revision: The hub revision.
         tokenizer: A tokenizer directory or id (default: the checkpoint's).
-        batch_size: Requests per forward pass; default: the policy's block size.
+        batch_size: Requests per forward pass; default: the policy's block size (also when
+            lm-eval's CLI passes its default ``--batch_size 1``; ``batch_size=1`` in
+            ``model_args`` for one at a time).
         device: The compute device (default: cuda:0 where there is one, else the CPU).
         **kwargs: Passed to ``HFLM`` (``max_length``, ``add_bos_token``, ...).
     """
@@ -94,3 +96,20 @@ class FlexOffloadLM(HFLM):
             pretrained=model, tokenizer=tokenizer or path, batch_size=batch_size, **kwargs
         )
         self.pretrained_name = pretrained
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """From ``--model_args`` and the CLI's options (see ``create_from_arg_obj``)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's CLI always passes ``batch_size`` (1 unless ``--batch_size`` is given):
+        here its 1 means the policy's block; ``batch_size=`` in ``model_args`` wins over
+        ``--batch_size``."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "batch_size" in arg_dict or str(extra.get("batch_size")) == "1":
+            extra.pop("batch_size", None)
+        return cls(**arg_dict, **extra)
