@@ -118,3 +118,30 @@ def test_another_job_in_the_output_exits_2_before_loading(eval_checkpoint, polic
     )
     assert _generate(path, tmp_path, "--max-tokens", "5", "--resume") == cli.EXIT_USAGE
     assert "holds a different run: dataset changed" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_requests_and_tokens_per_second(eval_checkpoint, policy_file,
+                                                           tmp_path, capsys):  # fmt: skip
+    path, _, _ = eval_checkpoint
+    data = tmp_path / "requests.jsonl"
+    data.write_text("\n".join(LINES) + "\n")
+    args = ["generate", "--model", path, "-i", str(data), "-o", str(tmp_path / "out.jsonl"),
+            "--offload-policy", policy_file]  # fmt: skip
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "generate: 100%" in err and "5/5" in err and "tok_s=" in err
+
+
+def test_a_tokenizer_larger_than_the_model_exits_2_before_loading(tmp_path, capsys, monkeypatch):
+    from hf_flexoffload.assets.toy import char_tokenizer
+    from tests.conftest import build_model, tiny_config
+
+    build_model(tiny_config(vocab_size=8, max_position_embeddings=512)).save_pretrained(
+        tmp_path / "m"
+    )
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(
+        AutoFlexOffloadModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded")
+    )
+    assert _generate(str(tmp_path / "m"), tmp_path) == cli.EXIT_USAGE
+    assert "the model's vocabulary has 8 entries" in capsys.readouterr().err

@@ -157,3 +157,30 @@ def test_output_of_another_job_or_no_job_is_refused(offloaded, tokenizer, tmp_pa
     with pytest.raises(FileExistsError, match="not written by a batch job"):
         run_batch_job(offloaded, tokenizer, requests, str(tmp_path / "mine.jsonl"))
     assert JobDirectory(out).errors == str(tmp_path / "out.errors.jsonl")
+
+
+@pytest.mark.parametrize(
+    "model_checkpoint", ["llama-gqa_tied", "gemma3_text-local_global", "gpt_neox-parallel"],
+    indirect=True,
+)  # fmt: skip
+def test_other_families_give_generates_tokens(model_checkpoint, tmp_path):
+    from hf_flexoffload import AutoFlexOffloadModelForCausalLM
+    from tests.conftest import make_tokenizer
+    from tests.eval.conftest import POLICY
+
+    path, stock = model_checkpoint
+    tok = make_tokenizer()
+    tok.chat_template = TEMPLATE
+    lines = [{"custom_id": f"r{i}", "prompt": p, "max_tokens": 3 + i, "stop": ["q"]}
+             for i, p in enumerate(["abc", "hello there", "x", "The cat sat"])]  # fmt: skip
+    lines.append({"custom_id": "chat", "method": "POST", "url": CHAT, "body": {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}})  # fmt: skip
+    requests, bad = read_requests(_requests_file(tmp_path, lines), tok, GenerationOptions())
+    assert bad == []
+    with AutoFlexOffloadModelForCausalLM.from_pretrained(
+        path, offload_policy=POLICY, offload_dir=str(tmp_path / "off")
+    ) as model:
+        run_batch_job(model, tok, requests, str(tmp_path / "out.jsonl"))
+    records = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for request, record in zip(requests, records, strict=True):
+        assert _texts(record) == _stock(stock, tok, request), request.custom_id
