@@ -145,3 +145,38 @@ def test_a_tokenizer_larger_than_the_model_exits_2_before_loading(tmp_path, caps
     )
     assert _generate(str(tmp_path / "m"), tmp_path) == cli.EXIT_USAGE
     assert "the model's vocabulary has 8 entries" in capsys.readouterr().err
+
+
+def test_a_killed_job_resumes_and_a_running_one_holds_its_output(eval_checkpoint, policy_file,
+                                                                 tmp_path, capsys):  # fmt: skip
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, _, _ = eval_checkpoint
+    data, out = tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
+    data.write_text("".join(_batch(f"k{i}", "abc" * (1 + i % 5), max_tokens=30) + "\n"
+                            for i in range(60)))  # fmt: skip
+    args = ["generate", "--model", path, "-i", str(data), "-o", str(out), "--no-progress",
+            "--offload-policy", policy_file, "--block-size", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    job = subprocess.Popen([sys.executable, "-m", "hf_flexoffload.cli", *args], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            assert job.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert cli.main([*args, "--resume"]) == cli.EXIT_USAGE  # while it runs
+        assert "is in use by a run still going" in capsys.readouterr().err
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    written = out.read_text().count("\n")
+    assert 2 <= written < 60
+    assert cli.main([*args, "--resume"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in records] == [f"k{i}" for i in range(60)]
