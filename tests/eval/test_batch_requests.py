@@ -82,6 +82,7 @@ def test_bad_lines_are_reported_with_line_and_custom_id(tmp_path, chat_tokenizer
         _batch("stops", COMPLETIONS, prompt="x", stop=["a", "b", "c", "d", "e"]),
         _batch("n", COMPLETIONS, prompt="x", n=0),
         [1, 2],
+        _batch("lp", COMPLETIONS, prompt="x", logprobs=5, echo=False, stream=None),
     )
     requests, bad = read_requests(path, plain, GenerationOptions(), max_positions=80)
     assert [r.custom_id for r in requests] == ["ok"]
@@ -99,6 +100,7 @@ def test_bad_lines_are_reported_with_line_and_custom_id(tmp_path, chat_tokenizer
         (11, "stops"): "at most 4 sequences",
         (12, "n"): "n=0: must be an integer >= 1",
         (13, None): "must be a JSON object",
+        (14, "lp"): "logprobs=5: not supported",
     }
     assert set(found) == set(expected)
     for key, message in expected.items():

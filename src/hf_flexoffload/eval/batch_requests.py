@@ -23,7 +23,9 @@ from typing import Any
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "stop", "n")
 # Accepted and not used: they change nothing about the tokens (one model serves the job).
-_IGNORED = ("model", "user", "metadata", "stream", "logprobs", "echo")
+_IGNORED = ("model", "user", "metadata")
+# Accepted when off (null, false, 0): what they ask for is not produced.
+_OFF_ONLY = ("stream", "logprobs", "top_logprobs", "echo")
 _ALIASES = {"max_completion_tokens": "max_tokens"}
 MAX_STOP = 4  # as the OpenAI API
 
@@ -245,8 +247,9 @@ def _options(body: dict, defaults: GenerationOptions) -> GenerationOptions:
         if key in OPTIONS:
             if value is not None:
                 given[key] = value
-        elif key == "stream" and value:
-            raise ValueError("stream=true: a batch job does not stream")
+        elif key in _OFF_ONLY:
+            if value:
+                raise ValueError(f"{key}={value!r}: not supported by a batch job; remove it")
         elif key not in _IGNORED:
             raise ValueError(
                 f"unsupported option {key!r} (supported: {', '.join(OPTIONS)}); remove it"
