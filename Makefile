@@ -62,7 +62,7 @@ test-compat: venv
 lock:
 	test -x $(LOCK_UV) || ($(PYTHON) -m venv .cache/lock-tools && \
 		.cache/lock-tools/bin/pip install --quiet "$$(grep -E '^uv==' $(LOCK))")
-	$(LOCK_UV) pip compile pyproject.toml --extra dev --upgrade --python-version 3.11 \
+	$(LOCK_UV) pip compile pyproject.toml --extra dev --extra lm-eval --upgrade --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 $(FIND_LINKS) --no-emit-find-links \
 		--custom-compile-command "make lock" -o $(LOCK)
 

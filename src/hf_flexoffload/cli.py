@@ -1,11 +1,12 @@
-"""Command line: ``hf-flexoffload demo | profile | plan | eval``. Printing happens here and in
-the evaluation's command and progress bar, nowhere else.
+"""Command line: ``hf-flexoffload demo | profile | plan | eval | generate | lm-eval``. Printing
+happens here and in the evaluation's and batch job's commands and progress bars, nowhere else.
 
 Exit codes: 0 success; 1 the demo's tokens differ from transformers'; 2 bad input (a missing
 model, an unparsable size, an unknown dtype, a prompt longer than the model's positions, bad
-evaluation data, an output directory holding another run or in use by one); 3 the model, a
-policy or a block does not fit the memory (``plan``, ``eval``, ``demo``); 130 interrupted
-(Ctrl-C: ``eval`` continues with the same command and ``--resume``). User errors print one
+evaluation data, a batch file with no runnable line, an output directory or file holding
+another run or in use by one); 3 the model, a policy or a block does not fit the memory
+(``plan``, ``eval``, ``generate``, ``demo``); 130 interrupted (Ctrl-C: ``eval`` and
+``generate`` continue with the same command and ``--resume``). User errors print one
 ``error:`` line, never a traceback.
 """
 
@@ -242,6 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=plan)
 
     eval_arguments.add_parser(sub, machine_options, _max_memory, _positive_int, _compute_dtype)
+    eval_arguments.add_generate_parser(
+        sub, machine_options, _max_memory, _positive_int, _compute_dtype
+    )
+    eval_arguments.add_lm_eval_parser(sub)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's
+        try:
+            return eval_arguments.run_lm_eval(argv[1:])
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
 
     try:
         args = parser.parse_args(argv)
@@ -257,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=args.batch_size)
         return args.run(args)
     except KeyboardInterrupt:
-        print(INTERRUPTED if args.command == "eval" else "interrupted", file=sys.stderr)
+        resumable = args.command in ("eval", "generate")
+        print(INTERRUPTED if resumable else "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
         code = _exit_code(err)

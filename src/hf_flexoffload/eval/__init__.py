@@ -1,4 +1,5 @@
-"""HELM-style batch evaluation over ``datasets``: exact, resumable, data-parallel.
+"""HELM-style batch evaluation over ``datasets``: exact, resumable, data-parallel; and offline
+batch generation from OpenAI Batch files (``read_requests``, ``run_batch_job``).
 
 Example:
     >>> from hf_flexoffload.eval import evaluate
@@ -13,6 +14,10 @@ from typing import TYPE_CHECKING
 
 # Imported on first use (``datasets`` and torch load only when evaluating).
 _LAZY = {
+    "BatchJobResult": ".batch_job",
+    "run_batch_job": ".batch_job",
+    "GenerationOptions": ".batch_requests",
+    "read_requests": ".batch_requests",
     "Ranks": ".distributed",
     "ALL_METRICS": ".metrics",
     "normalize": ".metrics",
@@ -27,6 +32,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .batch_job import BatchJobResult, run_batch_job
+    from .batch_requests import GenerationOptions, read_requests
     from .distributed import Ranks
     from .metrics import ALL_METRICS, normalize
     from .runner import EvalResult, evaluate
@@ -44,7 +51,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "ALL_METRICS",
+    "BatchJobResult",
     "EvalResult",
+    "GenerationOptions",
     "Instance",
     "Ranks",
     "ScenarioSpec",
@@ -53,5 +62,7 @@ __all__ = [
     "evaluate",
     "load_splits",
     "normalize",
+    "read_requests",
+    "run_batch_job",
     "synthetic_reasoning",
 ]

@@ -15,7 +15,9 @@ identity holds, each as a section compared on resume:
 * ``options``: what else changes a record: the compute dtype and the weight and cache
   compression of an offloaded model.
 
-``model_name`` is recorded for people and not compared.
+``model_name`` is recorded for people and not compared. A batch job (``batch_job``) has a
+``job`` section (its command and seed) where an evaluation has ``scenario``, and its requests as
+read (token ids and resolved options) as ``dataset``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from ..storage.file_identity import content_identity
 from .scenario import BUILTIN_PREFIX, Instance, ScenarioSpec
 
-COMPARED = ("scenario", "dataset", "model", "tokenizer", "options")
+COMPARED = ("scenario", "job", "dataset", "model", "tokenizer", "options")
 _CONFIG_SKIP = ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype")
 _WEIGHT_FILES = ("*.safetensors", "*.bin")
 
