@@ -132,7 +132,7 @@ def test_plan_exit_codes(pre_ln_checkpoint, capsys, extra, code):
 
 def test_plan_without_a_checkpoint_is_a_usage_error(tmp_path, capsys):
     assert plan("--model", str(tmp_path / "missing")) == cli.EXIT_USAGE
-    assert "neither a local checkpoint directory nor a" in capsys.readouterr().err
+    assert "is not a directory: no checkpoint there" in capsys.readouterr().err
     assert plan("--model", str(tmp_path)) == cli.EXIT_USAGE  # a directory without a config
     assert "config.json" in capsys.readouterr().err
 
