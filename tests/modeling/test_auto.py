@@ -45,7 +45,7 @@ def test_unsupported_model_type_fails_before_loading(tmp_path):
 
 
 def test_missing_directory_and_wrong_class(tmp_path, pre_ln_checkpoint):
-    with pytest.raises(FileNotFoundError, match="neither a local checkpoint directory nor a"):
+    with pytest.raises(FileNotFoundError, match="is not a directory: no checkpoint there"):
         AutoFlexOffloadModelForCausalLM.from_pretrained(tmp_path / "nope")
     with pytest.raises(ValueError, match="AutoFlexOffloadModelForCausalLM picks"):
         FlexOffloadLlamaForCausalLM.from_pretrained(pre_ln_checkpoint[0], offload_policy=Policy())
