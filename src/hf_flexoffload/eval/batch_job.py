@@ -28,7 +28,7 @@ import torch
 
 from .batch_generation import _digest, generate_requests, plan_blocks, result_line
 from .batch_requests import BadLine, BatchRequest
-from .identity import model_identity, options_identity, tokenizer_identity
+from .identity import model_sections
 from .rundir import RecordWriter, RunDirectory, read_records
 
 logger = logging.getLogger(__name__)
@@ -83,13 +83,7 @@ def job_identity(
         [[r.custom_id, r.url, r.prompt_ids, r.options.to_dict()] for r in requests]
         + [b.to_dict() for b in bad]
     )
-    if config is not None:
-        out["model"] = model_identity(config, model_path)
-    if tokenizer is not None:
-        out["tokenizer"] = tokenizer_identity(tokenizer)
-    if model is not None:
-        out["options"] = options_identity(model)
-    return out
+    return {**out, **model_sections(config, model_path, tokenizer, model)}
 
 
 @dataclass(frozen=True)

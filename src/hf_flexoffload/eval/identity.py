@@ -103,6 +103,13 @@ def make_run_spec(
     out: dict[str, Any] = {"model_name": model_name, "scenario": scenario_identity(spec)}
     if instances is not None:
         out["dataset"] = dataset_identity(instances)
+    return {**out, **model_sections(config, model_path, tokenizer, model)}
+
+
+def model_sections(config, model_path, tokenizer, model) -> dict[str, Any]:
+    """The identity sections of what runs the requests (model, tokenizer, options that change
+    a record), each where its input is given; shared by ``eval`` and ``generate``."""
+    out: dict[str, Any] = {}
     if config is not None:
         out["model"] = model_identity(config, model_path)
     if tokenizer is not None:
