@@ -271,6 +271,25 @@ FAMILY_VARIANTS: dict[str, dict] = {
         max_position_embeddings=10,  # shorter than prompt + generation: the base grows
         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
     ),
+    # Mixture of experts: more experts than a prompt's tokens route to in a decode step.
+    "mixtral-top2": dict(num_local_experts=6, num_experts_per_tok=2, sliding_window=WINDOW + 1),
+    "qwen2_moe-shared_expert": dict(
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=96,
+        mlp_only_layers=[1],  # a dense layer between sparse ones
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe-sparse_step": dict(
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        decoder_sparse_step=2,  # layer 2 of 3 sparse
+        num_hidden_layers=4,
+        head_dim=32,
+    ),
+    "olmoe-clip_qkv": dict(num_experts=6, num_experts_per_tok=2, clip_qkv=1.0),
 }
 FAMILY_MODELS = list(FAMILY_VARIANTS)
 # Gemma scales its embeddings by sqrt(hidden): smaller weights keep its greedy tokens varied.
@@ -307,7 +326,7 @@ def build_family(config, seed: int = 0, dtype=torch.float32, scale: float = 32):
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # matrices, and experts stored as (E, out, in)
                 p.mul_(scale)
             elif name.endswith("bias"):
                 p.uniform_(-0.5, 0.5)

@@ -20,7 +20,7 @@ _LAZY = {
     "Policy": ".config.policy",
     "QuantConfig": ".config.policy",
     "Split": ".config.policy",
-    "Workload": ".config.policy",
+    "Workload": ".config.workload",
     "AutoFlexOffloadModelForCausalLM": ".modeling.auto",
     "FlexOffloadLlamaForCausalLM": ".modeling.causal_lm",
     "FlexOffloadOPTForCausalLM": ".modeling.causal_lm",
@@ -28,6 +28,10 @@ _LAZY = {
     "FlexOffloadGemma3ForCausalLM": ".modeling.families",
     "FlexOffloadGPTNeoXForCausalLM": ".modeling.families",
     "FlexOffloadMistralForCausalLM": ".modeling.families",
+    "FlexOffloadMixtralForCausalLM": ".modeling.families",
+    "FlexOffloadOlmoeForCausalLM": ".modeling.families",
+    "FlexOffloadQwen2MoeForCausalLM": ".modeling.families",
+    "FlexOffloadQwen3MoeForCausalLM": ".modeling.families",
     "FlexOffloadOlmo2ForCausalLM": ".modeling.families",
     "FlexOffloadPhi3ForCausalLM": ".modeling.families",
     "FlexOffloadQwen2ForCausalLM": ".modeling.families",
@@ -42,7 +46,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .config.policy import Policy, QuantConfig, Split, Workload
+    from .config.policy import Policy, QuantConfig, Split
+    from .config.workload import Workload
     from .modeling.auto import AutoFlexOffloadModelForCausalLM
     from .modeling.causal_lm import FlexOffloadLlamaForCausalLM, FlexOffloadOPTForCausalLM
     from .modeling.families import (
@@ -50,10 +55,14 @@ if TYPE_CHECKING:
         FlexOffloadGemma3ForCausalLM,
         FlexOffloadGPTNeoXForCausalLM,
         FlexOffloadMistralForCausalLM,
+        FlexOffloadMixtralForCausalLM,
         FlexOffloadOlmo2ForCausalLM,
+        FlexOffloadOlmoeForCausalLM,
         FlexOffloadPhi3ForCausalLM,
         FlexOffloadQwen2ForCausalLM,
+        FlexOffloadQwen2MoeForCausalLM,
         FlexOffloadQwen3ForCausalLM,
+        FlexOffloadQwen3MoeForCausalLM,
     )
     from .planning.budget import InsufficientMemoryError
     from .planning.cost_model import Estimate
@@ -85,11 +94,15 @@ __all__ = [
     "FlexOffloadGemma3ForCausalLM",
     "FlexOffloadLlamaForCausalLM",
     "FlexOffloadMistralForCausalLM",
+    "FlexOffloadMixtralForCausalLM",
     "FlexOffloadOPTForCausalLM",
     "FlexOffloadOlmo2ForCausalLM",
+    "FlexOffloadOlmoeForCausalLM",
     "FlexOffloadPhi3ForCausalLM",
     "FlexOffloadQwen2ForCausalLM",
+    "FlexOffloadQwen2MoeForCausalLM",
     "FlexOffloadQwen3ForCausalLM",
+    "FlexOffloadQwen3MoeForCausalLM",
     "GenerationStats",
     "HardwareProfile",
     "InfeasiblePolicyError",

@@ -19,7 +19,8 @@ import sys
 
 # Only light modules here: torch, transformers and datasets are imported by the commands that
 # need them, so ``hf-flexoffload --help`` answers at once.
-from .config.policy import TIERS, Workload
+from .config.policy import TIERS
+from .config.workload import Workload
 from .eval import arguments as eval_arguments
 
 EXIT_MISMATCH, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 1, 2, 3, 130

@@ -142,7 +142,9 @@ def test_windowed_forward_logits_match_stock_past_the_window(model_checkpoint):
 
 # bf16 differs from stock by the rounding of attention kernels (as for Llama): tokens are equal
 # where no greedy choice is within that rounding, which holds for these two checkpoints.
-@pytest.mark.parametrize("model_checkpoint", ["olmo2-post_norm", "gemma2-softcap"], indirect=True)
+@pytest.mark.parametrize(
+    "model_checkpoint", ["olmo2-post_norm", "gemma2-softcap", "mixtral-top2"], indirect=True
+)
 def test_bf16_matches_stock_bf16(model_checkpoint, tmp_path):
     _, stock = model_checkpoint
     stock16 = copy.deepcopy(stock).to(torch.bfloat16)
@@ -164,13 +166,30 @@ def simulated(stock):
     model = copy.deepcopy(stock)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and not any(e in name for e in ("embed", "lm_head")):
+            if any(e in name for e in ("embed", "lm_head", "mlp.gate.", "shared_expert_gate")):
+                continue  # embeddings, head and routers stay exact
+            if p.dim() == 2:
                 p.copy_(dequantize(quantize(p, Q4)))
+            elif p.dim() == 3:  # experts stored as (E, out, in): each expert's matrix
+                gate_up = "gate_up_proj" in name
+                for e in range(p.shape[0]):
+                    # transformers fuses [gate; up]: each half is one checkpoint matrix.
+                    halves = p[e].chunk(2) if gate_up else (p[e],)
+                    for m in halves:
+                        m.copy_(dequantize(quantize(m.contiguous(), Q4)))
     return model
 
 
 @pytest.mark.parametrize(
-    "model_checkpoint", ["mistral-window", "gpt_neox-parallel", "phi3-window"], indirect=True
+    "model_checkpoint",
+    [
+        "mistral-window",
+        "gpt_neox-parallel",
+        "phi3-window",
+        "mixtral-top2",
+        "qwen2_moe-shared_expert",
+    ],
+    indirect=True,
 )
 def test_compressed_weights_match_stock_on_the_same_quantized_weights(model_checkpoint):
     """4-bit decoder matrices (fused projections included) on the dequantizing path: exactly
@@ -222,8 +241,11 @@ def test_compressed_cache_in_windowed_layers(model_checkpoint):
     assert all(torch.isfinite(score).all() for score in got.scores)
 
 
-def test_every_family_names_its_checkpoint_tensors():
-    """The layout names every tensor of stock's state dict, and nothing else."""
+def test_every_family_names_its_checkpoint_tensors(tmp_path):
+    """The layout names every tensor stock's ``save_pretrained`` writes, and nothing else
+    (mixture-of-experts models hold their experts fused in memory but save them one by one)."""
+    from safetensors import safe_open
+
     for name in FAMILY_MODELS:
         stock = build_by_id(name)
         arch = architecture_for(stock.config)
@@ -232,8 +254,11 @@ def test_every_family_names_its_checkpoint_tensors():
             for stage, tensors in enumerate(arch.stage_tensors())
             for local, _ in tensors
         }
+        stock.save_pretrained(tmp_path / name)
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as saved:
+            written = set(saved.keys())
         renamed = arch.renamed_tensors()
-        expected = {renamed.get(k, k).removeprefix("model.") for k in stock.state_dict()}
+        expected = {renamed.get(k, k).removeprefix("model.") for k in written}
         if arch.tied_head:
             expected.discard("lm_head.weight")
         assert names == expected, name

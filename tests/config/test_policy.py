@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_flexoffload import Policy, QuantConfig, Split, Workload
-from hf_flexoffload.modeling.causal_lm import resolve_policy
+from hf_flexoffload.config.policy import resolve_policy
 
 
 def test_split_defaults_and_validation():

@@ -101,7 +101,14 @@ def test_greedy_tokens_and_logits_match_stock(model_checkpoint, policy):
 
 @pytest.mark.parametrize(
     "model_checkpoint",
-    [*OPT_MODELS, "llama-gqa_tied", "olmo2-post_norm", "mistral-window", "gpt_neox-sequential"],
+    [
+        *OPT_MODELS,
+        "llama-gqa_tied",
+        "olmo2-post_norm",
+        "mistral-window",
+        "gpt_neox-sequential",
+        "qwen2_moe-shared_expert",
+    ],
     indirect=True,
 )
 def test_forward_logits_and_loss_match_stock(model_checkpoint):
@@ -181,8 +188,9 @@ def test_bf16_matches_stock_bf16(model_checkpoint, tmp_path, policy):
         # Crosses LongRoPE's switch: the cache is dropped and recomputed, as stock Phi-3 does.
         ("phi3-longrope", dict(top_p=0.9)),
         ("qwen2-window", {}),
+        ("olmoe-clip_qkv", {}),
     ],
-    ids=[*ONE_PER_ARCHITECTURE, "gemma2-softcap", "phi3-longrope", "qwen2-window"],
+    ids=[*ONE_PER_ARCHITECTURE, "gemma2-softcap", "phi3-longrope", "qwen2-window", "olmoe"],
     indirect=["model_checkpoint"],
 )
 def test_seeded_sampling_with_num_return_sequences(model_checkpoint, extra):
@@ -268,7 +276,13 @@ def test_stop_strings_and_streamer(pre_ln_checkpoint, tokenizer):
 
 @pytest.mark.parametrize(
     "model_checkpoint",
-    [*ONE_PER_ARCHITECTURE, "gemma3_text-local_global", "gpt_neox-parallel", "qwen3-head_dim"],
+    [
+        *ONE_PER_ARCHITECTURE,
+        "gemma3_text-local_global",
+        "gpt_neox-parallel",
+        "qwen3-head_dim",
+        "qwen3_moe-sparse_step",
+    ],
     indirect=True,
 )
 def test_pipeline_matches_stock_pipeline(model_checkpoint, tokenizer):

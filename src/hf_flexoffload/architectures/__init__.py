@@ -18,6 +18,8 @@ from .decoder import Decoder, Names
 from .gemma import Gemma2Shape, Gemma3TextShape
 from .gpt_neox import GPTNeoXShape
 from .llama import LlamaShape, MistralShape
+from .moe import MoeDecoder, MoeNames
+from .moe_families import MixtralShape, OlmoeShape, Qwen2MoeShape, Qwen3MoeShape
 from .olmo2 import Olmo2Shape
 from .opt import OPTShape
 from .phi3 import Phi3Shape
@@ -38,6 +40,10 @@ ARCHITECTURES: MappingProxyType[str, type[Architecture]] = MappingProxyType(
             Phi3Shape,
             Olmo2Shape,
             GPTNeoXShape,
+            MixtralShape,
+            Qwen2MoeShape,
+            Qwen3MoeShape,
+            OlmoeShape,
         )
     }
 )
@@ -75,11 +81,17 @@ __all__ = [
     "Gemma3TextShape",
     "LlamaShape",
     "MistralShape",
+    "MixtralShape",
+    "MoeDecoder",
+    "MoeNames",
     "Names",
     "OPTShape",
     "Olmo2Shape",
+    "OlmoeShape",
     "Phi3Shape",
+    "Qwen2MoeShape",
     "Qwen2Shape",
+    "Qwen3MoeShape",
     "Qwen3Shape",
     "Rope",
     "TensorList",

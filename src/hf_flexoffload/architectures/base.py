@@ -103,6 +103,32 @@ class Architecture(ABC):
         """Whether ``decoder_layer`` needs the forward's ``span`` (length-dependent rotary)."""
         return False
 
+    # -- mixture of experts (a dense model has none) -------------------------------------------
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` (0-based) routes tokens to experts: the schedule then
+        runs its ``attention_half`` per micro-batch and its ``sparse_mlp`` once per block."""
+        return False
+
+    @property
+    def num_experts(self) -> int:
+        """Experts per sparse layer (0: a dense model)."""
+        return 0
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts each token is routed to (top-k)."""
+        return 0
+
+    def expert_of(self, local: str) -> int | None:
+        """The expert a decoder layer's tensor belongs to (experts are placed and fetched as
+        units), or None for a tensor every token uses."""
+        return None
+
+    def quantizable(self, local: str) -> bool:
+        """Whether a decoder matrix may be stored compressed (a router stays exact)."""
+        return True
+
     @property
     def workspace_width(self) -> int:
         """Elements per token of a decoder layer's intermediates alive at once (q, k, v,

@@ -25,6 +25,14 @@ class Counters:
         self.live = dict.fromkeys(TIERS, 0)
         self.peak = dict.fromkeys(TIERS, 0)
         self.stage_loads: dict[int, int] = {}
+        # Mixture of experts: (layer, expert) pairs routed to, and the bytes of those that
+        # fetching had to move or convert (what routed-only fetching reads).
+        self.routed = {"experts": 0, "bytes": 0}
+
+    def count_routed(self, experts: int, nbytes: int) -> None:
+        with self._lock:
+            self.routed["experts"] += experts
+            self.routed["bytes"] += nbytes
 
     def add_moved(self, link: str, nbytes: int) -> None:
         with self._lock:
@@ -49,6 +57,7 @@ class Counters:
             self.moved = dict.fromkeys(LINKS, 0)
             self.peak = dict(self.live)
             self.stage_loads = {}
+            self.routed = {"experts": 0, "bytes": 0}
 
 
 def human_bytes(nbytes: float) -> str:

@@ -11,22 +11,11 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .validation import fields_of as _fields_of
+from .validation import require as _require
+
 TIERS = ("device", "host", "disk")
 ROUNDINGS = ("minmax", "search")  # QuantConfig.rounding
-
-
-def _require(condition: bool, field_name: str, value: Any, allowed: str) -> None:
-    if not condition:
-        raise ValueError(f"Invalid {field_name}={value!r}: {allowed}.")
-
-
-def _fields_of(cls: type, data: Any) -> dict[str, Any]:
-    """``data`` as keyword arguments of the dataclass ``cls``: a dict of its fields only."""
-    name, known = cls.__name__, set(cls.__dataclass_fields__)
-    _require(isinstance(data, dict), name, data, f"give a dict of {name} fields")
-    unknown = set(data) - known
-    _require(not unknown, name, sorted(unknown), f"allowed keys are {sorted(known)}")
-    return dict(data)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +173,11 @@ class Policy:
             rows per layer; larger steps dequantize them and use the dense matmul. ``None``
             (the default): measured on this machine at load, where the kernel is faster. ``0``:
             never (every step then computes as the dequantizing path does on any device).
+        routed_experts_only: Mixture of experts: in each step, read (or copy, or convert) only
+            the experts that at least one of the block's tokens routes to, after the router
+            has run; experts stored where they are used cost nothing either way. ``False``
+            fetches every expert of a layer like a dense layer's weights (the ablation that
+            shows what routed-only fetching buys). No effect on dense models.
 
     Example:
         >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
@@ -205,6 +199,7 @@ class Policy:
     direct_io: bool = False
     pin_weights: bool = True
     int4_kernel_rows: int | None = None
+    routed_experts_only: bool = True
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "num_micro_batches"):
@@ -224,6 +219,7 @@ class Policy:
             "compress_embeddings",
             "direct_io",
             "pin_weights",
+            "routed_experts_only",
         ):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"Policy.{name}", value, "must be True or False")
@@ -347,50 +343,17 @@ class Policy:
             return cls.from_json(f.read())
 
 
-@dataclass(frozen=True, kw_only=True)
-class Workload:
-    """What the model will be asked to do: what ``offload_policy="auto"`` optimizes for.
-
-    Args:
-        prompt_len: Tokens per prompt (padded length of the block).
-        gen_len: New tokens per sequence.
-        batch_size: Sequences available to run together; ``None`` lets the optimizer pick the
-            block size with the best throughput (up to ``max_batch_size``).
-        max_batch_size: The largest block the optimizer considers when ``batch_size`` is None.
-        allow_compression: Let the optimizer quantize weights and KV cache to 4 bits. Outputs
-            then differ slightly from the uncompressed model's, so it is off by default.
-
-    Example:
-        >>> Workload(prompt_len=128, gen_len=32, allow_compression=True).batch_size is None
-        True
-    """
-
-    prompt_len: int = 512
-    gen_len: int = 32
-    batch_size: int | None = None
-    max_batch_size: int = 256
-    allow_compression: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_len", "gen_len", "max_batch_size"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"Workload.{name}",
-                value,
-                "must be an integer >= 1",
-            )
-        size = self.batch_size
-        size_ok = size is None or (type(size) is int and size >= 1)
-        _require(size_ok, "Workload.batch_size", size, "must be None or an integer >= 1")
-        compress = self.allow_compression
-        _require(
-            isinstance(compress, bool), "Workload.allow_compression", compress, "True or False"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Workload:
-        return cls(**_fields_of(cls, data))
+def resolve_policy(offload_policy: Policy | dict | str | os.PathLike) -> Policy | str:
+    """A Policy from a Policy, a dict, a path to a JSON file, or ``"auto"``."""
+    if isinstance(offload_policy, Policy):
+        return offload_policy
+    if isinstance(offload_policy, dict):
+        return Policy.from_dict(offload_policy)
+    if offload_policy == "auto":
+        return "auto"
+    if isinstance(offload_policy, (str, os.PathLike)) and os.path.isfile(offload_policy):
+        return Policy.load(offload_policy)
+    raise ValueError(
+        f"Invalid offload_policy={offload_policy!r}: pass a Policy, a dict, a path to a policy "
+        "JSON file, or 'auto'."
+    )

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..checkpoints.hub import resolve_pretrained
 from ..config.counters import human_bytes
-from ..config.policy import Workload
+from ..config.workload import Workload
 from ..modeling.auto import AutoFlexOffloadModelForCausalLM
 from ..storage.transfer import resolve_device
 from .batch_job import BlockDone, JobDirectory, job_identity, run_batch_job, write_lines

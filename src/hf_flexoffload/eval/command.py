@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from ..checkpoints.hub import resolve_pretrained
-from ..config.policy import Workload
+from ..config.workload import Workload
 from ..modeling.auto import AutoFlexOffloadModelForCausalLM
 from ..planning.budget import available_ram
 from ..storage.transfer import resolve_device

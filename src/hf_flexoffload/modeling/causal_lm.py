@@ -23,7 +23,8 @@ from transformers.models.opt.modeling_opt import OPTPreTrainedModel
 
 from ..architectures.layers import positions_from_mask
 from ..checkpoints.hub import resolve_pretrained
-from ..config.policy import Policy, Workload
+from ..config.policy import Policy, resolve_policy
+from ..config.workload import Workload
 from ..planning.cost_model import Estimate
 from ..runtime.engine import OffloadEngine
 from ..runtime.loading import load_engine
@@ -39,22 +40,6 @@ logger = logging.getLogger(__name__)
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 _FROM_PRETRAINED_KWARGS = ("config", "trust_remote_code", "use_safetensors", *HUB_KWARGS)
-
-
-def resolve_policy(offload_policy: Policy | dict | str | os.PathLike) -> Policy | str:
-    """A Policy from a Policy, a dict, a path to a JSON file, or ``"auto"``."""
-    if isinstance(offload_policy, Policy):
-        return offload_policy
-    if isinstance(offload_policy, dict):
-        return Policy.from_dict(offload_policy)
-    if offload_policy == "auto":
-        return "auto"
-    if isinstance(offload_policy, (str, os.PathLike)) and os.path.isfile(offload_policy):
-        return Policy.load(offload_policy)
-    raise ValueError(
-        f"Invalid offload_policy={offload_policy!r}: pass a Policy, a dict, a path to a policy "
-        "JSON file, or 'auto'."
-    )
 
 
 class FlexOffloadCausalLMMixin:
@@ -285,7 +270,7 @@ class FlexOffloadCausalLMMixin:
         """
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("Pass input_ids: inputs_embeds is not supported by offloaded models.")
-        for flag in ("output_attentions", "output_hidden_states"):
+        for flag in ("output_attentions", "output_hidden_states", "output_router_logits"):
             if kwargs.get(flag):
                 raise ValueError(f"{flag}=True is not supported by offloaded models.")
         if not isinstance(logits_to_keep, int):

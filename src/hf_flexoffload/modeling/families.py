@@ -21,10 +21,14 @@ from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3PreTrainedModel
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXPreTrainedModel
 from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
+from transformers.models.mixtral.modeling_mixtral import MixtralPreTrainedModel
 from transformers.models.olmo2.modeling_olmo2 import Olmo2PreTrainedModel
+from transformers.models.olmoe.modeling_olmoe import OlmoePreTrainedModel
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoePreTrainedModel
 from transformers.models.qwen3.modeling_qwen3 import Qwen3PreTrainedModel
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoePreTrainedModel
 
 from ..storage.offload_cache import FlexOffloadCache
 from .cache_keyword import CACHE_KEYWORD
@@ -111,6 +115,36 @@ class FlexOffloadGPTNeoXForCausalLM(
     supported_model_type = "gpt_neox"
 
 
+class FlexOffloadMixtralForCausalLM(
+    FlexOffloadCausalLMMixin, MixtralPreTrainedModel, GenerationMixin
+):
+    """Mixtral (8 experts, top-2), offloaded and fetched by the expert."""
+
+    supported_model_type = "mixtral"
+
+
+class FlexOffloadQwen2MoeForCausalLM(
+    FlexOffloadCausalLMMixin, Qwen2MoePreTrainedModel, GenerationMixin
+):
+    """Qwen2-MoE / Qwen1.5-MoE (routed experts plus a gated shared expert), offloaded."""
+
+    supported_model_type = "qwen2_moe"
+
+
+class FlexOffloadQwen3MoeForCausalLM(
+    FlexOffloadCausalLMMixin, Qwen3MoePreTrainedModel, GenerationMixin
+):
+    """Qwen3-MoE (per-head q/k norms, 128 experts, top-8), offloaded."""
+
+    supported_model_type = "qwen3_moe"
+
+
+class FlexOffloadOlmoeForCausalLM(FlexOffloadCausalLMMixin, OlmoePreTrainedModel, GenerationMixin):
+    """OLMoE (64 experts, top-8, q/k norms over the projection), offloaded."""
+
+    supported_model_type = "olmoe"
+
+
 FAMILY_CLASSES: tuple[type[FlexOffloadCausalLMMixin], ...] = (
     FlexOffloadQwen2ForCausalLM,
     FlexOffloadQwen3ForCausalLM,
@@ -120,4 +154,8 @@ FAMILY_CLASSES: tuple[type[FlexOffloadCausalLMMixin], ...] = (
     FlexOffloadPhi3ForCausalLM,
     FlexOffloadOlmo2ForCausalLM,
     FlexOffloadGPTNeoXForCausalLM,
+    FlexOffloadMixtralForCausalLM,
+    FlexOffloadQwen2MoeForCausalLM,
+    FlexOffloadQwen3MoeForCausalLM,
+    FlexOffloadOlmoeForCausalLM,
 )

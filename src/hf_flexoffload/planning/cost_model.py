@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from ..architectures import Architecture
-from ..config.policy import Policy, Workload
+from ..config.policy import Policy
+from ..config.workload import Workload
 from .hardware import HardwareProfile
 from .memory_model import Footprint, memory_items, memory_terms
 from .model_sizes import (
@@ -111,16 +112,27 @@ def layer_terms(
     # Compressed weights in the int4 kernel's layout are multiplied as stored in steps of few
     # rows (no dequantizing pass; the kernel's own rate), else dequantized as they arrive.
     kernel = sizes.tiled_weights and rows <= kernel_rows(policy, profile)
-    weights = frac("weights", "disk") * (sizes.layer_stored / rates.disk_read)
+    # A sparse layer reads (and dequantizes or converts) only the experts the block's tokens
+    # route to, when fetching only routed experts.
+    share = sizes.read_share(b * tokens, policy.routed_experts_only)
+    offloaded = sizes.layer_stored * share
+    weights = frac("weights", "disk") * (offloaded / rates.disk_read)
     if cuda:
-        weights += frac("weights", "host", "disk") * (sizes.layer_stored / profile.host_to_device)
+        weights += frac("weights", "host", "disk") * (offloaded / profile.host_to_device)
+    passed = 1 - sizes.expert_share * (1 - share)  # the share of the layer handed over
     if sizes.compressed_weights and not kernel:
-        weights += sizes.layer_plain / profile.dequantize_bytes
+        weights += sizes.layer_plain * passed / profile.dequantize_bytes
     # Plain weights stored narrower are converted in the same elementwise pass's time.
-    weights += sizes.layer_converted / profile.dequantize_bytes
+    weights += sizes.layer_converted * passed / profile.dequantize_bytes
 
     rate = profile.int4_rate(rows) if kernel else profile.matmul_rate(rows)
-    compute = Affine(const=b * tokens * sizes.layer_flops / rate)
+    dense_flops = sizes.layer_flops - sizes.routed_flops
+    compute = Affine(const=b * tokens * dense_flops / rate)
+    if sizes.experts:
+        # Each expert hit runs once on all of its tokens across the block's micro-batches.
+        per_expert = max(1, round(b * tokens * sizes.top_k / sizes.experts_hit(b * tokens)))
+        expert_rate = profile.int4_rate(per_expert) if kernel else profile.matmul_rate(per_expert)
+        compute += b * tokens * sizes.routed_flops / expert_rate
     compute += k * OPS_PER_LAYER * profile.op_seconds
     if context == 0:  # prefill: scores and weighted sum over the prompt (materialized mask)
         compute += 4 * b * tokens * tokens * sizes.attention_dim / profile.matmul_rate(rows)

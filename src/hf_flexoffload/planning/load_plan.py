@@ -11,7 +11,8 @@ import torch
 
 from ..architectures import Architecture, architecture_for
 from ..checkpoints.checkpoint import Checkpoint, open_checkpoint
-from ..config.policy import Policy, Workload
+from ..config.policy import Policy
+from ..config.workload import Workload
 from ..storage.tier_store import dtype_name
 from ..storage.weight_layout import storage_dtype
 from .cost_model import Estimate, estimate

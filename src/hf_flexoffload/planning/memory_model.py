@@ -12,6 +12,7 @@ model is loaded, so outside any budget), and allocator slack, bounded by ``RUNTI
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,8 @@ import torch
 from ..architectures import Architecture
 from ..checkpoints.checkpoint_store import load_chunk_bytes
 from ..config.counters import human_bytes
-from ..config.policy import TIERS, Policy, Workload
+from ..config.policy import TIERS, Policy
+from ..config.workload import Workload
 from ..storage.weights import BOUNCE_BYTES, READ_AHEAD
 from .model_sizes import Affine, ModelSizes, frac, is_offloaded, realized_fractions
 
@@ -39,6 +41,8 @@ ITEMS = {
     "outer stages' small tensors",
     "workspace": "one micro-batch's layer intermediates, attention scores, history copies",
     "logits": "the block's logits and generate's float32 copies",
+    "expert batches": "a sparse layer's whole-block tokens: residuals, normed inputs, router "
+    "logits, routed outputs, one expert's intermediates",
     "read buffers": "pinned host buffers for disk reads (CUDA)",
 }
 
@@ -92,6 +96,8 @@ def memory_items(
     workspace += 2 * m * sizes.heads * s * s * 4
     workspace += 3 * m * total * sizes.kv_token_plain
     logits = 2 * b * logits_tokens * sizes.vocab * e + 2 * b * sizes.vocab * 4
+    if sizes.experts:
+        items["expert batches"] = _on("device", Affine(const=_expert_batches(sizes, b * s)))
     items["weight staging"] = _on("device", staging)
     items["embedding and head"] = _on("device", outer)
     items["workspace"] = _on("device", Affine(const=workspace))
@@ -99,6 +105,19 @@ def memory_items(
     if not profile_shared:
         items["read buffers"] = _on("host", sizes.layer_stored * frac("weights", "disk"))
     return items
+
+
+def _expert_batches(sizes: ModelSizes, tokens: int) -> int:
+    """Bytes a sparse layer holds over the block's ``tokens`` while its experts run: every
+    micro-batch's residual and normed input, the router's logits, each routed slot's output
+    (fp32 where routing weights are), and one expert's inputs and intermediates (routing is
+    never exactly uniform: twice its fair share of tokens, at most all of them)."""
+    e = sizes.itemsize
+    held = 2 * tokens * sizes.hidden * e + tokens * sizes.experts * 4
+    slots = tokens * sizes.top_k * sizes.hidden * 4
+    rows = min(tokens, 2 * math.ceil(tokens * sizes.top_k / sizes.experts))
+    expert = rows * ((sizes.hidden + 3 * sizes.expert_ffn) * e + sizes.hidden * 4)
+    return held + slots + expert
 
 
 def memory_terms(

@@ -104,6 +104,29 @@ class ModelSizes:
     tiled_weights: bool = False
     # Per decoder layer, the sliding window its KV cache keeps (None: every position).
     kv_windows: tuple[int | None, ...] = ()
+    # Mixture of experts (all 0 for a dense model): experts per sparse layer, experts per token,
+    # one expert's MLP width, the share of a layer's stored bytes that are experts, and the
+    # matmul FLOPs per token of its routed experts (part of ``layer_flops``).
+    experts: int = 0
+    top_k: int = 0
+    expert_ffn: int = 0
+    expert_share: float = 0.0
+    routed_flops: int = 0
+
+    def experts_hit(self, tokens: float) -> float:
+        """Expected experts of a layer that at least one of ``tokens`` routes to, under uniform
+        routing: ``E (1 - (1 - k/E)^T)``."""
+        if not self.experts:
+            return 0.0
+        return self.experts * (1 - (1 - self.top_k / self.experts) ** tokens)
+
+    def read_share(self, tokens: float, routed_only: bool) -> float:
+        """The share of a layer's offloaded bytes a step over ``tokens`` tokens reads: all of
+        them for a dense layer; for a sparse one fetching only routed experts, the experts hit
+        (the placement sends experts, the layer's last tensors, to the slower tiers first)."""
+        if not self.experts or not routed_only:
+            return 1.0
+        return self.experts_hit(tokens) / self.experts
 
     def kv_positions(self, total: float) -> float:
         """Positions the KV cache holds over all layers for one sequence of ``total``: a
@@ -124,14 +147,26 @@ class ModelSizes:
         layouts = layout_for(arch, _sizing_policy(policy), dtype, storage)
         per_stage = placement_report(layouts, Split(device=1.0)).per_stage
         stage_tensors = arch.stage_tensors()
-        matrices = [math.prod(d) for _, d in stage_tensors[1] if len(d) == 2]
+        # The largest decoder layer stands for all (a sparse one where dense ones are mixed in).
+        big = max(range(1, arch.layers + 1), key=lambda j: per_stage[j]["device"])
+        matrices = [
+            math.prod(d)
+            for local, d in stage_tensors[big]
+            if len(d) == 2 and arch.expert_of(local) is None
+        ]
+        experts = arch.num_experts if any(arch.is_sparse(i) for i in range(arch.layers)) else 0
+        expert_elements = sum(
+            math.prod(d) for local, d in stage_tensors[big] if arch.expert_of(local) is not None
+        )
+        routed = 2 * arch.experts_per_token * expert_elements // experts if experts else 0
+        expert_stored = sum(s.nbytes for s in layouts[big].specs if s.unit is not None)
         kv_width = arch.kv_heads * arch.head_dim
         codec = TokenCodec((2, 1, arch.kv_heads, arch.head_dim), dtype, policy.compress_cache)
         e = dtype.itemsize
         converted = sum(
             math.prod(spec.shape) * e
-            for spec in layouts[1].specs
-            if spec.name not in layouts[1].formats and storage != dtype
+            for spec in layouts[big].specs
+            if spec.name not in layouts[big].formats and storage != dtype
         )
         largest_plain = arch.largest_layer_tensor * e
         kept = 0
@@ -163,11 +198,11 @@ class ModelSizes:
             vocab=arch.vocab,
             embed_dim=arch.embed_dim,
             itemsize=e,
-            layer_stored=per_stage[1]["device"],
-            layer_plain=sum(math.prod(d) for _, d in stage_tensors[1]) * e,
+            layer_stored=per_stage[big]["device"],
+            layer_plain=sum(math.prod(d) for _, d in stage_tensors[big]) * e,
             layer_converted=converted,
-            largest_stored=max(s.nbytes for s in layouts[1].specs),
-            layer_flops=2 * sum(matrices),
+            largest_stored=max(s.nbytes for s in layouts[big].specs),
+            layer_flops=2 * sum(matrices) + routed,
             embed_stored=per_stage[0]["device"],
             head_stored=per_stage[-1]["device"],
             head_plain=head_matrix * e,
@@ -186,9 +221,15 @@ class ModelSizes:
             compressed_weights=policy.compress_weights is not None,
             compressed_cache=policy.compress_cache is not None,
             compressed_head=policy.compress_weights is not None and policy.compress_embeddings,
-            tiled_weights=bool(layouts[1].formats)
-            and all(f.tiled for f in layouts[1].formats.values()),
+            tiled_weights=bool(layouts[big].formats)
+            and all(f.tiled for f in layouts[big].formats.values()),
             kv_windows=tuple(arch.kv_windows) if any(arch.kv_windows) else (),
+            experts=experts,
+            top_k=arch.experts_per_token if experts else 0,
+            # A gated expert is three (f, h) matrices.
+            expert_ffn=expert_elements // (3 * experts * arch.hidden) if experts else 0,
+            expert_share=expert_stored / max(1, per_stage[big]["device"]),
+            routed_flops=routed,
         )
 
     @property

@@ -23,7 +23,8 @@ import torch
 
 from ..architectures import Architecture
 from ..config.counters import human_bytes
-from ..config.policy import TIERS, Policy, QuantConfig, Split, Workload
+from ..config.policy import TIERS, Policy, QuantConfig, Split
+from ..config.workload import Workload
 from .budget import InsufficientMemoryError
 from .cost_model import Estimate, Rates, estimate, estimate_from_sizes, step_terms
 from .hardware import HardwareProfile

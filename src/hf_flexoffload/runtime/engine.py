@@ -21,7 +21,8 @@ from ..architectures import Architecture
 from ..checkpoints.checkpoint import INDEX_FILE, SINGLE_FILE
 from ..checkpoints.compressed_checkpoint import SavedCompression, save_store
 from ..config.counters import Counters
-from ..config.policy import Policy, Workload
+from ..config.policy import Policy
+from ..config.workload import Workload
 from ..planning.cost_model import Estimate
 from ..planning.int4_kernel_choice import kernel_rows
 from ..planning.load_plan import default_workload
@@ -196,6 +197,8 @@ class OffloadEngine(RunPlanning):
             bytes_moved=dict(self.counters.moved),
             peak_bytes=dict(self.counters.peak),
             memory=run.memory,
+            routed_experts=self.counters.routed["experts"],
+            routed_expert_bytes=self.counters.routed["bytes"],
         )
 
     def forward(
@@ -251,6 +254,7 @@ class OffloadEngine(RunPlanning):
                 mover=self.mover,
                 micro_batches=micro_batches,
                 logits_to_keep=logits_to_keep,
+                routed_only=policy.routed_experts_only,
             )
         finally:
             activations.close()

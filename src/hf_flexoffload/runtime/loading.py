@@ -26,7 +26,8 @@ from ..architectures import architecture_for
 from ..checkpoints.checkpoint import check_tensors, open_checkpoint
 from ..checkpoints.checkpoint_store import bytes_to_write, load_chunk_bytes, load_into_store
 from ..config.counters import Counters
-from ..config.policy import Policy, Workload
+from ..config.policy import Policy
+from ..config.workload import Workload
 from ..planning.budget import Capacities, bound_heap_slack, return_freed_memory
 from ..planning.load_plan import checkpoint_compute_dtype, default_workload, plan_load
 from ..planning.memory_model import MODEL_ITEMS, footprint

@@ -15,7 +15,8 @@ import torch
 
 from ..architectures import Architecture
 from ..config.counters import Counters
-from ..config.policy import TIERS, Policy, Workload
+from ..config.policy import TIERS, Policy
+from ..config.workload import Workload
 from ..planning.budget import Capacities
 from ..planning.cost_model import Estimate, estimate
 from ..planning.hardware import HardwareProfile

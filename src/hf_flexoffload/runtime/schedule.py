@@ -61,8 +61,17 @@ def run_block(
     mover: Mover,
     micro_batches: list[MicroBatch],
     logits_to_keep: int,
+    routed_only: bool = True,
 ) -> torch.Tensor:
     """One forward pass of the block.
+
+    A sparse (mixture-of-experts) layer runs its attention half per micro-batch as above, then
+    its sparse MLP once over the whole block's tokens (``_sparse_block``): each expert is fetched
+    at most once per step and runs once on all of its tokens.
+
+    Args:
+        routed_only: Fetch a sparse layer's experts only when the block routes to them (the
+            rest of the layer is prefetched as usual); else with the layer, as dense weights.
 
     Returns:
         (b, s_keep, vocab) logits for the whole block, micro-batches concatenated in order.
@@ -86,9 +95,23 @@ def run_block(
     # Rows each layer computes in this pass: the int4 kernel is chosen per step by this count.
     rows = max(mb.input_ids.numel() for mb in micro_batches)
 
+    def sparse(j: int) -> bool:
+        return 0 < j < head_stage and arch.is_sparse(j - 1)
+
     def prefetch_weights(j: int) -> Pending:
-        fetch = partial(fetcher.fetch, rows=rows)
-        return mover.read_weights(fetch, j, idle=fetcher.idle(j, rows))
+        routed = routed_only and sparse(j)
+        fetch = partial(fetcher.fetch, rows=rows, routed=routed)
+        return mover.read_weights(fetch, j, idle=fetcher.idle(j, rows, routed))
+
+    def load_experts(j: int, experts: list[int]):
+        fetcher.counters.count_routed(len(experts), fetcher.routed_bytes(j, experts))
+        if not routed_only:
+            return lambda: {}
+        fetch = partial(fetcher.fetch_experts, rows=rows)
+        idle = fetcher.experts_idle(j, experts, rows)
+        return mover.read_weights(fetch, j, experts, idle=idle).wait
+
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []  # a sparse layer's attention halves
 
     weights: dict[int, Pending] = {0: prefetch_weights(0)}
     inputs = prefetch_inputs(*order[0])
@@ -100,8 +123,10 @@ def run_block(
                 weights[j + 1] = prefetch_weights(j + 1)
         x, history = inputs.wait()
         following = order[i + 1] if i + 1 < len(order) else None
-        # Prefetch the next inputs now, unless they are this step's output (one micro-batch).
-        early = following is not None and following != (j + 1, k)
+        # Prefetch the next inputs now, unless they are this step's output (one micro-batch, or
+        # a sparse layer's last micro-batch: its outputs come from the whole block's MLP).
+        last = k == len(micro_batches) - 1
+        early = following is not None and following != (j + 1, k) and not (sparse(j) and last)
         if early:
             inputs = prefetch_inputs(*following)
         mb = micro_batches[k]
@@ -110,6 +135,22 @@ def run_block(
                 mb.host_ids if mb.host_ids is not None else (mb.input_ids, mb.position_ids)
             )
             out = arch.embed(w, ids, positions)
+        elif sparse(j):
+            unit = cache.units[j - 1][k]
+            attend = partial(unit.attend, history, key_mask=mb.key_mask, mover=mover)
+            layer = j - 1
+            held.append(
+                arch.attention_half(w, x, mb.position_ids, attend, layer=layer, span=mb.span)
+            )
+            if not last:
+                continue
+            outs = _sparse_block(arch, w, held, partial(load_experts, j))
+            held = []
+            for kk, out in enumerate(outs):
+                activations.put(j, kk, out)
+            if following is not None:
+                inputs = prefetch_inputs(*following)
+            continue
         elif j < head_stage:
             unit = cache.units[j - 1][k]
             attend = partial(unit.attend, history, key_mask=mb.key_mask, mover=mover)
@@ -125,3 +166,14 @@ def run_block(
         if following is not None and not early:
             inputs = prefetch_inputs(*following)
     raise AssertionError("the order ends with the head stage")
+
+
+def _sparse_block(
+    arch: Architecture, w, held: list[tuple[torch.Tensor, torch.Tensor]], load
+) -> list[torch.Tensor]:
+    """A sparse layer's MLP over the whole block: the micro-batches' normed (b, s, h) inputs
+    as one (T, h) batch of tokens, then each micro-batch's residual added back."""
+    tokens = torch.cat([h.reshape(-1, h.shape[-1]) for _, h in held])  # (T, h)
+    out = arch.sparse_mlp(w, tokens, load)
+    sizes = [h.shape[0] * h.shape[1] for _, h in held]
+    return [x + o.view_as(x) for (x, _), o in zip(held, out.split(sizes), strict=True)]

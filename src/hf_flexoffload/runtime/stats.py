@@ -31,6 +31,10 @@ class GenerationStats:
         policy: The policy the call ran under (re-optimized for the batch with ``"auto"``).
         memory: Where the memory model said the call's bytes would go, item by item, as
             checked against the capacities before the call started.
+        routed_experts: Mixture of experts: (layer, expert) pairs the steps routed tokens to,
+            summed over steps (0 for a dense model).
+        routed_expert_bytes: Stored bytes of those routed experts that were not in compute
+            memory in the compute dtype (what fetching only the routed experts has to read).
     """
 
     prefill_seconds: float
@@ -42,6 +46,8 @@ class GenerationStats:
     peak_bytes: dict[str, int] = field(default_factory=dict)
     policy: Policy | None = None
     memory: Footprint | None = None
+    routed_experts: int = 0
+    routed_expert_bytes: int = 0
 
     @property
     def total_seconds(self) -> float:

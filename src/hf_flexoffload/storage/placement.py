@@ -3,7 +3,9 @@
 FlexGen assigned whole tensors by their cumulative-size midpoint, so "20% on GPU" could really be
 8%. Here a layer's tensors are laid end to end as one byte stream and the stream is cut at the
 requested fractions; a cut that falls inside a tensor splits it between rows (dim 0). Every
-layer then realizes its split to within half a row at each of the two cuts.
+layer then realizes its split to within half a row at each of the two cuts, except that a cut
+never falls inside a *unit* (a mixture-of-experts layer's expert): it moves to the unit's nearer
+end, so an expert lives on one tier and is fetched (or not) as a whole.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     itemsize: int
+    unit: int | None = None  # tensors of one unit (an expert) are never split between tiers
 
     @property
     def rows(self) -> int:
@@ -63,7 +66,7 @@ def place_tensors(specs: list[TensorSpec], split: Split) -> list[Segment]:
         Segments covering every row of every tensor exactly once, in tier order per tensor.
     """
     total = sum(s.nbytes for s in specs)
-    cuts = (split.device * total, (split.device + split.host) * total)
+    cuts = _whole_units(specs, (split.device * total, (split.device + split.host) * total))
     segments: list[Segment] = []
     offset = 0
     for spec in specs:
@@ -78,6 +81,27 @@ def place_tensors(specs: list[TensorSpec], split: Split) -> list[Segment]:
                 segments.append(Segment(spec.name, tier, start, stop))
         offset += spec.nbytes
     return segments
+
+
+def _whole_units(specs: list[TensorSpec], cuts: tuple[float, ...]) -> tuple[float, ...]:
+    """The cuts moved out of any unit they fall inside, to its nearer end: a unit (consecutive
+    tensors of one expert) lives on one tier, so fetching it is one decision. The realized split
+    is then within half a unit of the requested one."""
+    spans, offset = [], 0
+    for spec in specs:
+        if spec.unit is not None and spans and spans[-1][0] == spec.unit and spans[-1][2] == offset:
+            spans[-1][2] += spec.nbytes
+        elif spec.unit is not None:
+            spans.append([spec.unit, offset, offset + spec.nbytes])
+        offset += spec.nbytes
+    moved = []
+    for cut in cuts:
+        for _, start, stop in spans:
+            if start < cut < stop:
+                cut = start if cut - start <= stop - cut else stop
+                break
+        moved.append(cut)
+    return tuple(moved)
 
 
 def assign_units(num_units: int, split: Split) -> list[str]:

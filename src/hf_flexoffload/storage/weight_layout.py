@@ -10,6 +10,7 @@ are converted when fetched. A compressed weight is stored as its quantized bytes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,7 @@ def plan_layout(
     dtype: torch.dtype,
     formats: dict[str, QuantFormat],
     storage: torch.dtype | None = None,
+    unit_of: Callable[[str], int | None] = lambda local: None,
 ) -> list[StageLayout]:
     """Place every stage's tensors by ``split``.
 
@@ -80,15 +82,17 @@ def plan_layout(
         dtype: The compute dtype.
         formats: Checkpoint name -> quantized format, for the tensors to store compressed.
         storage: The dtype plain tensors are stored in (``dtype`` when None).
+        unit_of: Local name -> the unit (an expert) whose tensors are never split between
+            tiers, or None.
     """
     storage = storage or dtype
     layouts = []
     for tensors, alias in zip(stages, aliases, strict=True):
         specs = [
-            TensorSpec(name, (formats[name].nbytes,), 1)
+            TensorSpec(name, (formats[name].nbytes,), 1, unit_of(local))
             if name in formats
-            else TensorSpec(name, dims, storage.itemsize)
-            for name, _, dims in tensors
+            else TensorSpec(name, dims, storage.itemsize, unit_of(local))
+            for name, local, dims in tensors
         ]
         layouts.append(
             StageLayout(
@@ -144,11 +148,11 @@ def layout_for(
     aliases = [{} for _ in stages]
     for local_name, (stage, name) in arch.head_aliases().items():
         aliases[-1][local_name] = arch.checkpoint_name(stage, name)
-    return plan_layout(stages, aliases, policy.weights, dtype, formats, storage)
+    return plan_layout(stages, aliases, policy.weights, dtype, formats, storage, arch.expert_of)
 
 
 def _compressed(policy: Policy, arch: Architecture, local: str, dims: tuple[int, ...]) -> bool:
-    if policy.compress_weights is None or len(dims) < 2:
+    if policy.compress_weights is None or len(dims) < 2 or not arch.quantizable(local):
         return False
     return policy.compress_embeddings or local not in arch.embeddings
 

@@ -77,6 +77,13 @@ class WeightFetcher:
             s.name: layout.storage_dtype(s.name) for layout in layouts for s in layout.specs
         }
         self._formats = {name: f for layout in layouts for name, f in layout.formats.items()}
+        self._compute_dtypes = {
+            s.name: layout.compute_dtype for layout in layouts for s in layout.specs
+        }
+        # Checkpoint name -> expert, for a sparse layer's expert tensors (fetched as units).
+        self._expert = {
+            s.name: s.unit for layout in layouts for s in layout.specs if s.unit is not None
+        }
         self._segments = {
             name: layout.segments_of(name) for layout in layouts for name in layout.local
         }
@@ -109,7 +116,7 @@ class WeightFetcher:
         return out
 
     def fetch(
-        self, stage: int, rows: int = 0
+        self, stage: int, rows: int = 0, routed: bool = False
     ) -> dict[str, torch.Tensor | QuantizedTensor | TiledInt4 | KernelOperand | StreamedMatrix]:
         """The stage's weights as local name -> tensor on the compute device.
 
@@ -119,7 +126,51 @@ class WeightFetcher:
             stage: The stage.
             rows: Rows the step computes per layer (micro-batch size x new tokens): at most
                 ``kernel_rows`` hands weights in the kernel's layout over as they are.
+            routed: Leave out the experts that would have to be moved or converted
+                (``deferred``): ``fetch_experts`` gathers those the block routes to.
         """
+        layout = self.layouts[stage]
+        skip = self.deferred(stage, rows) if routed else set()
+        names = [
+            (local, name)
+            for name, local in layout.local.items()
+            if self._expert.get(name) not in skip
+        ]
+        out = self._gather_named(stage, names + list(layout.aliases.items()), rows)
+        self.counters.count_stage_load(stage)
+        return out
+
+    def fetch_experts(self, stage: int, experts: list[int], rows: int = 0) -> dict:
+        """The tensors of ``experts`` of a sparse layer, gathered like ``fetch``'s."""
+        wanted = set(experts)
+        names = [
+            (local, name)
+            for name, local in self.layouts[stage].local.items()
+            if self._expert.get(name) in wanted
+        ]
+        return self._gather_named(stage, names, rows)
+
+    def deferred(self, stage: int, rows: int = 0) -> set[int]:
+        """The experts of ``stage`` that fetching would move or convert: read only when routed
+        to. Experts used where they are stored cost nothing to hand over and are always in."""
+        kernel = 0 < rows <= self.kernel_rows
+        return {
+            self._expert[name]
+            for name in self.layouts[stage].local
+            if name in self._expert and not self._free(name, kernel)
+        }
+
+    def routed_bytes(self, stage: int, experts: list[int]) -> int:
+        """Stored bytes of ``experts``' tensors that fetching them moves or converts."""
+        wanted = set(experts)
+        return sum(
+            spec.nbytes
+            for spec in self.layouts[stage].specs
+            if self._expert.get(spec.name) in wanted and not self._free(spec.name, False)
+        )
+
+    def _gather_named(self, stage: int, names: list[tuple[str, str]], rows: int) -> dict:
+        """``(local, checkpoint name)`` tensors of ``stage`` on the compute device."""
         layout = self.layouts[stage]
         kernel = 0 < rows <= self.kernel_rows
         pooled = stage in self.pooled_stages
@@ -143,8 +194,7 @@ class WeightFetcher:
             return raw.view(dtype).view(shape)
 
         out = {}
-        names = [(local, name) for name, local in layout.local.items()]
-        for local, name in names + list(layout.aliases.items()):
+        for local, name in names:
             if name in self._streamed:
                 out[local] = self._streamed[name]
                 continue
@@ -183,7 +233,6 @@ class WeightFetcher:
                 if fmt is not None and self._by_rows(name):
                     self._ready[kept] = stored
             out[local] = value
-        self.counters.count_stage_load(stage)
         return out
 
     def streams(self, stage: int) -> bool:
@@ -191,22 +240,35 @@ class WeightFetcher:
         lookups choose rows on the host."""
         return any(name in self._streamed for name in self.layouts[stage].local)
 
-    def idle(self, stage: int, rows: int = 0) -> bool:
+    def idle(self, stage: int, rows: int = 0, routed: bool = False) -> bool:
         """Whether fetching ``stage`` moves and converts nothing (every tensor used where it is
-        stored, streamed, or kept from an earlier fetch), so it can run inline."""
+        stored, streamed, or kept from an earlier fetch), so it can run inline. ``routed``: as
+        ``fetch(routed=True)``, which leaves the deferred experts out."""
         layout = self.layouts[stage]
         pooled = stage in self.pooled_stages
         kernel = 0 < rows <= self.kernel_rows
+        skip = self.deferred(stage, rows) if routed else set()
         for name in layout.local:
             ready = f"{name}@kernel" if kernel and self._by_rows(name) else name
             if name in self._streamed or (not pooled and ready in self._ready):
                 continue
-            fmt, stored = self._formats.get(name), self._dtypes[name]
-            if kernel and fmt is not None and fmt.tiled and self._in_place(name):
-                continue  # the kernel reads the stored bytes where they are
-            if fmt is not None or stored != layout.compute_dtype or not self._in_place(name):
+            if self._expert.get(name) in skip:
+                continue
+            if not self._free(name, kernel):
                 return False
         return True
+
+    def experts_idle(self, stage: int, experts: list[int], rows: int = 0) -> bool:
+        """Whether gathering ``experts`` moves and converts nothing."""
+        return not self.deferred(stage, rows) & set(experts)
+
+    def _free(self, name: str, kernel: bool) -> bool:
+        """Whether handing ``name`` over moves and converts nothing: used where it is stored
+        in the compute dtype (or as stored, by the int4 kernel)."""
+        fmt, stored = self._formats.get(name), self._dtypes[name]
+        if kernel and fmt is not None and fmt.tiled and self._in_place(name):
+            return True  # the kernel reads the stored bytes where they are
+        return fmt is None and stored == self._compute_dtypes[name] and self._in_place(name)
 
     def _by_rows(self, name: str) -> bool:
         """Whether how ``name`` is handed over depends on the step's rows (so an outer stage's
