@@ -325,10 +325,12 @@ def test_memory_and_cost_models_count_only_the_windows():
     assert dense.kv_positions(100) == 3 * 100
 
 
-@pytest.mark.parametrize("model_checkpoint", ["gemma3_text-local_global"], indirect=True)
+@pytest.mark.parametrize(
+    "model_checkpoint", ["gemma3_text-local_global", "qwen3_moe-sparse_step"], indirect=True
+)
 def test_auto_policy_and_dtype_plan_a_family(model_checkpoint, tmp_path, monkeypatch):
-    """``offload_policy="auto"`` and ``dtype="auto"`` price a windowed family from (seeded)
-    profiles, and the chosen policy generates stock's tokens."""
+    """``offload_policy="auto"`` and ``dtype="auto"`` price a windowed family and a mixture of
+    experts from (seeded) profiles, and the chosen policy generates stock's tokens."""
     from ..planning.test_hardware import seed_profile
 
     path, stock = model_checkpoint

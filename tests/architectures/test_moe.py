@@ -92,7 +92,8 @@ def test_only_routed_experts_are_read(model_checkpoint):
     policy = Policy(weights=Split(host=0.3, disk=0.7))
     runs = {}
     for routed in (True, False):
-        with load(path, replace(policy, routed_experts_only=routed)) as model:
+        fetch = "routed" if routed else "all"
+        with load(path, replace(policy, expert_fetch=fetch)) as model:
             assert torch.equal(model.generate(ids, **greedy), expected)
             layouts = model.engine.layouts
             runs[routed] = model.generation_stats
@@ -150,21 +151,28 @@ def test_planning_counts_the_experts_hit():
     assert sizes.experts_hit(1) == pytest.approx(k)
     assert sizes.experts_hit(10) == pytest.approx(E * (1 - (1 - k / E) ** 10))
     assert sizes.experts_hit(10_000) == pytest.approx(E)
-    assert sizes.read_share(1, routed_only=True) == pytest.approx(k / E)
-    assert sizes.read_share(1, routed_only=False) == 1.0
+    assert sizes.read_share(1, "routed") == pytest.approx(k / E)
+    assert sizes.read_share(1, "all") == 1.0
+    # "auto": routed where the step is expected to hit under 3/4 of the experts.
+    assert sizes.read_share(1, "auto") == pytest.approx(k / E)
+    assert sizes.read_share(5, "auto") == 1.0  # 6 (1 - (2/3)^5) = 5.2 of 6 experts
+    assert sizes.read_share(5, "routed") == pytest.approx(1 - (1 - k / E) ** 5)
     # A dense model reads everything it offloads.
     dense = ModelSizes.of(
         architecture_for(family_config("olmo2-post_norm")), torch.float32, Policy()
     )
-    assert dense.experts == 0 and dense.read_share(1, True) == 1.0
-    # Decode at block 1 from disk: routed-only reads k/E of the experts.
-    profile = make_profile()
-    policy = Policy(weights=Split(disk=1.0))
+    assert dense.experts == 0 and dense.read_share(1, "routed") == 1.0
+    # Decode at block 1 from disk (a larger, read-bound shape): routed reads 2 of 8 experts.
+    big = architecture_for(
+        family_config(MIXTRAL, hidden_size=512, intermediate_size=2048, num_local_experts=8)
+    )
+    profile, policy = make_profile(), Policy(weights=Split(disk=1.0))
     work = Workload(prompt_len=8, gen_len=8)
-    fast = estimate(arch, torch.float32, profile, work, policy)
-    slow = estimate(arch, torch.float32, profile, work, replace(policy, routed_experts_only=False))
-    assert fast.layer_seconds["weights"] < 0.6 * slow.layer_seconds["weights"]
-    assert fast.decode_seconds < slow.decode_seconds
+    fast = estimate(big, torch.float32, profile, work, policy)
+    slow = estimate(big, torch.float32, profile, work, replace(policy, expert_fetch="all"))
+    # Routed reads wait for the router: they count on the compute thread.
+    assert fast.layer_seconds["weights"] == 0 < slow.layer_seconds["weights"]
+    assert fast.decode_seconds < 0.4 * slow.decode_seconds
     # The memory model holds the whole block's tokens for the experts.
     items = memory_items(sizes, True, Policy(micro_batch_size=4), work, offloaded=False)
     assert items["expert batches"]["device"].const > 2 * 4 * 8 * arch.hidden * 4

@@ -15,6 +15,7 @@ from .validation import fields_of as _fields_of
 from .validation import require as _require
 
 TIERS = ("device", "host", "disk")
+EXPERT_FETCH = ("auto", "routed", "all")  # Policy.expert_fetch
 ROUNDINGS = ("minmax", "search")  # QuantConfig.rounding
 
 
@@ -173,11 +174,13 @@ class Policy:
             rows per layer; larger steps dequantize them and use the dense matmul. ``None``
             (the default): measured on this machine at load, where the kernel is faster. ``0``:
             never (every step then computes as the dequantizing path does on any device).
-        routed_experts_only: Mixture of experts: in each step, read (or copy, or convert) only
-            the experts that at least one of the block's tokens routes to, after the router
-            has run; experts stored where they are used cost nothing either way. ``False``
-            fetches every expert of a layer like a dense layer's weights (the ablation that
-            shows what routed-only fetching buys). No effect on dense models.
+        expert_fetch: Mixture of experts: ``"routed"`` reads (or copies, or converts) a sparse
+            layer's experts only once the router has run, and only those at least one of the
+            block's tokens routes to; ``"all"`` prefetches every expert with its layer, like a
+            dense layer's weights; ``"auto"`` (the default) picks per step: routed where the
+            step's tokens are expected to hit under 3/4 of the experts (a decode step of a
+            small block), else all (``planning/expert_fetch.py``). Experts stored where they
+            are used cost nothing either way. No effect on dense models.
 
     Example:
         >>> policy = Policy(micro_batch_size=8, num_micro_batches=4,
@@ -199,7 +202,7 @@ class Policy:
     direct_io: bool = False
     pin_weights: bool = True
     int4_kernel_rows: int | None = None
-    routed_experts_only: bool = True
+    expert_fetch: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "num_micro_batches"):
@@ -219,7 +222,6 @@ class Policy:
             "compress_embeddings",
             "direct_io",
             "pin_weights",
-            "routed_experts_only",
         ):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"Policy.{name}", value, "must be True or False")
@@ -233,6 +235,12 @@ class Policy:
             "Policy.int4_kernel_rows",
             self.int4_kernel_rows,
             "must be None (measured at load) or an integer >= 0 (0: never use the kernel)",
+        )
+        _require(
+            self.expert_fetch in EXPERT_FETCH,
+            "Policy.expert_fetch",
+            self.expert_fetch,
+            f"must be one of {list(EXPERT_FETCH)}",
         )
         for name in ("compress_weights", "compress_cache"):
             value = getattr(self, name)

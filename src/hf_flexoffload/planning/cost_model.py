@@ -112,9 +112,11 @@ def layer_terms(
     # Compressed weights in the int4 kernel's layout are multiplied as stored in steps of few
     # rows (no dequantizing pass; the kernel's own rate), else dequantized as they arrive.
     kernel = sizes.tiled_weights and rows <= kernel_rows(policy, profile)
-    # A sparse layer reads (and dequantizes or converts) only the experts the block's tokens
-    # route to, when fetching only routed experts.
-    share = sizes.read_share(b * tokens, policy.routed_experts_only)
+    # A step fetching only routed experts reads (and dequantizes or converts) only the experts
+    # hit, but only once the router has run: those reads wait for the layer's attention
+    # instead of overlapping the previous layer (they are on the compute thread's path).
+    routed = sizes.fetches_routed(b * tokens, policy.expert_fetch)
+    share = sizes.read_share(b * tokens, policy.expert_fetch)
     offloaded = sizes.layer_stored * share
     weights = frac("weights", "disk") * (offloaded / rates.disk_read)
     if cuda:
@@ -151,6 +153,9 @@ def layer_terms(
     if sizes.compressed_cache:
         compute += history_plain / profile.dequantize_bytes
         compute += history_plain / profile.host_to_device  # cat with the new token
+
+    if routed:  # the routed experts' reads: after the router, before their matmuls
+        compute, weights = compute + weights, Affine()
 
     hidden = b * tokens * sizes.hidden * e
     new_kv = b * tokens * sizes.kv_token

@@ -18,6 +18,7 @@ from ..storage.kv_codec import TokenCodec
 from ..storage.placement import assign_units
 from ..storage.streamed import chunk_rows
 from ..storage.weight_layout import layout_for, placement_report
+from .expert_fetch import experts_hit, fetches_routed
 
 KINDS = ("weights", "cache", "activations")
 VARIABLES = tuple(f"{kind}.{tier}" for kind in KINDS for tier in TIERS)
@@ -114,17 +115,18 @@ class ModelSizes:
     routed_flops: int = 0
 
     def experts_hit(self, tokens: float) -> float:
-        """Expected experts of a layer that at least one of ``tokens`` routes to, under uniform
-        routing: ``E (1 - (1 - k/E)^T)``."""
-        if not self.experts:
-            return 0.0
-        return self.experts * (1 - (1 - self.top_k / self.experts) ** tokens)
+        """Expected experts of a sparse layer that at least one of ``tokens`` routes to."""
+        return experts_hit(self.experts, self.top_k, tokens)
 
-    def read_share(self, tokens: float, routed_only: bool) -> float:
+    def fetches_routed(self, tokens: float, mode: str) -> bool:
+        """Whether a step over ``tokens`` fetches only routed experts (``expert_fetch``)."""
+        return fetches_routed(mode, self.experts, self.top_k, tokens)
+
+    def read_share(self, tokens: float, mode: str) -> float:
         """The share of a layer's offloaded bytes a step over ``tokens`` tokens reads: all of
-        them for a dense layer; for a sparse one fetching only routed experts, the experts hit
-        (the placement sends experts, the layer's last tensors, to the slower tiers first)."""
-        if not self.experts or not routed_only:
+        them, unless it fetches only routed experts: then the experts hit (the placement sends
+        experts, a sparse layer's last tensors, to the slower tiers first)."""
+        if not self.fetches_routed(tokens, mode):
             return 1.0
         return self.experts_hit(tokens) / self.experts
 

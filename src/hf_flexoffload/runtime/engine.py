@@ -24,6 +24,7 @@ from ..config.counters import Counters
 from ..config.policy import Policy
 from ..config.workload import Workload
 from ..planning.cost_model import Estimate
+from ..planning.expert_fetch import fetches_routed
 from ..planning.int4_kernel_choice import kernel_rows
 from ..planning.load_plan import default_workload
 from ..planning.memory_model import Footprint
@@ -254,7 +255,12 @@ class OffloadEngine(RunPlanning):
                 mover=self.mover,
                 micro_batches=micro_batches,
                 logits_to_keep=logits_to_keep,
-                routed_only=policy.routed_experts_only,
+                routed_only=fetches_routed(
+                    policy.expert_fetch,
+                    self.arch.num_experts,
+                    self.arch.experts_per_token,
+                    input_ids.numel(),
+                ),
             )
         finally:
             activations.close()
