@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.from_json) as f:
             data = json.load(f)
         results, args.cold_reads, args.skipped = (
-            data["results"],
-            data["cold_reads"],
-            data["skipped"],
+            data[k] for k in ("results", "cold_reads", "skipped")
         )
     else:
         if any(s.startswith("ours") for s in args.systems.split(";")):  # ours finds them cached
