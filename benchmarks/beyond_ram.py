@@ -54,6 +54,7 @@ from _common import (
     in_fresh_process,
     write_between_markers,
 )
+from _roofline import cold_read_rate, matmul_rates
 from _throughput_report import roofline_seconds
 from checkpoints import opt_config, write_random_checkpoint
 from side_by_side import synthetic_ids
@@ -105,7 +106,13 @@ def _load(
             weights=Split(host=share, disk=round(1 - share, 2)),
             direct_io=True,
         )
-    return FlexOffloadOPTForCausalLM.from_pretrained(
+    return load_ours(FlexOffloadOPTForCausalLM, path, policy, batch, dtype, args, offload_dir)
+
+
+def load_ours(cls, path: str, policy, batch: int, dtype: str, args, offload_dir: str):
+    """``cls.from_pretrained`` as every run of ours loads: ``policy``, the budget as the host
+    cap, the workload at up to ``batch`` sequences."""
+    return cls.from_pretrained(
         path,
         offload_policy=policy,
         offload_dir=offload_dir,
@@ -115,43 +122,76 @@ def _load(
     )
 
 
-def measure(path: str, system: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
-    """Load, then time one ``generate`` of ``batch`` prompts (ours-auto: the block it picks) in
-    ``dtype`` (ours: ``"auto"`` too)."""
+class _FirstRead(_device.FirstToken):
+    """Also the bytes read from storage when the first logits exist (the end of the prefill)."""
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.read = _read_bytes()
+        return super().__call__(input_ids, scores)
+
+
+def timed_generate(model, batch: int, args: argparse.Namespace) -> dict:
+    """One greedy ``generate`` of ``batch`` synthetic prompts: tokens/s, prefill and decode
+    seconds, bytes read from storage in each, and the first generated tokens."""
+    ids = synthetic_ids(batch, args.prompt_len, model.config.vocab_size)
+    first = _FirstRead(torch.device("cpu"))
+    read_before, start = _read_bytes(), time.perf_counter()
+    with torch.inference_mode():
+        tokens = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.gen_len,
+            min_new_tokens=args.gen_len,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([first]),
+        )
+    wall, read_after = time.perf_counter() - start, _read_bytes()
+    return dict(
+        batch=batch,
+        tokens_per_s=batch * args.gen_len / wall,
+        prefill_s=first.at - start,
+        decode_s=wall - (first.at - start),
+        read_prefill=first.read - read_before,
+        read_decode=read_after - first.read,
+        first_tokens=tokens[:, args.prompt_len].tolist(),
+    )
+
+
+def _opt_extras(model, system: str, out: dict, args: argparse.Namespace) -> dict:
+    extras = {"read_per_step": (out["read_prefill"] + out["read_decode"]) / args.gen_len}
+    if system.startswith("ours"):  # one forward per token
+        extras["weights_read_per_step"] = model.placement_report.bytes_per_tier["disk"]
+    return extras
+
+
+def measure(
+    path: str,
+    system: str,
+    batch: int,
+    dtype: str,
+    args: argparse.Namespace,
+    *,
+    load=_load,
+    extras=_opt_extras,
+) -> dict:
+    """Load (``load``), then time one ``generate`` of ``batch`` prompts (ours: the block its
+    policy has) in ``dtype`` (ours: ``"auto"`` too); ``extras(model, system, out, args)`` adds
+    what the benchmark reads off the model after it."""
     torch.set_num_threads(args.threads)
     memory = AnonPeak()
     offload_dir = os.path.join(args.work_dir, f"offload-{os.getpid()}")
     out: dict = {}
     try:
         start = time.perf_counter()
-        model = _load(path, system, batch, dtype, args, offload_dir)
+        model = load(path, system, batch, dtype, args, offload_dir)
         out["load_s"] = time.perf_counter() - start
         out["dtype"] = dtype_name(model.dtype)
         if system.startswith("ours"):
             batch = model.offload_policy.block_size
             out["policy"] = model.offload_policy.to_dict()
-            out["weights_read_per_step"] = model.placement_report.bytes_per_tier["disk"]
-        ids = synthetic_ids(batch, args.prompt_len, model.config.vocab_size)
-        first = _device.FirstToken(torch.device("cpu"))
-        read_before, start = _read_bytes(), time.perf_counter()
-        with torch.inference_mode():
-            tokens = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.gen_len,
-                min_new_tokens=args.gen_len,
-                do_sample=False,
-                logits_processor=LogitsProcessorList([first]),
-            )
-        wall = time.perf_counter() - start
-        out.update(
-            batch=batch,
-            tokens_per_s=batch * args.gen_len / wall,
-            prefill_s=first.at - start,
-            decode_s=wall - (first.at - start),
-            read_per_step=(_read_bytes() - read_before) / args.gen_len,  # one forward per token
-            first_tokens=tokens[:, args.prompt_len].tolist(),
-        )
+        out.update(timed_generate(model, batch, args))
+        out.update(extras(model, system, out, args))
         if system.startswith("ours"):
             model.close()
     finally:
@@ -160,13 +200,22 @@ def measure(path: str, system: str, batch: int, dtype: str, args: argparse.Names
     return out
 
 
-def run(path: str, system: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
-    """``measure`` in a fresh process in a new cgroup of the budget, the page cache dropped
+def run(
+    path: str,
+    system: str,
+    batch: int,
+    dtype: str,
+    args: argparse.Namespace,
+    *,
+    measure_fn=measure,
+    name: str = "beyond-ram",
+) -> dict:
+    """``measure_fn`` in a fresh process in a new cgroup of the budget, the page cache dropped
     first (or, where no cgroup can be made, with RSS sampling only, said in ``note``)."""
-    cgroup, why = MemoryCgroup.make("beyond-ram", args.budget) if args.cgroup else (None, "off")
+    cgroup, why = MemoryCgroup.make(name, args.budget) if args.cgroup else (None, "off")
     note = drop_page_cache() or ("" if cgroup else f"no cgroup: {why}")
     try:
-        out = in_fresh_process(measure, path, system, batch, dtype, args, cgroup=cgroup)
+        out = in_fresh_process(measure_fn, path, system, batch, dtype, args, cgroup=cgroup)
         out["cgroup_peak"] = cgroup.peak() if cgroup else None
     except (RuntimeError, ChildDied) as err:
         killed = cgroup is not None and cgroup.oom_kills() > 0
@@ -181,59 +230,6 @@ def run(path: str, system: str, batch: int, dtype: str, args: argparse.Namespace
 # -- the roofline ---------------------------------------------------------------------------------
 
 
-def cold_read_rate(files: list[str], nbytes: int, chunk: int = 64 << 20, depth: int = 4) -> float:
-    """Bytes/s of ``O_DIRECT`` reads of ``chunk`` bytes, ``depth`` in flight, over the first
-    ``nbytes`` of ``files`` after dropping the page cache: the disk's cold rate at its best."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from hf_flexoffload.storage.transfer import PAGE, aligned_empty
-
-    drop_page_cache()
-    largest = max(os.path.getsize(p) for p in files)
-    chunk = max(PAGE, min(chunk, largest // PAGE * PAGE))  # small (test) checkpoints
-    jobs = []
-    for path in files:
-        size = os.path.getsize(path) // chunk * chunk
-        jobs += [(path, off) for off in range(0, size, chunk)]
-    jobs = jobs[: max(1, nbytes // chunk)]
-    fds = {p: os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) for p in {j[0] for j in jobs}}
-    buffers = [aligned_empty((chunk,), torch.uint8) for _ in range(depth)]
-
-    def read(i: int) -> int:
-        path, off = jobs[i]
-        return os.preadv(fds[path], [memoryview(buffers[i % depth].numpy())], off)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(depth) as pool:
-        done = 0
-        for first in range(0, len(jobs), depth):  # a buffer is reused only after its read
-            done += sum(pool.map(read, range(first, min(len(jobs), first + depth))))
-    seconds = time.perf_counter() - start
-    for fd in fds.values():
-        os.close(fd)
-    return done / seconds
-
-
-def matmul_rates(shape: OPTShape, dtype: torch.dtype, rows: set[int]) -> dict[int, float]:
-    """FLOP/s of one decoder layer's six matmuls at exactly these row counts (the library's
-    profile skips row counts whose timing would take too long: the roofline needs them)."""
-    import torch.nn.functional as F
-
-    from hf_flexoffload.planning.probe_timing import timed
-
-    h, f = shape.hidden, shape.ffn
-    layer = [(torch.randn(o, i) * 0.02).to(dtype) for o, i in [(h, h)] * 4 + [(f, h), (h, f)]]
-    flops_per_row = 2 * sum(w.numel() for w in layer)
-    out = {}
-    for n in sorted(rows):
-        x = {d: torch.randn(n, d).to(dtype) for d in (h, f)}
-        seconds = timed(
-            lambda x=x: [F.linear(x[w.shape[1]], w) for w in layer], torch.device("cpu"), 2
-        )
-        out[n] = n * flops_per_row / seconds
-    return out
-
-
 def roofline_fraction(result: dict, shape: OPTShape, profile: HardwareProfile, args) -> float:
     """The roofline time of what ``result`` ran over its measured wall time."""
     read_s = result["weights_read_per_step"] / profile.disk_read
@@ -246,6 +242,15 @@ def roofline_fraction(result: dict, shape: OPTShape, profile: HardwareProfile, a
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of how runs run and where their files go (this and moe.py)."""
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--no-cgroup", dest="cgroup", action="store_false")
+    parser.add_argument("--work-dir", default=os.path.join(default_cache_dir(), "bench"))
+    parser.add_argument("--checkpoint-dir", default=default_cache_dir())
+    parser.add_argument("--no-write", action="store_true", help="print only")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -271,13 +276,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fixed-batch", type=int, default=2, help="ours, fixed policy")
     parser.add_argument("--accelerate-batches", type=_ints, default=[2])
     parser.add_argument("--systems", default="ours, auto;ours, fixed;accelerate")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--no-cgroup", dest="cgroup", action="store_false")
-    parser.add_argument("--work-dir", default=os.path.join(default_cache_dir(), "bench"))
-    parser.add_argument("--checkpoint-dir", default=default_cache_dir())
+    add_run_arguments(parser)
     parser.add_argument("--doc", default=DOC)
     parser.add_argument("--plot", default=PLOT)
-    parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--from-json", help="report the runs saved in this beyond_ram.json")
     return parser.parse_args(argv)
 

@@ -21,7 +21,7 @@ import shutil
 
 import torch
 from safetensors.torch import save_file
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM, PretrainedConfig
 
 from hf_flexoffload.assets.toy import OPT_125M
 from hf_flexoffload.planning.hardware import default_cache_dir
@@ -70,7 +70,7 @@ def _random_tensor(
 ) -> torch.Tensor:
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype)
-    if "layer_norm" in name:  # layer-norm scales
+    if "layer_norm" in name or name.endswith("norm.weight"):  # layer-norm / RMSNorm scales
         return torch.ones(shape, dtype=dtype)
     # Drawn where the generator is (a GPU draws opt-6.7b's 6.7e9 numbers in well under a
     # second, one CPU thread in minutes), saved from RAM.
@@ -80,12 +80,13 @@ def _random_tensor(
 
 def write_random_checkpoint(
     path: str,
-    config: OPTConfig,
+    config: PretrainedConfig,
     dtype: torch.dtype,
     *,
     seed: int = 0,
     device: str | torch.device = "cpu",
     scale: float = 1.0,
+    tensors: dict[str, tuple[int, ...]] | None = None,
 ) -> str:
     """Write a random ``config`` checkpoint at ``path`` (sharded safetensors + config) once.
 
@@ -94,17 +95,15 @@ def write_random_checkpoint(
     ``scale`` multiplies the matrices' std (0.02): larger weights give greedy decoding larger
     top-1/top-2 logit gaps, so a comparison of tokens is not decided by near-ties that kernel
     differences flip (the golden tests scale their random weights for the same reason); name
-    the folder with ``checkpoint_name``.
+    the folder with ``checkpoint_name``. ``tensors`` (name: shape, in the order written) are
+    the checkpoint's tensors when they are not OPT's (e.g. Mixtral's per-expert hub names).
 
     Returns:
         ``path``.
     """
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    with torch.device("meta"):
-        names = {n: tuple(t.shape) for n, t in OPTForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        names.pop("lm_head.weight", None)  # transformers saves a tied head once
+    names = dict(tensors) if tensors is not None else _opt_tensors(config)
     tmp = f"{path}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -127,6 +126,14 @@ def write_random_checkpoint(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     os.replace(tmp, path)
     return path
+
+
+def _opt_tensors(config: OPTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        names = {n: tuple(t.shape) for n, t in OPTForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        names.pop("lm_head.weight", None)  # transformers saves a tied head once
+    return names
 
 
 def _save_shard(directory: str, i: int, shard: dict[str, torch.Tensor]) -> tuple[str, list[str]]:
