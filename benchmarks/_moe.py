@@ -14,7 +14,9 @@ from transformers import MixtralConfig
 
 from hf_flexoffload.config.counters import human_bytes
 
-AUTO, ABLATION = "ours, auto", "ours, all experts"  # the two rows of ours
+AUTO, ABLATION = "ours, auto", "ours, all experts"  # auto, and its policy fetching every expert
+ROUTED = "ours, routed experts"  # auto's policy fetching only routed experts in every step
+FETCH = {ABLATION: "all", ROUTED: "routed"}  # Policy.expert_fetch of the ablations
 
 # -- the checkpoint -------------------------------------------------------------------------------
 
@@ -245,8 +247,7 @@ def report(results: list[dict], args: argparse.Namespace, shape: MoeShape, rates
         cgroup = human_bytes(r["cgroup_peak"]) if r.get("cgroup_peak") else "n/a"
         disk = f"disk {r['disk_bytes'] / r['weight_bytes']:.0%}"
         policy = describe_policy(r["policy"]) if r.get("policy") else f"device_map auto, {disk}"
-        if r.get("policy", {}).get("routed_experts_only") is False:
-            policy += ", all experts"
+        policy += f", expert_fetch={r['policy'].get('expert_fetch')}" if r.get("policy") else ""
         lines.append(
             f"| {r['system']} | {r['batch']} | {r['dtype']} | {r['tokens_per_s']:.4f} | {ratio} "
             f"| {r['load_s']:.0f} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | "

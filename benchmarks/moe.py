@@ -10,8 +10,10 @@ after the page cache is dropped, so offloaded weights come from the disk, cold:
 
 * **ours, auto**: ``offload_policy="auto"``, ``max_memory={"host": budget}``,
   ``dtype="auto"`` (``--dtype``), at most ``--max-batch`` sequences (the block auto picks);
-* **ours, all experts**: the policy auto chose with ``routed_experts_only=False`` (every expert
-  of a layer fetched every step: the ablation that shows what routed-only fetching buys);
+* **ours, all experts** and **ours, routed experts**: the policy auto chose with
+  ``expert_fetch="all"`` (every expert of a layer prefetched with it every step: the ablation
+  that shows what routed-only fetching buys) and ``expert_fetch="routed"`` (only the routed
+  experts, after the router, in every step), at auto's batch and dtype;
 * **accelerate**: ``MixtralForCausalLM`` with ``device_map="auto"``,
   ``max_memory={"cpu": budget - working memory}`` and an ``offload_folder``, at each of
   ``--accelerate-batches`` in each of ``--accelerate-dtypes`` (a dtype whose offload copy the
@@ -45,6 +47,8 @@ from _common import DTYPE_CHOICES, dtype_profiles, write_between_markers
 from _moe import (
     ABLATION,
     AUTO,
+    FETCH,
+    ROUTED,
     MoeShape,
     checkpoint_dir_name,
     config_matches,
@@ -81,8 +85,8 @@ def _load(path: str, system: str, batch: int, dtype: str, args, offload_dir: str
             offload_folder=offload_dir,
         )
     policy: Policy | str = "auto"
-    if system == ABLATION:  # auto's choice, every expert fetched
-        policy = replace(Policy.from_dict(args.auto_policy), routed_experts_only=False)
+    if system in FETCH:  # auto's choice, fetching experts one way in every step
+        policy = replace(Policy.from_dict(args.auto_policy), expert_fetch=FETCH[system])
     return load_ours(AutoFlexOffloadModelForCausalLM, path, policy, batch, dtype, args, offload_dir)
 
 
@@ -160,7 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new", dest="gen_len", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=8, help="ours: the most auto may pick")
     parser.add_argument("--accelerate-batches", type=_ints, default=[8])
-    parser.add_argument("--systems", default=f"{AUTO};{ABLATION};accelerate")
+    parser.add_argument("--systems", default=f"{AUTO};{ABLATION};{ROUTED};accelerate")
     add_run_arguments(parser)
     parser.add_argument("--doc", default=DOC)
     parser.add_argument("--from-json", help="report the runs saved in this moe.json again")
@@ -188,14 +192,16 @@ def runs(path: str, args: argparse.Namespace) -> list[dict]:
     """Every planned run in turn: ours auto, its ablation (auto's policy, batch and dtype), and
     accelerate at each batch and dtype the disk has room for."""
     systems, results = args.systems.split(";"), []
-    if AUTO in systems or ABLATION in systems:
+    ablations = [s for s in systems if s in FETCH]
+    if AUTO in systems or ablations:
         auto = _run(path, AUTO, args.max_batch, args.dtype, args)
         results += [auto] if AUTO in systems else []
-        if ABLATION in systems and "error" in auto:
-            args.skipped.append(f"{ABLATION} not run: {AUTO} failed, so no policy to ablate")
-        elif ABLATION in systems:
+        for ablation in ablations:
+            if "error" in auto:
+                args.skipped.append(f"{ablation} not run: {AUTO} failed, so no policy to ablate")
+                continue
             args.auto_policy = auto["policy"]
-            results.append(_run(path, ABLATION, auto["batch"], auto["dtype"], args))
+            results.append(_run(path, ablation, auto["batch"], auto["dtype"], args))
     if "accelerate" in systems:
         free = shutil.disk_usage(args.work_dir).free
         for dtype in args.accelerate_dtypes:

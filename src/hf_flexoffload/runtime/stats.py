@@ -34,7 +34,7 @@ class GenerationStats:
         routed_experts: Mixture of experts: (layer, expert) pairs the steps routed tokens to,
             summed over steps (0 for a dense model).
         routed_expert_bytes: Stored bytes of those routed experts that were not in compute
-            memory in the compute dtype (what fetching only the routed experts has to read).
+            memory (what fetching only the routed experts has to read or copy).
     """
 
     prefill_seconds: float

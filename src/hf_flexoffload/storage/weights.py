@@ -161,12 +161,13 @@ class WeightFetcher:
         }
 
     def routed_bytes(self, stage: int, experts: list[int]) -> int:
-        """Stored bytes of ``experts``' tensors that fetching them moves or converts."""
+        """Stored bytes of ``experts``' tensors that are not in compute memory (fetching them
+        reads or copies those bytes)."""
         wanted = set(experts)
         return sum(
             spec.nbytes
             for spec in self.layouts[stage].specs
-            if self._expert.get(spec.name) in wanted and not self._free(spec.name, False)
+            if self._expert.get(spec.name) in wanted and not self._in_place(spec.name)
         )
 
     def _gather_named(self, stage: int, names: list[tuple[str, str]], rows: int) -> dict:
