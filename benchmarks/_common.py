@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import queue as queue_module
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -75,27 +76,47 @@ def _child(fn: Callable, args: tuple, queue, cgroup) -> None:
         queue.put(("error", f"{type(err).__name__}: {err}"))
 
 
+def _read_bytes(pid: int) -> int:
+    """Bytes process ``pid`` has had read from storage (0 where that is not readable)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+    except (OSError, StopIteration):
+        return 0
+
+
 class ChildDied(RuntimeError):
     """The fresh process ended without an answer (e.g. the OOM killer)."""
 
 
-def in_fresh_process(fn: Callable, *args, cgroup=None):
+def in_fresh_process(fn: Callable, *args, cgroup=None, timeout: float | None = None):
     """``fn(*args)`` in a spawned process, so its memory and caches are its own; inside
-    ``cgroup`` (a ``_cgroup.MemoryCgroup``, joined before ``fn`` runs) when given.
+    ``cgroup`` (a ``_cgroup.MemoryCgroup``, joined before ``fn`` runs) when given; killed after
+    ``timeout`` seconds when given (a run thrashing the page cache may never end).
 
     Raises:
         RuntimeError: ``fn`` raised (the message is its error).
-        ChildDied: the process ended without an answer (killed; its exit code is given).
+        ChildDied: the process ended without an answer (killed; its exit code is given), or
+            did not answer within ``timeout`` (how much it had read from storage is given).
     """
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_child, args=(fn, args, queue, cgroup))
     child.start()
+    started = time.monotonic()
     while True:
         try:
             status, value = queue.get(timeout=1.0)
             break
         except queue_module.Empty:
+            if timeout is not None and time.monotonic() - started > timeout and child.is_alive():
+                read = _read_bytes(child.pid)
+                child.kill()
+                child.join()
+                raise ChildDied(
+                    f"did not finish within {timeout:.0f} s (killed, having read "
+                    f"{read / 2**30:.0f} GiB from storage)"
+                ) from None
             if not child.is_alive():
                 child.join()
                 raise ChildDied(f"the run's process died with exit code {child.exitcode}") from None

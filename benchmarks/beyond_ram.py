@@ -215,7 +215,9 @@ def run(
     cgroup, why = MemoryCgroup.make(name, args.budget) if args.cgroup else (None, "off")
     note = drop_page_cache() or ("" if cgroup else f"no cgroup: {why}")
     try:
-        out = in_fresh_process(measure_fn, path, system, batch, dtype, args, cgroup=cgroup)
+        out = in_fresh_process(
+            measure_fn, path, system, batch, dtype, args, cgroup=cgroup, timeout=args.run_timeout
+        )
         out["cgroup_peak"] = cgroup.peak() if cgroup else None
     except (RuntimeError, ChildDied) as err:
         killed = cgroup is not None and cgroup.oom_kills() > 0
@@ -251,6 +253,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=os.path.join(default_cache_dir(), "bench"))
     parser.add_argument("--checkpoint-dir", default=default_cache_dir())
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--run-timeout", type=float, default=None, help="seconds after which a run is killed"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -3,7 +3,8 @@
 Each case runs in a fresh process (tests/memory_probe.py) that samples RssAnon every 2 ms from
 before ``from_pretrained``. The checkpoints are bf16 OPTs whose token embedding is about half
 of the model (vocab 50272, hidden 512, 8 layers: 97 MiB tied, 147 MiB untied), so an embedding
-or LM head held whole would show.
+or LM head held whole would show; a bf16 Mixtral shape (8 experts per layer) checks the
+mixture-of-experts terms (routed experts gathered, the block's tokens held for the experts).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM
 
 from hf_flexoffload import FlexOffloadOPTForCausalLM, Policy, Split
 from hf_flexoffload.planning.budget import InsufficientMemoryError
@@ -53,6 +54,22 @@ def checkpoints(tmp_path_factory):
         path = tmp_path_factory.mktemp("tied" if tied else "untied")
         OPTForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
         out["tied" if tied else "untied"] = str(path)
+    # A mixture of experts: 8 experts of 512 x 1024 per layer, most of its bytes.
+    moe = MixtralConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mixtral")
+    MixtralForCausalLM(moe).to(torch.bfloat16).save_pretrained(path)
+    out["mixtral"] = str(path)
     return out
 
 
@@ -79,6 +96,8 @@ CASES = [
     ("tied", ON_DISK, "bfloat16"),
     ("tied", FOUR_BIT, "bfloat16"),
     ("tied", FOUR_BIT, "float32"),
+    ("mixtral", ON_DISK, "bfloat16"),
+    ("mixtral", {**TEN, "expert_fetch": "routed"}, "float32"),
 ]
 IDS = [
     "tied-10pct-bf16",
@@ -87,6 +106,8 @@ IDS = [
     "tied-all-on-disk-bf16",
     "tied-4bit-half-bf16",
     "tied-4bit-half-fp32",
+    "mixtral-all-on-disk-bf16",
+    "mixtral-10pct-routed-fp32",
 ]
 
 

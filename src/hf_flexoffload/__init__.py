@@ -38,6 +38,7 @@ _LAZY = {
     "FlexOffloadQwen3ForCausalLM": ".modeling.families",
     "InsufficientMemoryError": ".planning.budget",
     "Estimate": ".planning.cost_model",
+    "ExpertUsage": ".config.expert_usage",
     "HardwareProfile": ".planning.hardware",
     "InfeasiblePolicyError": ".planning.optimizer",
     "GenerationStats": ".runtime.stats",
@@ -46,6 +47,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .config.expert_usage import ExpertUsage
     from .config.policy import Policy, QuantConfig, Split
     from .config.workload import Workload
     from .modeling.auto import AutoFlexOffloadModelForCausalLM
@@ -88,6 +90,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AutoFlexOffloadModelForCausalLM",
     "Estimate",
+    "ExpertUsage",
     "FlexOffloadCache",
     "FlexOffloadGPTNeoXForCausalLM",
     "FlexOffloadGemma2ForCausalLM",

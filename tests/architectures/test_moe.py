@@ -10,7 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hf_flexoffload import AutoFlexOffloadModelForCausalLM, Policy, Split, Workload
+from hf_flexoffload import (
+    AutoFlexOffloadModelForCausalLM,
+    ExpertUsage,
+    Policy,
+    Split,
+    Workload,
+)
 from hf_flexoffload.architectures import MoeDecoder, architecture_for
 from hf_flexoffload.planning.cost_model import estimate
 from hf_flexoffload.planning.memory_model import memory_items
@@ -199,3 +205,71 @@ def test_bad_routing_is_refused(name, overrides, message):
         setattr(config, key, value)
     with pytest.raises(ValueError, match=message):
         architecture_for(config)
+
+
+# -- calibration: experts placed most used first ------------------------------------------------
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("model_checkpoint", [MIXTRAL], indirect=True)
+def test_calibrated_experts_are_placed_most_used_first(model_checkpoint, tmp_path):
+    """A calibration run counts the routing; loaded with it, each layer keeps its most used
+    experts resident, so a decode step of the same prompt reads fewer routed bytes than with
+    the experts in index order, and still generates stock's tokens."""
+    path, stock = model_checkpoint
+    ids = torch.tensor([[5, 17, 42, 8, 60]])
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    expected = stock.generate(ids, **greedy)
+    policy = Policy(weights=Split(host=0.5, disk=0.5), expert_fetch="routed")
+    with load(path, policy) as model:
+        assert torch.equal(model.generate(ids, **greedy), expected)
+        usage, plain = model.expert_usage(), model.generation_stats
+        model.reset_expert_usage()
+        with pytest.raises(ValueError, match="no token was routed"):
+            model.expert_usage()
+    arch = mixtral()
+    # Every forwarded token is routed to top_k experts in every layer: 5 + 5 tokens here.
+    assert all(sum(layer) == (5 + 5) * arch.top_k for layer in usage.counts)
+    usage.save(tmp_path / "usage.json")
+    assert ExpertUsage.load(tmp_path / "usage.json") == usage
+    with AutoFlexOffloadModelForCausalLM.from_pretrained(
+        path, offload_policy=policy, expert_usage=tmp_path / "usage.json"
+    ) as model:
+        assert torch.equal(model.generate(ids, **greedy), expected)
+        calibrated = model.generation_stats
+        for layer, layout in enumerate(model.engine.layouts[1:-1]):
+            host = {
+                arch.expert_of(layout.local[seg.name])
+                for seg in layout.segments
+                if seg.tier == "host" and arch.expert_of(layout.local[seg.name]) is not None
+            }
+            assert host == set(usage.order(layer)[: len(host)]) and host
+    assert calibrated.routed_expert_bytes < plain.routed_expert_bytes
+
+
+def test_expert_usage_is_checked():
+    usage = ExpertUsage(counts=((3, 0, 1), (), (2, 2, 0)))
+    assert usage.order(0) == (0, 2, 1) and usage.order(2) == (0, 1, 2)
+    assert sum(usage.shares(0, top_k=2)) == pytest.approx(2)
+    assert ExpertUsage.from_dict(usage.to_dict()) == usage
+    with pytest.raises(ValueError, match=r"ExpertUsage\.counts"):
+        ExpertUsage(counts=((1, -1),))
+    with pytest.raises(ValueError, match="no token was routed"):
+        ExpertUsage(counts=((0, 0),))
+    with pytest.raises(ValueError, match="has no experts"):
+        architecture_for(family_config("olmo2-post_norm")).with_expert_usage(usage)
+    with pytest.raises(ValueError, match="another model"):
+        mixtral().with_expert_usage(usage)  # 3 experts per layer, Mixtral's variant has 6
+
+
+def test_measured_routing_sets_the_expected_hits():
+    arch = mixtral()
+    skewed = ExpertUsage(counts=((90, 90, 10, 5, 3, 2),) * arch.layers)
+    sizes = ModelSizes.of(arch.with_expert_usage(skewed), torch.float32, Policy())
+    uniform = ModelSizes.of(arch, torch.float32, Policy())
+    probs = skewed.shares(0, arch.top_k)
+    assert sizes.experts_hit(4) == pytest.approx(sum(1 - (1 - p) ** 4 for p in probs))
+    assert sizes.experts_hit(4) < uniform.experts_hit(4)
+    # Placement follows the measured order (ties: lower index first).
+    local = [n for n, _ in arch.with_expert_usage(skewed).stage_tensors()[1] if ".experts." in n]
+    assert [arch.expert_of(n) for n in local[::3]] == [0, 1, 2, 3, 4, 5]

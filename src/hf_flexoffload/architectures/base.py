@@ -125,6 +125,19 @@ class Architecture(ABC):
         units), or None for a tensor every token uses."""
         return None
 
+    @property
+    def routing_probs(self) -> tuple[tuple[float, ...], ...]:
+        """Per sparse layer, each expert's measured probability that a token routes to it (from
+        ``with_expert_usage``); empty where routing is taken as uniform."""
+        return ()
+
+    def with_expert_usage(self, usage) -> Architecture:
+        """This architecture with its experts placed most used first, per ``usage``
+        (``ExpertUsage``)."""
+        raise ValueError(
+            f"expert_usage is for mixture-of-experts models; {self.model_type!r} has no experts."
+        )
+
     def quantizable(self, local: str) -> bool:
         """Whether a decoder matrix may be stored compressed (a router stays exact)."""
         return True

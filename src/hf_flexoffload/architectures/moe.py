@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from ..config.expert_usage import ExpertUsage
 from .base import Attend, TensorList, Weights, linear_specs
 from .decoder import Decoder
 from .layers import linear
 
-# load(experts) starts gathering the listed experts' weights and returns a function that waits
-# for them: the math computes the experts it already holds in between.
-LoadExperts = Callable[[list[int]], Callable[[], Weights]]
+# load(experts, tokens) starts gathering the weights of the experts hit (``tokens``: the routed
+# (token, slot) pairs of each) and returns a function that waits for those the weights lacked:
+# the math computes the experts it already holds in between.
+LoadExperts = Callable[[list[int], list[int]], Callable[[], Weights]]
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
@@ -68,6 +70,10 @@ class MoeDecoder(Decoder):
     shared_ffn: int = 0  # the shared expert's width (Qwen2-MoE); 0: none
     sparse: tuple[bool, ...] = ()  # per layer; () = every layer is sparse
     clip_qkv: float | None = None  # OLMoE: q, k and v clamped to [-clip, clip]
+    # From a calibration (``with_expert_usage``), per layer: the experts in placement order,
+    # most used first, and each expert's probability that a token routes to it.
+    expert_order: tuple[tuple[int, ...], ...] = ()
+    routing: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +103,31 @@ class MoeDecoder(Decoder):
         found = _EXPERT.search(f".{local}")
         return None if found is None else int(found.group(1))
 
+    @property
+    def routing_probs(self) -> tuple[tuple[float, ...], ...]:
+        return tuple(p for p in self.routing if p)
+
+    def with_expert_usage(self, usage: ExpertUsage) -> MoeDecoder:
+        what = type(self).model_type
+        layers = len(usage.counts)
+        if layers != self.layers:
+            raise ValueError(
+                f"{what}: expert_usage counts {layers} layers, the model has {self.layers}: it "
+                "comes from another model."
+            )
+        for layer, counts in enumerate(usage.counts):
+            want = self.experts if self.is_sparse(layer) else 0
+            if len(counts) != want:
+                raise ValueError(
+                    f"{what}: expert_usage has {len(counts)} experts for layer {layer}, the "
+                    f"model {want}: it comes from another model."
+                )
+        order = tuple(usage.order(i) if c else () for i, c in enumerate(usage.counts))
+        routing = tuple(
+            usage.shares(i, self.top_k) if c else () for i, c in enumerate(usage.counts)
+        )
+        return replace(self, expert_order=order, routing=routing)
+
     def quantizable(self, local: str) -> bool:
         # Routers stay in full precision: a 4-bit router changes which experts tokens reach.
         m = self.moe_names
@@ -110,8 +141,9 @@ class MoeDecoder(Decoder):
 
     def stage_tensors(self) -> list[TensorList]:
         # A sparse layer's tensors: the dense ones without the MLP, then the router, the shared
-        # expert, and the experts last (lowest index first: the placement keeps the first ones
-        # resident and sends the last ones to the slower tiers, a whole expert at a time).
+        # expert, and the experts last (lowest index first, or most used first after a
+        # calibration: the placement keeps the first ones resident and sends the last ones to
+        # the slower tiers, a whole expert at a time).
         stages = super().stage_tensors()
         n, m, h = self.names, self.moe_names, self.hidden
         mlp = tuple(f"{x}." for x in (n.gate, n.up, n.gate_up, n.down))
@@ -124,7 +156,8 @@ class MoeDecoder(Decoder):
                 shared = f"{m.block}.{m.shared}"
                 tensors += _gated_specs(shared, m, h, self.shared_ffn)
                 tensors += linear_specs(f"{m.block}.{m.shared_gate}", 1, h, False)
-            for e in range(self.experts):
+            order = self.expert_order[layer] if self.expert_order else range(self.experts)
+            for e in order:
                 tensors += _gated_specs(f"{m.block}.experts.{e}", m, h, self.expert_ffn)
             stages[layer + 1] = tensors
         return stages
@@ -169,7 +202,7 @@ class MoeDecoder(Decoder):
         if not self.is_sparse(layer):
             return super().decoder_layer(w, x, position_ids, attend, layer=layer, span=span)
         x, h = self.attention_half(w, x, position_ids, attend, layer=layer, span=span)
-        out = self.sparse_mlp(w, h.reshape(-1, self.hidden), lambda experts: lambda: {})
+        out = self.sparse_mlp(w, h.reshape(-1, self.hidden), lambda experts, tokens: dict)
         return x + out.view_as(x)
 
     def route(self, w: Weights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,10 +222,11 @@ class MoeDecoder(Decoder):
         lacks through ``load``."""
         m = self.moe_names
         top, chosen = self.route(w, h)  # (T, k) each
-        hit = torch.unique(chosen).tolist()
+        counts = torch.bincount(chosen.flatten(), minlength=self.experts).tolist()
+        hit = [e for e, n in enumerate(counts) if n]
         held = [e for e in hit if f"{m.block}.experts.{e}.{m.down}.weight" in w]
         missing = [e for e in hit if e not in held]
-        wait = load(hit)
+        wait = load(hit, [counts[e] for e in hit])
         # (T, k, h): each routed slot's scaled expert output, summed over the slots at the end.
         slots = torch.zeros((*chosen.shape, h.shape[-1]), dtype=torch.result_type(h, top))
         slots = slots.to(h.device)

@@ -25,14 +25,23 @@ class Counters:
         self.live = dict.fromkeys(TIERS, 0)
         self.peak = dict.fromkeys(TIERS, 0)
         self.stage_loads: dict[int, int] = {}
-        # Mixture of experts: (layer, expert) pairs routed to, and the bytes of those that
-        # fetching had to move or convert (what routed-only fetching reads).
+        # Mixture of experts, per run: (layer, expert) pairs routed to, and the bytes of those
+        # not in compute memory (what routed-only fetching reads); since load (or
+        # reset_expert_tokens): per decoder layer, the (token, slot) pairs routed to each expert.
         self.routed = {"experts": 0, "bytes": 0}
+        self.expert_tokens: dict[int, dict[int, int]] = {}
 
-    def count_routed(self, experts: int, nbytes: int) -> None:
+    def count_routed(self, layer: int, experts: list[int], tokens: list[int], nbytes: int) -> None:
         with self._lock:
-            self.routed["experts"] += experts
+            self.routed["experts"] += len(experts)
             self.routed["bytes"] += nbytes
+            counts = self.expert_tokens.setdefault(layer, {})
+            for e, n in zip(experts, tokens, strict=True):
+                counts[e] = counts.get(e, 0) + n
+
+    def reset_expert_tokens(self) -> None:
+        with self._lock:
+            self.expert_tokens = {}
 
     def add_moved(self, link: str, nbytes: int) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from transformers.models.opt.modeling_opt import OPTPreTrainedModel
 
 from ..architectures.layers import positions_from_mask
 from ..checkpoints.hub import resolve_pretrained
+from ..config.expert_usage import ExpertUsage, resolve_usage
 from ..config.policy import Policy, resolve_policy
 from ..config.workload import Workload
 from ..planning.cost_model import Estimate
@@ -70,6 +71,7 @@ class FlexOffloadCausalLMMixin:
         dtype: torch.dtype | str | None = None,
         max_memory: dict[str, int | str] | None = None,
         workload: Workload | None = None,
+        expert_usage: ExpertUsage | str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> FlexOffloadCausalLMMixin:
         """Load a checkpoint and place its weights by ``offload_policy``.
@@ -96,6 +98,8 @@ class FlexOffloadCausalLMMixin:
             workload: What ``offload_policy="auto"`` optimizes for (prompt and generation
                 lengths, block size, whether compression is allowed); default
                 ``Workload()``: prompts of 512 tokens, 32 new tokens, no compression.
+            expert_usage: Mixture of experts: a calibration's ``model.expert_usage()`` (or the
+                path of its saved JSON); each layer's experts are then placed most used first.
             kwargs: transformers' ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
                 ``force_download`` (hub ids; ``HF_HUB_OFFLINE=1`` too), ``use_safetensors``
                 (None prefers safetensors), ``config``, ``torch_dtype`` (alias of ``dtype``).
@@ -126,7 +130,7 @@ class FlexOffloadCausalLMMixin:
         if unknown:
             raise TypeError(
                 f"from_pretrained got unsupported arguments {sorted(unknown)}; supported: "
-                "offload_policy, offload_dir, device, dtype, max_memory, workload, "
+                "offload_policy, offload_dir, device, dtype, max_memory, workload, expert_usage, "
                 + ", ".join(_FROM_PRETRAINED_KWARGS)
             )
         path = resolve_pretrained(
@@ -151,6 +155,7 @@ class FlexOffloadCausalLMMixin:
             max_memory=max_memory,
             workload=workload,
             use_safetensors=kwargs.get("use_safetensors"),
+            expert_usage=resolve_usage(expert_usage),
         )
         config.dtype = engine.dtype
         model = cls(config, engine)

@@ -33,6 +33,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoePreTrainedM
 from ..storage.offload_cache import FlexOffloadCache
 from .cache_keyword import CACHE_KEYWORD
 from .causal_lm import FlexOffloadCausalLMMixin
+from .expert_usage import ExpertUsageMixin
 
 
 class FlexOffloadQwen2ForCausalLM(FlexOffloadCausalLMMixin, Qwen2PreTrainedModel, GenerationMixin):
@@ -116,7 +117,7 @@ class FlexOffloadGPTNeoXForCausalLM(
 
 
 class FlexOffloadMixtralForCausalLM(
-    FlexOffloadCausalLMMixin, MixtralPreTrainedModel, GenerationMixin
+    ExpertUsageMixin, FlexOffloadCausalLMMixin, MixtralPreTrainedModel, GenerationMixin
 ):
     """Mixtral (8 experts, top-2), offloaded and fetched by the expert."""
 
@@ -124,7 +125,7 @@ class FlexOffloadMixtralForCausalLM(
 
 
 class FlexOffloadQwen2MoeForCausalLM(
-    FlexOffloadCausalLMMixin, Qwen2MoePreTrainedModel, GenerationMixin
+    ExpertUsageMixin, FlexOffloadCausalLMMixin, Qwen2MoePreTrainedModel, GenerationMixin
 ):
     """Qwen2-MoE / Qwen1.5-MoE (routed experts plus a gated shared expert), offloaded."""
 
@@ -132,14 +133,16 @@ class FlexOffloadQwen2MoeForCausalLM(
 
 
 class FlexOffloadQwen3MoeForCausalLM(
-    FlexOffloadCausalLMMixin, Qwen3MoePreTrainedModel, GenerationMixin
+    ExpertUsageMixin, FlexOffloadCausalLMMixin, Qwen3MoePreTrainedModel, GenerationMixin
 ):
     """Qwen3-MoE (per-head q/k norms, 128 experts, top-8), offloaded."""
 
     supported_model_type = "qwen3_moe"
 
 
-class FlexOffloadOlmoeForCausalLM(FlexOffloadCausalLMMixin, OlmoePreTrainedModel, GenerationMixin):
+class FlexOffloadOlmoeForCausalLM(
+    ExpertUsageMixin, FlexOffloadCausalLMMixin, OlmoePreTrainedModel, GenerationMixin
+):
     """OLMoE (64 experts, top-8, q/k norms over the projection), offloaded."""
 
     supported_model_type = "olmoe"

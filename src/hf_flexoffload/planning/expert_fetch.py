@@ -7,6 +7,8 @@ rest of the layer is still prefetched). Under uniform routing a step over ``T`` 
 them, a prefill or a large block nearly all. ``expert_fetch="auto"`` fetches only routed experts
 where the expected hit fraction is below ``ROUTED_BELOW`` (the saving outweighs the lost
 overlap), else prefetches every expert with its layer; ``"routed"`` and ``"all"`` force one.
+Where a calibration measured how often each expert is routed to (``ExpertUsage``), the expected
+hits come from those shares instead.
 """
 
 from __future__ import annotations
@@ -15,14 +17,26 @@ from __future__ import annotations
 ROUTED_BELOW = 0.75
 
 
-def experts_hit(experts: int, top_k: int, tokens: float) -> float:
-    """Expected experts of a layer that at least one of ``tokens`` routes to (uniform routing)."""
+def experts_hit(
+    experts: int, top_k: int, tokens: float, probs: tuple[tuple[float, ...], ...] = ()
+) -> float:
+    """Expected experts of a layer that at least one of ``tokens`` routes to: uniform routing,
+    or the mean over layers of ``sum_e 1 - (1 - p_e)^T`` where a calibration measured each
+    expert's probability ``p_e`` (``probs``, per sparse layer)."""
     if not experts:
         return 0.0
+    if probs:
+        return sum(sum(1 - (1 - p) ** tokens for p in layer) for layer in probs) / len(probs)
     return experts * (1 - (1 - top_k / experts) ** tokens)
 
 
-def fetches_routed(mode: str, experts: int, top_k: int, tokens: float) -> bool:
+def fetches_routed(
+    mode: str,
+    experts: int,
+    top_k: int,
+    tokens: float,
+    probs: tuple[tuple[float, ...], ...] = (),
+) -> bool:
     """Whether a step over ``tokens`` tokens fetches a sparse layer's experts only once routed.
 
     Example:
@@ -33,4 +47,4 @@ def fetches_routed(mode: str, experts: int, top_k: int, tokens: float) -> bool:
         return False
     if mode == "routed":
         return True
-    return experts_hit(experts, top_k, tokens) < ROUTED_BELOW * experts
+    return experts_hit(experts, top_k, tokens, probs) < ROUTED_BELOW * experts

@@ -113,14 +113,16 @@ class ModelSizes:
     expert_ffn: int = 0
     expert_share: float = 0.0
     routed_flops: int = 0
+    # Measured routing: per sparse layer, each expert's probability a token routes to it.
+    routing: tuple[tuple[float, ...], ...] = ()
 
     def experts_hit(self, tokens: float) -> float:
         """Expected experts of a sparse layer that at least one of ``tokens`` routes to."""
-        return experts_hit(self.experts, self.top_k, tokens)
+        return experts_hit(self.experts, self.top_k, tokens, self.routing)
 
     def fetches_routed(self, tokens: float, mode: str) -> bool:
         """Whether a step over ``tokens`` fetches only routed experts (``expert_fetch``)."""
-        return fetches_routed(mode, self.experts, self.top_k, tokens)
+        return fetches_routed(mode, self.experts, self.top_k, tokens, self.routing)
 
     def read_share(self, tokens: float, mode: str) -> float:
         """The share of a layer's offloaded bytes a step over ``tokens`` tokens reads: all of
@@ -232,6 +234,7 @@ class ModelSizes:
             expert_ffn=expert_elements // (3 * experts * arch.hidden) if experts else 0,
             expert_share=expert_stored / max(1, per_stage[big]["device"]),
             routed_flops=routed,
+            routing=arch.routing_probs if experts else (),
         )
 
     @property

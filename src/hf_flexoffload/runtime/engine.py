@@ -260,6 +260,7 @@ class OffloadEngine(RunPlanning):
                     self.arch.num_experts,
                     self.arch.experts_per_token,
                     input_ids.numel(),
+                    self.arch.routing_probs,
                 ),
             )
         finally:

@@ -26,6 +26,7 @@ from ..architectures import architecture_for
 from ..checkpoints.checkpoint import check_tensors, open_checkpoint
 from ..checkpoints.checkpoint_store import bytes_to_write, load_chunk_bytes, load_into_store
 from ..config.counters import Counters
+from ..config.expert_usage import ExpertUsage
 from ..config.policy import Policy
 from ..config.workload import Workload
 from ..planning.budget import Capacities, bound_heap_slack, return_freed_memory
@@ -55,6 +56,7 @@ def load_engine(
     max_memory: dict | None = None,
     workload: Workload | None = None,
     use_safetensors: bool | None = None,
+    expert_usage: ExpertUsage | None = None,
 ) -> OffloadEngine:
     """The checkpoint in ``path`` placed under ``policy`` (a Policy or ``"auto"``), ready to run.
 
@@ -62,6 +64,8 @@ def load_engine(
     load does not fit, and ``ValueError`` when the checkpoint does not match its config.
     """
     arch = architecture_for(config)
+    if expert_usage is not None:  # experts placed most used first
+        arch = arch.with_expert_usage(expert_usage)
     ckpt = open_checkpoint(path, use_safetensors)
     ckpt.rename(arch.renamed_tensors())
     saved = ckpt.compression

@@ -103,8 +103,8 @@ def run_block(
         fetch = partial(fetcher.fetch, rows=rows, routed=routed)
         return mover.read_weights(fetch, j, idle=fetcher.idle(j, rows, routed))
 
-    def load_experts(j: int, experts: list[int]):
-        fetcher.counters.count_routed(len(experts), fetcher.routed_bytes(j, experts))
+    def load_experts(j: int, experts: list[int], tokens: list[int]):
+        fetcher.counters.count_routed(j - 1, experts, tokens, fetcher.routed_bytes(j, experts))
         if not routed_only:
             return lambda: {}
         fetch = partial(fetcher.fetch_experts, rows=rows)
