@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -253,11 +254,31 @@ class MoeDecoder(Decoder):
         slots: torch.Tensor,
     ) -> None:
         """Expert ``e`` on all of its tokens at once, written into their routed slots."""
+        m = self.moe_names
         token, slot = torch.where(chosen == e)
-        y = _gated(
-            w, f"{self.moe_names.block}.experts.{e}", self.moe_names, self.activation, h[token]
-        )
+        expert = partial(_gated, w, f"{m.block}.experts.{e}", m, self.activation)
+        y = _in_bounded_shapes(expert, h[token])
         slots[token, slot] = y * top[token, slot, None]
+
+
+# Routing gives each expert a different number of rows every step, and every distinct matmul
+# shape is a kernel of its own that oneDNN (bf16 on CPU) compiles and keeps in its primitive cache
+# (about 0.3 MB each, up to 1024 of them): memory no budget counts. An expert therefore runs on
+# chunks of ROW_CHUNK rows, the last one zero-padded to a power of two: at most 9 row counts.
+ROW_CHUNK = 256
+
+
+def _in_bounded_shapes(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (row-wise) on (n, h) rows, run in chunks of bounded shapes; (n, out)."""
+    outs = []
+    for start in range(0, x.shape[0], ROW_CHUNK):
+        part = x[start : start + ROW_CHUNK]
+        rows = part.shape[0]
+        size = ROW_CHUNK if rows == ROW_CHUNK else 1 << (rows - 1).bit_length()
+        if size != rows:
+            part = torch.cat([part, part.new_zeros(size - rows, part.shape[1])])
+        outs.append(fn(part)[:rows])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def _gated_specs(prefix: str, m: MoeNames, hidden: int, ffn: int) -> TensorList:
