@@ -203,7 +203,7 @@ class MoeDecoder(Decoder):
         if not self.is_sparse(layer):
             return super().decoder_layer(w, x, position_ids, attend, layer=layer, span=span)
         x, h = self.attention_half(w, x, position_ids, attend, layer=layer, span=span)
-        out = self.sparse_mlp(w, h.reshape(-1, self.hidden), lambda experts, tokens: dict)
+        out = self.sparse_mlp(w, h.reshape(-1, self.hidden), _all_held)
         return x + out.view_as(x)
 
     def route(self, w: Weights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,8 +229,8 @@ class MoeDecoder(Decoder):
         missing = [e for e in hit if e not in held]
         wait = load(hit, [counts[e] for e in hit])
         # (T, k, h): each routed slot's scaled expert output, summed over the slots at the end.
-        slots = torch.zeros((*chosen.shape, h.shape[-1]), dtype=torch.result_type(h, top))
-        slots = slots.to(h.device)
+        dtype = torch.result_type(h, top)
+        slots = torch.zeros((*chosen.shape, h.shape[-1]), dtype=dtype, device=h.device)
         for e in held:
             self._expert(w, e, h, top, chosen, slots)
         if missing:
@@ -279,6 +279,11 @@ def _in_bounded_shapes(fn: Callable, x: torch.Tensor) -> torch.Tensor:
             part = torch.cat([part, part.new_zeros(size - rows, part.shape[1])])
         outs.append(fn(part)[:rows])
     return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _all_held(experts: list[int], tokens: list[int]) -> Callable[[], Weights]:
+    """``LoadExperts`` when the weights hold every expert: nothing to gather."""
+    return dict
 
 
 def _gated_specs(prefix: str, m: MoeNames, hidden: int, ffn: int) -> TensorList:
