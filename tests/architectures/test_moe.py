@@ -273,3 +273,12 @@ def test_measured_routing_sets_the_expected_hits():
     # Placement follows the measured order (ties: lower index first).
     local = [n for n, _ in arch.with_expert_usage(skewed).stage_tensors()[1] if ".experts." in n]
     assert [arch.expert_of(n) for n in local[::3]] == [0, 1, 2, 3, 4, 5]
+
+
+def test_fused_experts_checkpoint_is_refused_saying_how_to_fix(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = family_config(MIXTRAL)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, save_original_format=False)
+    with pytest.raises(ValueError, match="stored fused"):
+        load(str(tmp_path), Policy())

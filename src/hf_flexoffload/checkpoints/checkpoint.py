@@ -279,7 +279,14 @@ def check_tensors(
         shown = "; ".join(problems[:10]) + (
             f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
         )
+        fused = any(".experts.gate_up_proj" in name for name in ckpt.tensors)
+        hint = (
+            "Its experts are stored fused (save_pretrained(..., save_original_format=False)): "
+            "load it with transformers and save it again with save_pretrained(path), which "
+            "writes one tensor per expert."
+            if fused
+            else "Is config.json from the same model as the weights?"
+        )
         raise ValueError(
-            f"The checkpoint in {ckpt.directory!r} does not match its config.json: {shown}. "
-            "Is config.json from the same model as the weights?"
+            f"The checkpoint in {ckpt.directory!r} does not match its config.json: {shown}. {hint}"
         )
